@@ -1,0 +1,498 @@
+"""The canonical case record and the loaders that turn every plausible CXR-MAX layout into it.
+
+A *case* is one image (or study) with one question and the N teacher trajectories that answer it:
+
+    Case(case_id, images=[abs paths], prompt, trajectories=[Trajectory(teacher, text)], labels, meta)
+
+Accepted row layouts (detected per row, mixed files are fine):
+  long       one row per teacher answer:  {case_id|dicom_id, image, question, model, response, labels?, ...}
+  wide       one row per case:            {case_id, image, question, trajectories|responses: {teacher: text}}
+  canonical  what `write_cases` writes:   {case_id, images, prompt, trajectories: [{teacher, text}], labels, meta}
+  ms-swift   {messages: [{role: user, content: "<image>..."}, {role: assistant, content}], images, teacher?}
+Containers: .jsonl, .json (a list, or {"data": [...]}), .parquet, a `datasets.save_to_disk` folder or a local folder
+`datasets.load_dataset` understands. Long and ms-swift rows are grouped into cases by case id.
+
+Images: relative paths resolve against --image-root (default: the data file's folder). With no path but
+subject/study/dicom ids, the MIMIC-CXR-JPG layout files/pXX/pXXXXXXXX/sXXXXXXXX/<dicom_id>.jpg is used.
+A path may not leave the image root (".." or an absolute path outside it) unless absolute paths are allowed.
+Every image is checked up front (exists, decodes to the end, not absurdly large), so a bad image is a bad
+record at load time and never a crash in the middle of training.
+
+Bad records: by default the first one stops the command with `file:record: reason`. With skip_bad, every rejected
+record goes to the rejects file (file, record, reason, raw) and the good ones are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from apo.constants import OBSERVATIONS
+from apo.errors import ApoError, DataError
+
+log = logging.getLogger(__name__)
+
+CASE_ID_KEYS = ("case_id", "id", "uid", "sample_id")
+IMAGE_KEYS = ("images", "image", "image_path", "image_paths", "img_path", "path", "file_path")
+PROMPT_KEYS = ("prompt", "question", "query", "instruction")
+TEACHER_KEYS = ("teacher", "model", "model_name", "teacher_model", "source")
+TEXT_KEYS = ("response", "answer", "output", "trajectory", "reasoning", "text", "completion")
+WIDE_KEYS = ("trajectories", "responses", "answers", "outputs")
+REPORT_KEYS = ("report", "reference_report", "reference")
+MAX_TEXT_CHARS = 100_000  # a trajectory longer than this is a corrupt record, not reasoning
+MAX_IMAGE_PIXELS = 100_000_000  # MIMIC-CXR-JPG images are ~3k x 3k; far beyond that is a broken or hostile file
+LABEL_VALUES = {1: 1, 0: 0, -1: -1}
+
+
+@dataclass
+class Trajectory:
+    teacher: str
+    text: str
+
+
+@dataclass
+class Case:
+    case_id: str
+    images: list[str]
+    prompt: str
+    trajectories: list[Trajectory] = field(default_factory=list)
+    labels: dict | None = None
+    meta: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Case":
+        trajs = [t if isinstance(t, Trajectory) else Trajectory(t["teacher"], t["text"]) for t in d.get("trajectories", [])]
+        return cls(str(d["case_id"]), list(d["images"]), d["prompt"], trajs, d.get("labels"), dict(d.get("meta") or {}))
+
+    @property
+    def teachers(self) -> list[str]:
+        return [t.teacher for t in self.trajectories]
+
+
+def write_cases(cases, path) -> None:
+    """Canonical JSONL, atomically (tmp + rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for c in cases:
+            f.write(json.dumps(c.to_dict(), ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def mimic_image_path(root, subject_id, study_id, dicom_id, ext=".jpg") -> Path:
+    """MIMIC-CXR-JPG layout: files/p10/p10000032/s50414267/<dicom_id>.jpg."""
+    subject = str(subject_id).lstrip("p")
+    study = str(study_id).lstrip("s")
+    return Path(root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}{ext}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading containers: every row comes with the name of its place ("line 7", "row 12").
+
+def _iter_rows(path: Path, split: str | None) -> Iterator[tuple[object, object]]:
+    if path.is_dir():
+        yield from _iter_hf_folder(path, split)
+    elif path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield i, json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield i, DataError(path, i, f"not UTF-8 ({e.reason} at byte {e.start})")
+                except json.JSONDecodeError as e:
+                    yield i, DataError(path, i, f"invalid JSON ({e.msg} at column {e.colno})")
+    elif path.suffix == ".json":
+        try:
+            data = json.loads(path.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(path, None, f"cannot parse JSON file ({e})") from None
+        if isinstance(data, dict) and isinstance(data.get("data"), list):
+            data = data["data"]
+        if not isinstance(data, list):
+            raise DataError(path, None, "a .json data file must hold a list of records (or {\"data\": [...]})")
+        for i, row in enumerate(data, 1):
+            yield f"item {i}", row
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:  # pyarrow raises several types for a broken file
+            raise DataError(path, None, f"cannot read parquet ({e.__class__.__name__}: {e})") from None
+        for i, row in enumerate(rows, 1):
+            yield f"row {i}", row
+    else:
+        raise ApoError(f"{path}: unsupported data file (expected .jsonl, .json, .parquet or a dataset folder)")
+
+
+def _iter_hf_folder(path: Path, split: str | None):
+    import datasets
+
+    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
+        ds = datasets.load_from_disk(str(path))
+    else:
+        ds = datasets.load_dataset(str(path))
+    if isinstance(ds, datasets.DatasetDict):
+        if split is None:
+            if len(ds) != 1:
+                raise ApoError(f"{path}: dataset has splits {sorted(ds)}; choose one with --split")
+            split = next(iter(ds))
+        if split not in ds:
+            raise ApoError(f"{path}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    for i, row in enumerate(ds, 1):
+        yield f"row {i}", row
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Row -> partial case. Each function raises ValueError(reason) for a bad row; the caller adds file and record.
+
+def _first(row: dict, keys, what=None):
+    for k in keys:
+        if k in row and row[k] is not None:
+            return row[k]
+    if what:
+        raise ValueError(f"missing field {what} (one of {', '.join(keys)})")
+    return None
+
+
+def _text(value, what) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise ValueError(f"{what} is empty")
+    if len(value) > MAX_TEXT_CHARS:
+        raise ValueError(f"{what} has {len(value)} characters (limit {MAX_TEXT_CHARS})")
+    return value
+
+
+def _labels(row: dict):
+    raw = row.get("labels")
+    if raw is None:  # CheXpert-style columns at top level
+        raw = {k: row[k] for k in OBSERVATIONS if k in row} or None
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ValueError(f"labels must be an object of observation -> 1/0/-1/null, got {type(raw).__name__}")
+    out = {}
+    for k, v in raw.items():
+        if k not in OBSERVATIONS:
+            raise ValueError(f"unknown observation {k!r} in labels")
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            out[k] = None
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and v in LABEL_VALUES:
+            out[k] = int(v)
+        else:
+            raise ValueError(f"label {k!r} must be 1, 0, -1 or null, got {v!r}")
+    return {k: out.get(k) for k in OBSERVATIONS}
+
+
+def _meta(row: dict) -> dict:
+    meta = {}
+    for k in ("subject_id", "study_id", "dicom_id", "split"):
+        if row.get(k) is not None:
+            meta[k] = str(row[k])
+    report = _first(row, REPORT_KEYS)
+    if report is not None:
+        if not isinstance(report, str):
+            raise ValueError(f"report must be a string, got {type(report).__name__}")
+        meta["report"] = report
+    sides = row.get("sides")
+    if sides is not None:
+        if not isinstance(sides, dict) or not all(v in ("left", "right", "bilateral") for v in sides.values()):
+            raise ValueError("sides must map observations to left/right/bilateral")
+        meta["sides"] = dict(sides)
+    if isinstance(row.get("meta"), dict):
+        meta = {**row["meta"], **meta}
+    return meta
+
+
+def _case_id(row: dict) -> str:
+    cid = _first(row, CASE_ID_KEYS) or row.get("dicom_id") or row.get("study_id")
+    if cid is None or isinstance(cid, (dict, list, bool)) or not str(cid).strip():
+        raise ValueError("missing case id (case_id, id or dicom_id)")
+    return str(cid)
+
+
+def _raw_images(row: dict) -> list:
+    value = _first(row, IMAGE_KEYS)
+    if value is None:
+        if all(row.get(k) is not None for k in ("subject_id", "study_id", "dicom_id")):
+            return [("mimic", row["subject_id"], row["study_id"], row["dicom_id"])]
+        raise ValueError(f"missing image (one of {', '.join(IMAGE_KEYS)}, or subject_id/study_id/dicom_id)")
+    values = value if isinstance(value, list) else [value]
+    if not values:
+        raise ValueError("empty image list")
+    out = []
+    for v in values:
+        if isinstance(v, dict):  # ms-swift also accepts {"path": ...}
+            v = v.get("path")
+        if not isinstance(v, str) or not v.strip():
+            raise ValueError(f"image path must be a non-empty string, got {v!r}")
+        out.append(v)
+    return out
+
+
+def _swift_row(row: dict) -> dict:
+    msgs = row["messages"]
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        raise ValueError("messages must be a list of {role, content}")
+    users = [m for m in msgs if m.get("role") == "user"]
+    answers = [m for m in msgs if m.get("role") == "assistant"]
+    if not users:
+        raise ValueError("messages has no user turn")
+    prompt = users[-1].get("content")
+    if not isinstance(prompt, str):
+        raise ValueError("user content must be a string")
+    prompt = prompt.replace("<image>", "").strip()
+    trajs = []
+    if answers:
+        trajs.append(Trajectory(str(_first(row, TEACHER_KEYS) or "unknown"), _text(answers[-1].get("content"), "assistant content")))
+    images = _raw_images(row)
+    cid = _first(row, CASE_ID_KEYS) or "swift-" + _digest(json.dumps([images, prompt]))
+    return {"case_id": str(cid), "images": images, "prompt": _text(prompt, "prompt"), "trajectories": trajs,
+            "labels": _labels(row), "meta": _meta(row)}
+
+
+def _digest(s: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(s.encode()).hexdigest()[:16]
+
+
+def _parse_row(row) -> tuple[str, dict]:
+    """-> (kind, partial case). kind 'case' rows are whole cases; 'part' rows merge by case id."""
+    if not isinstance(row, dict):
+        raise ValueError(f"record must be an object, got {type(row).__name__}")
+    if "messages" in row:
+        return "part", _swift_row(row)
+    base = {"case_id": _case_id(row), "images": _raw_images(row),
+            "prompt": _text(_first(row, PROMPT_KEYS, "prompt"), "prompt"), "labels": _labels(row), "meta": _meta(row)}
+    wide = _first(row, WIDE_KEYS)
+    if wide is not None:
+        if isinstance(wide, dict):
+            items = list(wide.items())
+        elif isinstance(wide, list):
+            items = []
+            for t in wide:
+                if not isinstance(t, dict):
+                    raise ValueError("each trajectory must be an object {teacher, text}")
+                items.append((_first(t, TEACHER_KEYS, "teacher"), _first(t, TEXT_KEYS, "text")))
+        else:
+            raise ValueError("trajectories must be an object {teacher: text} or a list of {teacher, text}")
+        trajs = []
+        for teacher, text in items:
+            if not isinstance(teacher, str) or not teacher.strip():
+                raise ValueError(f"teacher name must be a non-empty string, got {teacher!r}")
+            trajs.append(Trajectory(teacher, _text(text, f"trajectory of {teacher}")))
+        return "case", {**base, "trajectories": trajs}
+    teacher = _first(row, TEACHER_KEYS)
+    text = _first(row, TEXT_KEYS)
+    if teacher is None and text is None:  # a case with no trajectories (e.g. an evaluation split)
+        return "case", {**base, "trajectories": []}
+    if teacher is None or text is None:
+        raise ValueError("a long row needs both a teacher (model) and a response")
+    if not isinstance(teacher, str) or not teacher.strip():
+        raise ValueError(f"teacher name must be a non-empty string, got {teacher!r}")
+    return "part", {**base, "trajectories": [Trajectory(teacher, _text(text, f"response of {teacher}"))]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Images
+
+class ImageResolver:
+    def __init__(self, image_root, allow_absolute: bool, verify: str):
+        self.root = Path(image_root).resolve()
+        self.allow_absolute = allow_absolute
+        self.verify = verify
+        self._checked: dict[str, str | None] = {}
+
+    def resolve(self, raw) -> str:
+        if isinstance(raw, tuple):  # MIMIC ids
+            p = mimic_image_path(self.root, *raw[1:])
+        else:
+            p = Path(raw)
+            p = (p if p.is_absolute() else self.root / p).resolve()
+            if not p.exists() and p.suffix.lower() == ".dcm":  # CXR-MAX may cite the DICOM; MIMIC-CXR-JPG has the JPG
+                p = p.with_suffix(".jpg")
+        p = p.resolve()
+        if not self.allow_absolute and not p.is_relative_to(self.root):
+            raise ValueError(f"image path {raw!r} leaves the image root {self.root} (pass --allow-absolute-paths to allow)")
+        return str(p)
+
+    def check_all(self, paths) -> None:
+        todo = [p for p in dict.fromkeys(paths) if p not in self._checked]
+        if self.verify == "none":
+            self._checked.update({p: None if os.path.isfile(p) else "image not found" for p in todo})
+            return
+        with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:  # PIL decodes without the GIL
+            self._checked.update(zip(todo, pool.map(self._check_one, todo)))
+
+    def problem(self, path) -> str | None:
+        return self._checked.get(path)
+
+    def _check_one(self, path) -> str | None:
+        from PIL import Image
+
+        try:
+            size = os.path.getsize(path)
+        except OSError:
+            return f"image not found: {path}"
+        if size == 0:
+            return f"image is an empty file: {path}"
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    return f"image is {w}x{h} pixels (limit {MAX_IMAGE_PIXELS}): {path}"
+                if self.verify == "full":
+                    im.draft("L", (max(1, w // 8), max(1, h // 8)))  # JPEG: decode at 1/8 scale, still reads every byte
+                    im.load()
+                else:
+                    im.verify()
+        except Exception as e:  # PIL raises many types for broken files
+            return f"image cannot be decoded ({e.__class__.__name__}: {e}): {path}"
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_cases(path, image_root=None, teachers=None, skip_bad=False, split=None, allow_absolute=None,
+               verify_images="full", check_images=True) -> tuple[list[Case], list[dict]]:
+    """-> (cases in first-appearance order, rejected records). Raises DataError on the first bad record
+    unless skip_bad."""
+    path = Path(path)
+    if not path.exists():
+        raise ApoError(f"{path}: data file not found")
+    explicit_root = image_root is not None
+    root = Path(image_root) if explicit_root else (path if path.is_dir() else path.parent)
+    if explicit_root and not root.is_dir():
+        raise ApoError(f"{root}: image root is not a folder")
+    if allow_absolute is None:  # without an explicit root the user has not fenced anything in
+        allow_absolute = not explicit_root
+    resolver = ImageResolver(root, allow_absolute, verify_images if check_images else "none")
+    rejects: list[dict] = []
+
+    def bad(record, reason, raw):
+        err = DataError(path, record, reason)
+        if not skip_bad:
+            raise err
+        rejects.append({"file": str(path), "record": record, "reason": reason, "raw": _clip(raw)})
+
+    # Pass 1: parse rows, merge parts into cases, keep where each case came from.
+    cases: dict[str, dict] = {}
+    origin: dict[str, list] = {}  # case_id -> [(record, raw, trajectory index)]
+    for record, row in _iter_rows(path, split):
+        if isinstance(row, DataError):
+            bad(record, row.reason, None)
+            continue
+        try:
+            kind, part = _parse_row(row)
+            part["images"] = [resolver.resolve(r) for r in part["images"]]
+        except ValueError as e:
+            bad(record, str(e), row)
+            continue
+        cid = part["case_id"]
+        have = cases.get(cid)
+        if have is None:
+            cases[cid] = {**part, "_whole": kind == "case", "_record": record}
+            origin[cid] = [(record, row, i) for i in range(len(part["trajectories"]))]
+            continue
+        first = have["_record"]
+        if kind == "case" or have["_whole"]:
+            bad(record, f"duplicate case id {cid!r} (first at {first})", row)
+        elif part["prompt"] != have["prompt"] or part["images"] != have["images"]:
+            bad(record, f"case {cid!r} has a different prompt or image than at {first}", row)
+        elif part["trajectories"] and part["trajectories"][0].teacher in [t.teacher for t in have["trajectories"]]:
+            bad(record, f"duplicate answer of teacher {part['trajectories'][0].teacher!r} for case {cid!r} (first at {first})", row)
+        else:
+            have["trajectories"] += part["trajectories"]
+            origin[cid] += [(record, row, len(have["trajectories"]) - 1)]
+            have["labels"] = have["labels"] or part["labels"]
+            have["meta"] = {**part["meta"], **have["meta"]}
+
+    # Pass 2: images decode (all at once, threaded), teacher filter.
+    if check_images:
+        resolver.check_all(p for c in cases.values() for p in c["images"])
+    if teachers:
+        known = {t.teacher for c in cases.values() for t in c["trajectories"]}
+        unknown = [t for t in teachers if t not in known]
+        if unknown:
+            raise ApoError(f"{path}: unknown teacher(s) {unknown}; the data has {sorted(known)}")
+    out = []
+    for cid, c in cases.items():
+        problem = next((resolver.problem(p) for p in c["images"] if resolver.problem(p)), None)
+        if problem:
+            for record, row, _ in origin[cid] or [(c["_record"], None, 0)]:
+                bad(record, problem, row)
+            continue
+        trajs = [t for t in c["trajectories"] if not teachers or t.teacher in teachers]
+        out.append(Case(cid, c["images"], c["prompt"], trajs, c["labels"], c["meta"]))
+    return out, rejects
+
+
+def load_cases(path, image_root=None, teachers=None, skip_bad=False, rejects_path=None, **kw) -> list[Case]:
+    """Cases of one data file. With skip_bad the rejected records go to rejects_path and their count to the log."""
+    cases, rejects = read_cases(path, image_root, teachers, skip_bad, **kw)
+    if rejects:
+        rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
+        write_rejects(rejects, rejects_path)
+        print(f"{path}: skipped {len(rejects)} bad record(s), kept {len(cases)} case(s); reasons in {rejects_path}",
+              flush=True)
+    return cases
+
+
+def write_rejects(rejects, path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rejects:
+            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+
+
+def _clip(raw, limit=2000):
+    if raw is None:
+        return None
+    try:
+        s = json.dumps(raw, ensure_ascii=False, default=str)
+    except (TypeError, ValueError):
+        s = repr(raw)
+    return s if len(s) <= limit else s[:limit] + f"... ({len(s)} chars)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI plumbing shared by every command that reads data.
+
+def add_data_arguments(parser, required=True) -> None:
+    g = parser.add_argument_group("data")
+    g.add_argument("--dataset", required=required, help="data file (.jsonl/.json/.parquet) or dataset folder")
+    g.add_argument("--image-root", default=None,
+                   help="folder image paths are relative to (MIMIC-CXR-JPG root); default: the data file's folder")
+    g.add_argument("--split", default=None, help="split of a dataset folder with several")
+    g.add_argument("--teachers", default=None, help="comma-separated teachers to keep (default: all)")
+    g.add_argument("--skip-bad", action="store_true",
+                   help="skip malformed records (listed with reasons in the rejects file) instead of stopping")
+    g.add_argument("--rejects", default=None, help="where --skip-bad lists rejected records (default: next to the output)")
+    g.add_argument("--allow-absolute-paths", action="store_true",
+                   help="allow image paths outside --image-root")
+    g.add_argument("--verify-images", choices=("full", "header", "none"), default="full",
+                   help="check images up front: full decode (default), header only, or existence only")
+
+
+def cases_from_args(args, rejects_default=None) -> list[Case]:
+    teachers = [t.strip() for t in args.teachers.split(",") if t.strip()] if getattr(args, "teachers", None) else None
+    return load_cases(args.dataset, image_root=args.image_root, teachers=teachers, skip_bad=args.skip_bad,
+                      rejects_path=args.rejects or rejects_default, split=args.split,
+                      allow_absolute=True if args.allow_absolute_paths else None, verify_images=args.verify_images)
