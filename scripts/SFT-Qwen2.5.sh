@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Stage 1, "learn": LoRA SFT of the student on every teacher's trajectory, through ms-swift.
+# Defaults are the paper's 7B recipe (DESIGN.md section 1); every one is an environment variable.
+#
+#   DATASET=runs/cxrmax/sft.jsonl NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash scripts/SFT-Qwen2.5.sh
+#
+# DATASET is what `apo prepare-sft` writes. The adapter of the last step is linked at $OUTPUT_DIR/last.
+# Anything in EXTRA_ARGS (or after the script name) goes to `swift sft` unchanged.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+source "$ROOT/scripts/env.sh"
+
+MODEL="${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}"
+DATASET="${DATASET:-$ROOT/runs/cxrmax/sft.jsonl}"
+OUTPUT_DIR="${OUTPUT_DIR:-$ROOT/runs/sft}"
+NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+LEARNING_RATE="${LEARNING_RATE:-1e-4}"
+NUM_TRAIN_EPOCHS="${NUM_TRAIN_EPOCHS:-1}"
+BATCH_SIZE="${BATCH_SIZE:-2}"
+GRAD_ACC="${GRAD_ACC:-$(( 16 / NPROC_PER_NODE > 0 ? 16 / NPROC_PER_NODE : 1 ))}"
+MAX_LENGTH="${MAX_LENGTH:-2304}"
+LORA_RANK="${LORA_RANK:-8}"
+LORA_ALPHA="${LORA_ALPHA:-32}"
+WARMUP_RATIO="${WARMUP_RATIO:-0.05}"
+TORCH_DTYPE="${TORCH_DTYPE:-bfloat16}"
+MAX_STEPS="${MAX_STEPS:--1}"
+SAVE_STEPS="${SAVE_STEPS:-500}"
+LOGGING_STEPS="${LOGGING_STEPS:-5}"
+GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-true}"
+DATALOADER_WORKERS="${DATALOADER_WORKERS:-4}"
+DEEPSPEED="${DEEPSPEED:-}"  # e.g. zero2 (ms-swift's name) or a JSON path; empty = plain DDP
+SEED="${SEED:-42}"
+
+# A local folder stays offline; a hub id is the user's explicit request to download it.
+[ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
+export NPROC_PER_NODE
+[ -n "${CUDA_VISIBLE_DEVICES:-}" ] && export CUDA_VISIBLE_DEVICES
+
+args=(
+  --model "$MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true
+  --dataset "$DATASET" --output_dir "$OUTPUT_DIR" --add_version false --create_checkpoint_symlink true
+  --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --target_modules all-linear --freeze_vit true
+  --torch_dtype "$TORCH_DTYPE" --num_train_epochs "$NUM_TRAIN_EPOCHS" --max_steps "$MAX_STEPS"
+  --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACC"
+  --learning_rate "$LEARNING_RATE" --warmup_ratio "$WARMUP_RATIO" --max_length "$MAX_LENGTH"
+  --gradient_checkpointing "$GRADIENT_CHECKPOINTING" --save_steps "$SAVE_STEPS" --save_total_limit 2
+  --logging_steps "$LOGGING_STEPS" --dataloader_num_workers "$DATALOADER_WORKERS" --seed "$SEED"
+  --report_to "${REPORT_TO:-tensorboard}"
+)
+[ -n "$DEEPSPEED" ] && args+=(--deepspeed "$DEEPSPEED")
+echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (NPROC_PER_NODE=$NPROC_PER_NODE, grad-acc $GRAD_ACC)"
+swift sft "${args[@]}" ${EXTRA_ARGS:-} "$@"
+echo "SFT adapter: $OUTPUT_DIR/last"
