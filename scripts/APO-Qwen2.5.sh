@@ -17,7 +17,7 @@ DATASET="${DATASET:-$ROOT/runs/cxrmax/cxrmax_train.jsonl}"
 IMAGE_ROOT="${IMAGE_ROOT:-}"
 WORK_DIR="${WORK_DIR:-$ROOT/runs/apo}"
 CONSENSUS="${CONSENSUS:-$WORK_DIR/consensus.jsonl}"
-GROUPS="${GROUPS:-$WORK_DIR/groups.jsonl}"
+GROUPS_FILE="${GROUPS_FILE:-$WORK_DIR/groups.jsonl}"
 PAIRS="${PAIRS:-$WORK_DIR/dpo_pairs.jsonl}"
 OUTPUT_DIR="${OUTPUT_DIR:-$WORK_DIR/model}"
 CONFIG="${CONFIG:-$ROOT/configs/apo/paper.yaml}"
@@ -56,10 +56,10 @@ else
 fi
 
 # Preference groups {t+, teacher negatives}, and the pairwise rows of the published DPO recipe (baseline).
-apo build-pairs "${data_args[@]}" --consensus "$CONSENSUS" --negatives "$NEGATIVES" --out "$GROUPS" --dpo-out "$PAIRS"
+apo build-pairs "${data_args[@]}" --consensus "$CONSENSUS" --negatives "$NEGATIVES" --out "$GROUPS_FILE" --dpo-out "$PAIRS"
 
 # Stage 3.
-train_args=(--config "$CONFIG" --model_name_or_path "$MODEL" --groups_file "$GROUPS" --output_dir "$OUTPUT_DIR")
+train_args=(--config "$CONFIG" --model_name_or_path "$MODEL" --groups_file "$GROUPS_FILE" --output_dir "$OUTPUT_DIR")
 [ -e "$SFT_ADAPTER" ] && train_args+=(--adapter_name_or_path "$SFT_ADAPTER")
 [ -n "$DEEPSPEED" ] && train_args+=(--deepspeed "$DEEPSPEED")
 "${launch[@]}" -m apo.cli train "${train_args[@]}" ${EXTRA_ARGS:-} "$@"
