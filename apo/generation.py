@@ -1,0 +1,213 @@
+"""Text generation with a (tiny or 7B) Qwen2.5-VL, shared by consensus, eval-report and eval-mscxrt.
+
+`load_model` gives (model, processor) in eval mode; `generate` answers a list of requests (image paths, prompt)
+in batches: prompts built by `apo.chat`, left padding, KV cache, longest requests first (less padding, and an
+out-of-memory shows up on the first batch, not after an hour), answers returned in input order. Greedy by default,
+so a rerun reproduces every answer.
+
+Multi-GPU is data parallel, one process per GPU, nothing shared but the file system:
+
+    torchrun --nproc_per_node 4 -m apo.cli consensus --model DIR ...     (or: accelerate launch -m apo.cli ...)
+
+`run_resumable` gives rank r the items `shard(items, r, world)`; each rank appends to its own shard file
+`OUT.rank<r>-of-<world>`, rank 0 waits for all of them, merges into OUT in dataset order and removes the shards.
+A rerun (any world size) skips every case already in OUT or in any shard file. With one process nothing changes:
+results go straight into OUT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from apo.chat import load_images, user_message
+from apo.errors import ApoError
+from apo.resumable import ResumableJsonl
+
+log = logging.getLogger(__name__)
+
+Request = tuple  # (list of image paths, prompt text)
+
+
+# ---------------------------------------------------------------- model
+
+def pick_device(device=None) -> str:
+    import torch
+
+    if device:
+        return str(device)
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def load_model(model, adapter=None, device=None, dtype="auto", trust_remote_code=False, merge_adapter=True):
+    """(model, processor) for generation. `model` is a local folder (a hub id only when HF_HUB_OFFLINE is unset);
+    `adapter` a PEFT (LoRA) folder put on top, merged for speed. bf16 on CUDA, fp32 on CPU unless `dtype` says."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not Path(model).is_dir() and offline:
+        raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1; pass a local model folder)")
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA checkpoint folder)")
+    device = pick_device(device)
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=offline)
+    processor = AutoProcessor.from_pretrained(model, **{k: v for k, v in kw.items() if k != "dtype"})
+    net = AutoModelForImageTextToText.from_pretrained(model, **kw)
+    if adapter is not None:
+        from peft import PeftModel
+
+        net = PeftModel.from_pretrained(net, adapter)
+        if merge_adapter:
+            net = net.merge_and_unload()
+    net.to(device).eval()
+    return net, processor
+
+
+# ---------------------------------------------------------------- generation
+
+def _prompt_text(processor, n_images: int, prompt: str) -> str:
+    return processor.apply_chat_template(user_message(n_images, prompt), tokenize=False, add_generation_prompt=True)
+
+
+def estimate_length(processor, image_paths, text: str) -> int:
+    """Prompt tokens without decoding pixels: text tokens + image tokens from the image sizes (header read only)."""
+    n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if image_paths:
+        from PIL import Image
+
+        sizes = []
+        for p in image_paths:
+            with Image.open(p) as im:
+                sizes.append((im.height, im.width))
+        try:
+            n += sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens) - len(sizes)
+        except Exception:  # a processor without the helper: order by text length only (ordering is an optimisation)
+            pass
+    return n
+
+
+def encode(processor, texts, images_per_request):
+    """Left-padded batch tensors for `texts` (already chat-formatted) and their images."""
+    images = [im for ims in images_per_request for im in ims]
+    return processor(text=list(texts), images=images or None, padding=True, padding_side="left", return_tensors="pt")
+
+
+def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate"):
+    """Answers (str) to `requests` [(image_paths, prompt)], in input order."""
+    import torch
+    from tqdm import tqdm
+
+    requests = list(requests)
+    texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
+    lengths = [estimate_length(processor, paths, t) for (paths, _), t in zip(requests, texts)]
+    order = sorted(range(len(requests)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, do_sample=not greedy)
+    if greedy:  # a chat model's generation_config may carry sampling settings; neutralise them
+        gen_kw.update(temperature=None, top_p=None, top_k=None)
+    device = next(model.parameters()).device
+    out: list[str | None] = [None] * len(requests)
+    bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        batch = encode(processor, [texts[i] for i in idx], [load_images(requests[i][0]) for i in idx])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        with torch.inference_mode():
+            seqs = model.generate(**batch, **gen_kw)
+        new = seqs[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+        for i, ids in zip(idx, new):
+            out[i] = tok.decode(ids, skip_special_tokens=True).strip()
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+# ---------------------------------------------------------------- data parallel, resumable
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) from the torchrun / accelerate environment; (0, 1) for a plain process."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard(items, rank: int, world: int) -> list:
+    """Rank r's share: every world-th item from r (balanced within one item)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} not in [0, {world})")
+    return list(items)[rank::world]
+
+
+def _shard_path(out: Path, rank: int, world: int) -> Path:
+    return out.with_name(f"{out.name}.rank{rank}-of-{world}")
+
+
+def _shard_files(out: Path) -> list[Path]:
+    return sorted(p for p in out.parent.glob(out.name + ".rank*-of-*") if not p.name.endswith(".tmp"))
+
+
+def _finished(out: Path, skip=None) -> dict[str, dict]:
+    """Records already in OUT or in any shard file (read-only: other ranks may be appending to theirs)."""
+    found = {}
+    for p in [out] + _shard_files(out):
+        if p != skip and p.exists():
+            found.update(ResumableJsonl(p, readonly=True).records)
+    return found
+
+
+def run_resumable(out, items, key, process, chunk_size, order=None, desc="cases", poll=5.0):
+    """Apply `process(list_of_items) -> list_of_records` to every item not yet in `out`, `chunk_size` items at a
+    time, appending each record as soon as it exists. Returns {key: record} for all items on rank 0 (after the
+    merge), None on the other ranks. `order` (keys; default: item order) fixes the final file order."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    rank, world = dist_info()
+    keys = [str(key(it)) for it in items]
+    order = keys if order is None else [str(k) for k in order]
+    target = out if world == 1 else _shard_path(out, rank, world)
+    sink = ResumableJsonl(target)  # only this rank writes `target`; a torn last line is cut here
+    done = set(_finished(out, skip=target)) | sink.done
+    mine = shard(items, rank, world)
+    todo = [it for it in mine if str(key(it)) not in done]
+    if len(todo) < len(mine):
+        log.info("rank %d: %d of %d cases already done; resuming", rank, len(mine) - len(todo), len(mine))
+    bar = tqdm(total=len(todo), desc=desc if world == 1 else f"{desc} [rank {rank}]", file=sys.stderr,
+               dynamic_ncols=True, disable=not todo)
+    with sink:
+        for s in range(0, len(todo), chunk_size):
+            chunk = todo[s:s + chunk_size]
+            records = process(chunk)
+            if len(records) != len(chunk):  # rank 0 waits for every key: a lost record would hang it
+                raise RuntimeError(f"process() returned {len(records)} records for {len(chunk)} items")
+            for record in records:
+                sink.append(record)
+            bar.update(len(chunk))
+    bar.close()
+    if rank != 0:
+        return None
+    if world > 1:  # wait (file system only: no process group, no NCCL timeout) until every case is in some file;
+        # if a rank dies, torchrun stops the others and a rerun picks up from the shard files
+        missing = set(keys) - set(_finished(out))
+        while missing:
+            time.sleep(poll)
+            missing -= set(_finished(out))
+    merged = ResumableJsonl(out)
+    with merged:  # shard files: this run's ranks, or leftovers of an interrupted run with another world size
+        for record in _finished(out, skip=out).values():
+            merged.append(record)
+    records = merged.finalize(order)
+    for p in _shard_files(out):
+        p.unlink()
+    return {str(r[merged.key]): r for r in records}
