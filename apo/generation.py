@@ -73,6 +73,25 @@ def load_model(model, adapter=None, device=None, dtype="auto", trust_remote_code
     return net, processor
 
 
+def add_model_arguments(parser, required=True) -> None:
+    """The flags every generating command shares."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--model", required=required, help="model folder (Qwen2.5-VL; base of --adapter)")
+    g.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to load on top (e.g. the SFT output)")
+    g.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (per GPU)")
+    g.add_argument("--max-new-tokens", type=int, default=512)
+    g.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK if CUDA is available, else cpu")
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
+    g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+
+
+def model_from_args(args):
+    if args.batch_size < 1 or args.max_new_tokens < 1:
+        raise ApoError("--batch-size and --max-new-tokens must be at least 1")
+    return load_model(args.model, args.adapter, device=args.device, dtype=args.dtype,
+                      trust_remote_code=args.trust_remote_code)
+
+
 # ---------------------------------------------------------------- generation
 
 def _prompt_text(processor, n_images: int, prompt: str) -> str:
@@ -80,20 +99,21 @@ def _prompt_text(processor, n_images: int, prompt: str) -> str:
 
 
 def estimate_length(processor, image_paths, text: str) -> int:
-    """Prompt tokens without decoding pixels: text tokens + image tokens from the image sizes (header read only)."""
+    """Prompt tokens of a chat-formatted `text` without decoding pixels: text tokens + image tokens computed from
+    the image sizes (header read only). Exact for Qwen2-VL-style processors; others are encoded for real."""
     n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-    if image_paths:
-        from PIL import Image
+    if not image_paths:
+        return n
+    from PIL import Image
 
-        sizes = []
-        for p in image_paths:
-            with Image.open(p) as im:
-                sizes.append((im.height, im.width))
-        try:
-            n += sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens) - len(sizes)
-        except Exception:  # a processor without the helper: order by text length only (ordering is an optimisation)
-            pass
-    return n
+    sizes = []
+    for p in image_paths:
+        with Image.open(p) as im:
+            sizes.append((im.height, im.width))
+    try:
+        return n + sum(processor._get_num_multimodal_tokens(image_sizes=sizes).num_image_tokens) - len(sizes)
+    except (AttributeError, TypeError, NotImplementedError):  # no size helper: encode for real
+        return int(encode(processor, [text], [load_images(image_paths)])["input_ids"].shape[1])
 
 
 def encode(processor, texts, images_per_request):

@@ -1,0 +1,210 @@
+"""Stage 2, "compare": one consensus trajectory t+ per case (`apo consensus`).
+
+Strategies:
+  model  (the paper's; default) the SFT model pi_st sees the image, the question and the N teacher trajectories and
+         writes t+ ~ pi_st(. | v, l, T): an in-context, trajectory-level vote. Each trajectory is cut to a per-teacher
+         token budget so the prompt fits --max-length with the image tokens and --max-new-tokens; what was cut is
+         recorded per teacher ("truncated": {teacher: tokens_cut}).
+  vote   the medoid teacher trajectory by labeler agreement (no model): for each trajectory, the mean over the other
+         teachers of the fraction of the 14 observations whose labels agree; highest wins, ties go to the earlier
+         teacher; refusals (nothing labelled) only if every teacher refuses. "source_teacher" names the winner so
+         build-pairs keeps it out of its own negatives. A baseline, and the demo's strategy (a tiny model cannot
+         synthesise anything meaningful).
+
+Output: JSONL, one record per case {"case_id", "strategy", "text", "truncated", ...}, no timestamps. Resumable: a rerun
+skips finished cases and the final file is byte-identical to an uninterrupted run. Multi-GPU: see apo.generation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+from apo.constants import OBSERVATIONS
+
+log = logging.getLogger(__name__)
+
+CONSENSUS_PROMPT = (
+    "{question}\n\n"
+    "Here are {n} reasoning trajectories from different models answering this question about the image.\n\n"
+    "{blocks}\n\n"
+    "Compare them with each other and with the image, then write one self-consistent answer to the question. "
+    "Keep what the trajectories jointly support; drop any finding, side or severity that lacks cross-teacher support. "
+    "Answer directly, as a radiologist would, without mentioning the trajectories or the models."
+)
+CUT_MARK = " [...]"  # tells the model a trajectory was cut, so it does not read the cut as the teacher's ending
+
+
+def consensus_prompt(question: str, texts: list[str]) -> str:
+    blocks = "\n\n".join(f"Trajectory {i}:\n{t.strip()}" for i, t in enumerate(texts, 1))
+    return CONSENSUS_PROMPT.format(question=question.strip(), n=len(texts), blocks=blocks)
+
+
+# ---------------------------------------------------------------- vote
+
+def agreement(labels_a: dict, labels_b: dict) -> float:
+    """Fraction of the 14 observations on which two label dicts agree (None == None counts as agreement)."""
+    return sum(labels_a.get(o) == labels_b.get(o) for o in OBSERVATIONS) / len(OBSERVATIONS)
+
+
+def is_refusal(labels: dict) -> bool:
+    return all(labels.get(o) is None for o in OBSERVATIONS)
+
+
+def vote(texts: list[str], label=None) -> tuple[int, list[float]]:
+    """Index of the medoid trajectory and every trajectory's agreement score."""
+    if label is None:
+        from apo.labeler import label
+    labels = [label(t) for t in texts]
+    n = len(texts)
+    scores = [sum(agreement(labels[i], labels[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
+              for i in range(n)]
+    candidates = [i for i in range(n) if not is_refusal(labels[i])] or list(range(n))
+    best = max(candidates, key=lambda i: (scores[i], -i))  # ties: the earlier teacher
+    return best, scores
+
+
+def vote_record(case, label=None) -> dict:
+    best, scores = vote([t.text for t in case.trajectories], label)
+    return {"case_id": case.case_id, "strategy": "vote", "text": case.trajectories[best].text,
+            "source_teacher": case.trajectories[best].teacher, "truncated": {},
+            "agreement": {t.teacher: round(s, 6) for t, s in zip(case.trajectories, scores)}}
+
+
+# ---------------------------------------------------------------- model
+
+def _water_fill(lengths: list[int], budget: int) -> list[int]:
+    """Per-teacher token allowance: short trajectories keep everything, the rest share what is left equally
+    (the remainder to the earlier teachers), so no teacher is cut more than it must be."""
+    alloc = [0] * len(lengths)
+    left, remaining = budget, sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    while remaining:
+        share = left // len(remaining)
+        if lengths[remaining[0]] <= share:
+            i = remaining.pop(0)
+            alloc[i] = lengths[i]
+            left -= lengths[i]
+            continue
+        extra = left - share * len(remaining)
+        for k, i in enumerate(sorted(remaining)):
+            alloc[i] = share + (1 if k < extra else 0)
+        break
+    return alloc
+
+
+def fit_trajectories(processor, image_paths, question, texts, max_length, max_new_tokens):
+    """-> (prompt, tokens cut per trajectory, prompt tokens). Cuts the ends of the longest trajectories until the
+    chat-formatted prompt with its image tokens fits max_length - max_new_tokens."""
+    from apo.errors import ApoError
+    from apo.generation import _prompt_text, estimate_length
+
+    tok = processor.tokenizer
+    limit = max_length - max_new_tokens
+
+    def length(ts):
+        return estimate_length(processor, image_paths, _prompt_text(processor, len(image_paths), consensus_prompt(question, ts)))
+
+    fixed = length([""] * len(texts))
+    if fixed >= limit:
+        raise ApoError(f"--max-length {max_length}: the image(s), question and instructions alone take {fixed} tokens "
+                       f"and --max-new-tokens {max_new_tokens} more; raise --max-length")
+    ids = [tok(t.strip(), add_special_tokens=False)["input_ids"] for t in texts]
+    mark = len(tok(CUT_MARK, add_special_tokens=False)["input_ids"])
+    budget = limit - fixed
+    for _ in range(8):  # re-tokenising a cut text can merge differently at the seam; shrink until it fits
+        alloc = _water_fill([len(x) for x in ids], budget)
+        kept = [a if a >= len(x) else max(0, a - mark) for a, x in zip(alloc, ids)]
+        cut_texts = [t.strip() if k >= len(x) else tok.decode(x[:k]).rstrip() + CUT_MARK
+                     for t, x, k in zip(texts, ids, kept)]
+        n = length(cut_texts)
+        if n <= limit:
+            prompt = consensus_prompt(question, cut_texts)
+            return prompt, [len(x) - k for x, k in zip(ids, kept)], n
+        budget -= n - limit
+    raise ApoError(f"could not fit the trajectories into --max-length {max_length}")
+
+
+def model_records(model, processor, cases, max_length, max_new_tokens, batch_size) -> list[dict]:
+    from apo.generation import generate
+
+    prompts, cuts, lengths = [], [], []
+    for c in cases:
+        prompt, cut, n = fit_trajectories(processor, c.images, c.prompt, [t.text for t in c.trajectories],
+                                          max_length, max_new_tokens)
+        prompts.append(prompt), cuts.append(cut), lengths.append(n)
+    texts = generate(model, processor, [(c.images, p) for c, p in zip(cases, prompts)], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=False)
+    return [{"case_id": c.case_id, "strategy": "model", "text": text, "teachers": c.teachers, "prompt_tokens": n,
+             "truncated": {t.teacher: k for t, k in zip(c.trajectories, cut) if k}}
+            for c, text, cut, n in zip(cases, texts, cuts, lengths)]
+
+
+# ---------------------------------------------------------------- CLI
+
+def add_arguments(parser) -> None:
+    from apo.data import add_data_arguments
+    from apo.generation import add_model_arguments
+
+    add_data_arguments(parser)
+    add_model_arguments(parser, required=False)
+    parser.add_argument("--out", required=True, help="consensus JSONL (resumable: a rerun skips finished cases)")
+    parser.add_argument("--strategy", choices=("model", "vote"), default="model",
+                        help="model: the SFT model writes t+ in context (the paper's); vote: medoid teacher by labels")
+    parser.add_argument("--max-length", type=int, default=4096,
+                        help="prompt + answer token limit; trajectories are cut per teacher to fit")
+
+
+def summary(records: list[dict]) -> str:
+    lines = [f"consensus: {len(records)} cases"]
+    by_source = Counter(r.get("source_teacher") for r in records if r.get("source_teacher"))
+    if by_source:
+        lines.append("  medoid teacher: " + ", ".join(f"{t} {n}" for t, n in by_source.most_common()))
+    cut_cases = [r for r in records if r.get("truncated")]
+    if any(r.get("strategy") == "model" for r in records):
+        lines.append(f"  truncated: {len(cut_cases)} of {len(records)} cases had a trajectory cut")
+        per = Counter()
+        hits = Counter()
+        for r in cut_cases:
+            for t, k in r["truncated"].items():
+                per[t] += k
+                hits[t] += 1
+        for t in sorted(per, key=lambda t: -per[t]):
+            lines.append(f"    {t}: cut in {hits[t]} cases, {per[t]} tokens ({per[t] / hits[t]:.0f} per cut case)")
+    empty = sum(not r["text"].strip() for r in records)
+    if empty:
+        lines.append(f"  empty answers: {empty} (build-pairs drops these cases)")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from apo.data import cases_from_args
+    from apo.errors import ApoError
+    from apo.generation import model_from_args, run_resumable
+
+    if args.strategy == "model" and not args.model:
+        raise ApoError("--strategy model needs --model (the SFT model); --strategy vote needs none")
+    cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
+    usable = [c for c in cases if c.trajectories]
+    if len(usable) < len(cases):
+        print(f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists them)")
+    if not usable:
+        raise ApoError(f"{args.dataset}: no case with teacher trajectories")
+    if args.strategy == "vote":
+        from apo.labeler import label
+
+        def process(chunk):
+            return [vote_record(c, label) for c in chunk]
+        chunk_size = 256
+    else:
+        model, processor = model_from_args(args)
+
+        def process(chunk):
+            return model_records(model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size)
+        chunk_size = args.batch_size * 4  # a crash loses at most this many answers
+    results = run_resumable(args.out, usable, key=lambda c: c.case_id, process=process, chunk_size=chunk_size,
+                            order=[c.case_id for c in cases], desc=f"consensus ({args.strategy})")
+    if results is None:  # not rank 0: rank 0 merges and reports
+        return 0
+    print(summary(list(results.values())))
+    print(f"wrote {args.out}")
+    return 0
