@@ -30,6 +30,7 @@ GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-true}"
 DATALOADER_WORKERS="${DATALOADER_WORKERS:-4}"
 DEEPSPEED="${DEEPSPEED:-}"  # e.g. zero2 (ms-swift's name) or a JSON path; empty = plain DDP
 SEED="${SEED:-42}"
+MERGE_LORA="${MERGE_LORA:-false}"  # true: also write base+adapter merged to $OUTPUT_DIR/merged (pi_st as one model)
 
 # A local folder stays offline; a hub id is the user's explicit request to download it.
 [ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
@@ -51,3 +52,8 @@ args=(
 echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (NPROC_PER_NODE=$NPROC_PER_NODE, grad-acc $GRAD_ACC)"
 swift sft "${args[@]}" ${EXTRA_ARGS:-} "$@"
 echo "SFT adapter: $OUTPUT_DIR/last"
+if [ "$MERGE_LORA" = true ]; then
+  swift export --adapters "$OUTPUT_DIR/last" --merge_lora true --output_dir "$OUTPUT_DIR/merged" --exist_ok true \
+    --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true
+  echo "SFT model (merged): $OUTPUT_DIR/merged"
+fi

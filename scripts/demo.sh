@@ -1,0 +1,74 @@
+#!/usr/bin/env bash
+# The whole APO pipeline on the embedded default, on CPU, in a few minutes:
+#   synthetic CXR-MAX -> tiny Qwen2.5-VL -> SFT (ms-swift) -> consensus -> groups -> APO, and the ms-swift DPO
+#   baseline -> evaluation of base / SFT / DPO / APO -> teacher drift -> tables and plots in results/.
+# Nothing is downloaded. Sizes are environment variables (CASES, SFT_STEPS, APO_STEPS, ...).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+bash "$ROOT/scripts/setup.sh"
+source "$ROOT/scripts/env.sh"
+cd "$ROOT"
+
+RUN="${RUN_DIR:-$ROOT/runs/demo}"
+RESULTS="${RESULTS_DIR:-$ROOT/results}"
+CASES="${CASES:-160}"
+SEED="${SEED:-0}"
+SFT_STEPS="${SFT_STEPS:-120}"
+APO_STEPS="${APO_STEPS:-40}"
+EVAL_LIMIT="${EVAL_LIMIT:-32}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+t0=$SECONDS
+step() { printf '\n== [%4ss] %s\n' "$((SECONDS - t0))" "$*"; }
+rm -rf "$RUN" "$RESULTS"
+mkdir -p "$RUN" "$RESULTS"
+
+step "synthetic CXR-MAX benchmark ($CASES cases, 7 drifting teachers)"
+apo synth --out "$RUN/data" --cases "$CASES" --seed "$SEED"
+TRAIN="$RUN/data/cxrmax_train.jsonl"
+TEST="$RUN/data/cxrmax_test.jsonl"
+
+step "tiny Qwen2.5-VL (random weights, local tokenizer)"
+apo tiny-model --out "$RUN/base" --seed "$SEED"
+
+step "stage 1, learn: SFT on every teacher's trajectory (ms-swift, LoRA)"
+apo prepare-sft --dataset "$TRAIN" --out "$RUN/sft.jsonl"
+MODEL="$RUN/base" DATASET="$RUN/sft.jsonl" OUTPUT_DIR="$RUN/sft" TORCH_DTYPE=float32 BATCH_SIZE=4 GRAD_ACC=1 \
+  LEARNING_RATE=2e-3 LORA_RANK=16 LORA_ALPHA=32 MAX_STEPS="$SFT_STEPS" SAVE_STEPS="$SFT_STEPS" LOGGING_STEPS=10 \
+  MAX_LENGTH=1024 WARMUP_RATIO=0.05 GRADIENT_CHECKPOINTING=false DATALOADER_WORKERS=0 REPORT_TO=none MERGE_LORA=true \
+  SEED="$SEED" bash scripts/SFT-Qwen2.5.sh 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 25
+SFT_MODEL="$RUN/sft/merged"
+
+step "stages 2-3, compare + critique: consensus (vote: the tiny model cannot read 7 answers) -> groups -> APO"
+MODEL="$SFT_MODEL" SFT_ADAPTER="" DATASET="$TRAIN" WORK_DIR="$RUN/apo" STRATEGY=vote DEEPSPEED="" \
+  CONFIG="$ROOT/configs/apo/demo.yaml" bash scripts/APO-Qwen2.5.sh --max_steps "$APO_STEPS" --seed "$SEED"
+
+step "baseline: the published recipe, ms-swift pairwise DPO on the same preferences"
+swift rlhf --rlhf_type dpo --model "$SFT_MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true \
+  --dataset "$RUN/apo/dpo_pairs.jsonl" --output_dir "$RUN/dpo" --add_version false --create_checkpoint_symlink true \
+  --tuner_type lora --lora_rank 16 --lora_alpha 32 --target_modules all-linear --freeze_vit true --beta 0.1 \
+  --torch_dtype float32 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
+  --max_steps "$APO_STEPS" --save_steps "$APO_STEPS" --logging_steps 10 --max_length 1024 --report_to none \
+  --dataloader_num_workers 0 --seed "$SEED" 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
+
+step "evaluation: report generation + MS-CXR-T for base, SFT, DPO, APO"
+declare -A MODELS=([base]="$RUN/base" [sft]="$SFT_MODEL" [dpo]="$SFT_MODEL" [apo]="$SFT_MODEL")
+declare -A ADAPTERS=([base]="" [sft]="" [dpo]="$RUN/dpo/last" [apo]="$RUN/apo/model")
+for name in base sft dpo apo; do
+  adapter=()
+  [ -n "${ADAPTERS[$name]}" ] && adapter=(--adapter "${ADAPTERS[$name]}")
+  apo eval-report --model "${MODELS[$name]}" "${adapter[@]}" --dataset "$TEST" --out "$RESULTS/$name" \
+    --limit "$EVAL_LIMIT" --max-new-tokens 96 --batch-size 8
+  apo eval-mscxrt --model "${MODELS[$name]}" "${adapter[@]}" \
+    --csv "$RUN/data/mscxrt/MS_CXR_T_temporal_image_classification_v1.0.0.csv" --image-root "$RUN/data" \
+    --out "$RESULTS/$name" --batch-size 8
+done
+cp "$RUN/apo/model/trainer_state.json" "$RESULTS/apo/" 2>/dev/null || true
+cp "$RUN/sft/last/trainer_state.json" "$RESULTS/sft/" 2>/dev/null || true
+
+step "teacher drift"
+apo drift --dataset "$TRAIN" --consensus "$RUN/apo/consensus.jsonl" --out "$RESULTS/drift"
+
+step "tables"
+apo tables --results "$RESULTS" --out "$RESULTS"
+
+step "done in $((SECONDS - t0)) s: data, models and logs in $RUN; tables and plots in $RESULTS"
