@@ -3,17 +3,17 @@
 In the spirit of the CheXpert labeler (Irvin et al. 2019, built on NegBio), with regular expressions in place of
 a dependency parse, so it labels ~10k sentences/s and has no model to download:
 
-1. split the text into sentences; sentences that refuse ("I cannot provide a diagnosis") are dropped;
-2. split each sentence into clauses at scope breakers ("but", "however", ";", "which", ...): negation and
-   uncertainty never reach across a clause;
-3. find mentions: per observation, regexes for the finding ("pleural effusion", "blunting of the costophrenic
+1. split the text into sentences, and each sentence into clauses at scope breakers ("but", "however", ";",
+   "which", ...): negation and uncertainty never reach across a clause; clauses that refuse ("I cannot provide a
+   diagnosis") are dropped;
+2. find mentions: per observation, regexes for the finding ("pleural effusion", "blunting of the costophrenic
    angle", "heart size is enlarged") and for statements of normality ("normal heart size", "lungs are clear");
-4. classify each finding mention, in CheXpert's order: uncertainty phrased with a negation word first ("cannot
+3. classify each finding mention, in CheXpert's order: uncertainty phrased with a negation word first ("cannot
    exclude", "not ruled out", "no new"), then negation ("no", "without", "free of", "has resolved"), then
    uncertainty ("may represent", "possible", "likely", "versus", "X or Y");
-5. aggregate mentions per observation as CheXpert does: positive > uncertain > negative; "heart failure" / "CHF"
+4. aggregate mentions per observation as CheXpert does: positive > uncertain > negative; "heart failure" / "CHF"
    also make Cardiomegaly uncertain (CheXpert's exception);
-6. No Finding = 1 when no observation other than Support Devices is positive or uncertain, else 0. A text with
+5. No Finding = 1 when no observation other than Support Devices is positive or uncertain, else 0. A text with
    nothing to label (empty, or a refusal) gets None everywhere.
 
 `laterality(text)` gives the side ("left" | "right" | "bilateral") of positive/uncertain lateral findings.
@@ -62,7 +62,7 @@ _UNC_NEG_POST = re.compile(
     r"(?:be )?(?:entirely |completely |totally |definitely )?(?:excluded|ruled out)\b")
 
 _NEG_PRE = re.compile(
-    r"\b(?:no|not|without|nor|neither|never|free of|negative for|absence of|absent|resolved|resolution of|"
+    r"\b(?:no|not|without|nor|neither|never|free of|negative for|absence of|resolved|resolution of|"
     r"removal of|removed|clear of|rather than|instead of|no evidence of|no signs? of|no findings? (?:of|to suggest)|"
     r"no radiographic evidence of|w/o)\b")
 # "no change in the effusion" affirms the effusion: a pseudo-negation, like NegBio's.
@@ -115,16 +115,11 @@ _SIDE_TOKEN = r"(?:right|left|bilateral|bilaterally|both (?:lungs?|bases|lower|u
 
 _FINDINGS = {
     "Enlarged Cardiomediastinum": [
-        rf"\b{_MEDIAST}{_GAP % 5}(?:is |are |appears? |remains? )?(?:\w+ )?{_ENLARGED}\b",
-        rf"\b{_ENLARGED} (?:\w+ )?{_MEDIAST}\b",
         r"\bmediastinal (?:widening|enlargement|prominence|lymphadenopathy|mass)\b",
         r"\benlarged cardiomediastin\w+\b", r"\bwidened mediastinum\b", r"\bhilar (?:enlargement|prominence|adenopathy|lymphadenopathy|fullness)\b",
     ],
     "Cardiomegaly": [
         r"\bcardiomegaly\b", r"\bcardiac enlargement\b", r"\bcardiomyopathy\b",
-        rf"\b{_HEART}{_GAP % 5}(?:is |are |appears? |remains? |seems? )?(?:\w+ )?(?:enlarged|large|increased|"
-        r"prominent|enlargement|globular)\b(?! (?:hiatal|hiatus|hernia))",
-        rf"\b(?:enlarged|large|increased|prominent|globular|enlargement of the) (?:\w+ )?{_HEART}\b(?! failure)",
         r"\bborderline (?:\w+ )?(?:heart|cardiac)\b",
     ],
     "Lung Opacity": [
@@ -164,10 +159,8 @@ _FINDINGS = {
     "Pleural Effusion": [
         r"(?<!pericardial )(?<!joint )(?<!pericardial or pleural )\beffusions?\b", r"\bpleural fluid\b",
         r"\bhydro ?thorax\b", r"hydropneumothora\w+", r"\bhemothorax\b",
-        r"\bblunt\w* (?:of )?(?:the )?(?:\w+ ){0,2}?(?:costophrenic|cp|costodiaphragmatic) (?:angles?|sulc[iu]s?|recess\w*|xxxx)",
-        r"\b(?:costophrenic|cp) (?:angles?|sulc[iu]s?|recess\w*|xxxx)" + _GAP % 3 + r"(?:is |are )?(?:\w+ )?blunt\w*",
         r"\bfluid (?:in|within|tracking (?:into|along)) (?:the )?(?:\w+ )?(?:fissures?|pleural\w*|pleura)",
-        r"\b(?:layering|loculated|subpulmonic) fluid\b", r"\bmeniscus\b",
+        r"\b(?:layering|loculated|subpulmonic) fluid\b",
     ],
     "Pleural Other": [
         r"\bpleural (?:\w+ )?(?:thickening|scar\w*|plaques?|calcification\w*|fibrosis|reaction|lesion)",
@@ -190,6 +183,25 @@ _FINDINGS = {
         r"\bbypass graft\w*\b", r"\b(?:intra-?aortic )?balloon pump\b", r"\biabp\b", r"\blvad\b", r"\bfilter\b",
         r"\barthroplast\w+", r"\bscrews?\b", r"\bplates?\b(?! ?like| atelecta)", r"\bcannula\w*", r"\bapparatus\b",
         r"\bstaples?\b", r"\bsutures?\b", r"\bgenerator\b", r"\bkyphoplasty\b", r"\bvertebroplasty\b",
+    ],
+}
+
+# Signs that imply a finding ("the heart is enlarged", "blunted costophrenic angle"): mentions too, but a sentence
+# that also names the finding itself is labelled by that ("blunting ... may represent an effusion" is uncertain).
+_EVIDENCE = {
+    "Enlarged Cardiomediastinum": [
+        rf"\b{_MEDIAST}{_GAP % 5}(?:is |are |appears? |remains? )?(?:\w+ )?{_ENLARGED}\b",
+        rf"\b{_ENLARGED} (?:\w+ )?{_MEDIAST}\b",
+    ],
+    "Cardiomegaly": [
+        rf"\b{_HEART}{_GAP % 5}(?:is |are |appears? |remains? |seems? )?(?:\w+ )?(?:enlarged|large|increased|"
+        r"prominent|enlargement|globular)\b(?! (?:hiatal|hiatus|hernia))",
+        rf"\b(?:enlarged|large|increased|prominent|globular|enlargement of the) (?:\w+ )?{_HEART}\b(?! failure)",
+    ],
+    "Pleural Effusion": [
+        r"\bblunt\w* (?:of )?(?:the )?(?:\w+ ){0,2}?(?:costophrenic|cp|costodiaphragmatic) (?:angles?|sulc[iu]s?|recess\w*|xxxx)",
+        r"\b(?:costophrenic|cp) (?:angles?|sulc[iu]s?|recess\w*|xxxx)" + _GAP % 3 + r"(?:is |are )?(?:\w+ )?blunt\w*",
+        r"\bmeniscus\b",
     ],
 }
 
@@ -226,7 +238,8 @@ _NORMALS = {
 
 # Mentions that are another observation's, not this one's (matched first, their span blanked for this observation).
 _NOT_MENTIONS = {
-    "Lung Opacity": [r"\bopacit\w+ (?:\w+ )?(?:of|in) (?:the )?(?:\w+ )?(?:ribs?|spine|bones?|breasts?|soft tissues?|nipples?)"],
+    "Lung Opacity": [r"\b(?:meniscus shaped|layering|homogeneous|fluid) densit\w+|\bdensit\w+ (?:\w+ )?layer\w*",
+                     r"\bopacit\w+ (?:\w+ )?(?:of|in) (?:the )?(?:\w+ )?(?:ribs?|spine|bones?|breasts?|soft tissues?|nipples?)"],
     "Support Devices": [r"\bline (?:of|up)\b", r"\bport of\b", r"\btubes? (?:of|in) the (?:\w+ )?(?:lungs?|airways?)",
                         r"\bleads? to\b", r"\bfusion of\b", r"\bdevice of\b"],
     "Lung Lesion": [r"\blesions? (?:\w+ ){0,3}?(?:of|in|within|involving) (?:the )?"
@@ -260,6 +273,7 @@ _TRIGGERS_RE = {obs: re.compile(p) for obs, p in _TRIGGERS.items()}
 _CHF = re.compile(r"\b(?:heart failure|chf|congestive heart)\b")
 
 _FINDINGS_RE = {obs: re.compile("|".join(f"(?:{p})" for p in pats)) for obs, pats in _FINDINGS.items()}
+_EVIDENCE_RE = {obs: re.compile("|".join(f"(?:{p})" for p in pats)) for obs, pats in _EVIDENCE.items()}
 _NORMALS_RE = {obs: re.compile("|".join(f"(?:{p})" for p in pats)) for obs, pats in _NORMALS.items()}
 _NOT_RE = {obs: re.compile("|".join(f"(?:{p})" for p in pats)) for obs, pats in _NOT_MENTIONS.items()}
 
@@ -309,24 +323,30 @@ def _mask(clause: str, pattern: re.Pattern | None) -> str:
 
 
 def _clause_mentions(clause: str, question: bool):
-    """Yield (observation, label, start, end) for every mention in one clause."""
+    """Yield (observation, label, start, end, kind) for every mention in one clause; kind: finding|evidence|normal."""
     for obs in OBSERVATIONS[1:]:
         if not _TRIGGERS_RE[obs].search(clause):
             continue
         text = _mask(clause, _NOT_RE.get(obs))
-        for m in _FINDINGS_RE[obs].finditer(text):
-            yield obs, _classify(clause, m.start(), m.end(), question), m.start(), m.end()
+        for kind, table in (("finding", _FINDINGS_RE), ("evidence", _EVIDENCE_RE)):
+            if obs in table:
+                for m in table[obs].finditer(text):
+                    yield obs, _classify(clause, m.start(), m.end(), question), m.start(), m.end(), kind
         normal = _NORMALS_RE.get(obs)
         if normal is not None:
             for m in normal.finditer(text):
                 upper = re.search(r"upper|high|top|borderline", m.group(0))
-                yield obs, (UNCERTAIN if upper and obs in _HEART_OBS else NEGATIVE), m.start(), m.end()
+                yield obs, (UNCERTAIN if upper and obs in _HEART_OBS else NEGATIVE), m.start(), m.end(), "normal"
 
 
 def _sentence_mentions(sentence: str):
+    """(observation, label, clause, start, end) for every mention of one sentence."""
     question = sentence.rstrip().endswith("?")
-    for clause in _clauses(sentence):
-        for obs, lab, a, b in _clause_mentions(clause, question):
+    found = [(obs, lab, clause, a, b, kind) for clause in _clauses(sentence) if not REFUSAL.search(clause)
+             for obs, lab, a, b, kind in _clause_mentions(clause, question)]
+    named = {obs for obs, *_, kind in found if kind == "finding"}
+    for obs, lab, clause, a, b, kind in found:
+        if not (kind == "evidence" and obs in named):
             yield obs, lab, clause, a, b
 
 
@@ -334,8 +354,6 @@ def _sentence_mentions(sentence: str):
 def _label_sentence(sentence: str) -> tuple:
     """Per-sentence mention labels, cached: reports and teacher answers repeat sentences a lot."""
     out = []
-    if REFUSAL.search(sentence):
-        return ()
     for obs, lab, clause, a, b in _sentence_mentions(sentence):
         out.append((obs, lab))
         if obs == "Edema" and lab != NEGATIVE and _CHF.search(clause[a:b]):
@@ -354,17 +372,14 @@ def label(text: str | None) -> dict[str, int | None]:
     """Label one text. Returns {observation: 1 | 0 | -1 | None} for all 14 CheXpert observations."""
     out: dict[str, int | None] = dict.fromkeys(OBSERVATIONS)
     sents = sentences(text or "")
-    kept = [s for s in sents if not REFUSAL.search(s)]
-    if not kept:  # empty, or nothing but a refusal
-        return out
     found: dict[str, list[int]] = {}
-    for s in kept:
+    for s in sents:
         for obs, lab in _label_sentence(s):
             found.setdefault(obs, []).append(lab)
+    if not found and (not sents or any(REFUSAL.search(s) for s in sents)):
+        return out  # empty, or a refusal that states no finding: nothing to label
     for obs, labs in found.items():
         out[obs] = _aggregate(labs)
-    if sents != kept and not found:  # a refusal with no finding stated: nothing to label
-        return out
     finding = any(out[o] in (POSITIVE, UNCERTAIN) for o in OBSERVATIONS[1:] if o != "Support Devices")
     out["No Finding"] = NEGATIVE if finding else POSITIVE
     return out
@@ -409,8 +424,6 @@ def laterality(text: str | None) -> dict[str, str]:
     Findings seen on both sides (or called bilateral) are "bilateral"; observations without a side are left out."""
     sides: dict[str, set[str]] = {}
     for s in sentences(text or ""):
-        if REFUSAL.search(s):
-            continue
         for obs, lab, clause, a, b in _sentence_mentions(s):
             if obs in _NO_SIDE or lab not in (POSITIVE, UNCERTAIN):
                 continue
