@@ -16,13 +16,22 @@ Log-probs never materialise [tokens, vocab] logits at once: the final hidden sta
 positions and pushed through the lm_head `chunk_size` rows at a time (each chunk checkpointed, so the backward
 recomputes one chunk's logits instead of keeping them all).
 
-Attention kernels: sdpa gets a boolean 4D mask, eager an additive float one (transformers passes a 4D mask
-through untouched), flex_attention a BlockMask that skips the masked tiles (GPU).
+Attention (`attention=`): "segments" (default) computes only the blocks the mask allows - per group, the prompt
+causally, then each candidate's queries against [prompt keys; its own keys] with a lower-right causal mask - as
+SDPA calls (flash / memory-efficient kernels on GPU). A dense mask over the packed row costs T^2 and wastes most of
+it; on the tiny CPU model attention was 70% of the step. It is an attention function registered with transformers
+and set on the language model's config the first time (`use_segment_attention`); without the `packed_segments`
+argument it hands over to the model's own kernel, so plain forwards and generation are unchanged.
+"mask" gives the model the dense 4D block mask instead (boolean for sdpa, additive for eager, a BlockMask that
+skips masked tiles for flex_attention): a second, independent implementation, kept for checking and for flex.
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
+import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from apo.trainer.collator import GroupCollator, candidate_key
@@ -62,7 +71,7 @@ class PackedGroupCollator(GroupCollator):
         merge = self.processor.image_processor.merge_size
         n_cols = 1 + max(len(g["negatives"]) for g in groups)
         valid = torch.zeros(len(groups), n_cols, dtype=torch.bool)
-        ids, pos, seq, seg = [], [], [], []
+        ids, pos, seq, seg, segments = [], [], [], [], []
         lab_pos, lab_ids, lab_row = [], [], []
         pixels, grids, gidx, cidx, keys = [], [], [], [], []
         for b, g in enumerate(groups):
@@ -77,6 +86,7 @@ class PackedGroupCollator(GroupCollator):
             pos.append(p_pos)
             seq += [b] * len(p_ids)
             seg += [0] * len(p_ids)
+            segments.append([len(p_ids)])
             if "pixel_values" in enc:  # once per group
                 pixels.append(enc["pixel_values"])
                 grids.append(enc["image_grid_thw"])
@@ -92,6 +102,7 @@ class PackedGroupCollator(GroupCollator):
                 pos.append(torch.arange(start, start + len(c)).expand(3, -1))  # as if alone after the prompt
                 seq += [b] * len(c)
                 seg += [j + 1] * len(c)
+                segments[-1].append(len(c))
                 gidx.append(b)
                 cidx.append(j)
                 keys.append(candidate_key(g["case_id"], text))
@@ -101,6 +112,7 @@ class PackedGroupCollator(GroupCollator):
             "position_ids": (torch.cat(pos, 1) if pos else torch.zeros(3, 0, dtype=torch.long)).view(3, 1, T),
             "packed_seq": torch.tensor(seq, dtype=torch.long),
             "packed_seg": torch.tensor(seg, dtype=torch.long),
+            "packed_segments": segments,  # per group [prompt length, candidate lengths...], row order
             "label_positions": torch.tensor(lab_pos, dtype=torch.long),
             "label_ids": torch.tensor(lab_ids, dtype=torch.long),
             "label_rows": torch.tensor(lab_row, dtype=torch.long),
@@ -152,6 +164,58 @@ def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
 
 
+PREFIX = "apo_segments_"  # + the model's own kernel name, which plain forwards keep using
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_segments=None,
+                      **kwargs):
+    """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa)."""
+    if packed_segments is None:  # any other forward: the model's own kernel
+        return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                       **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+
+    rep = query.shape[1] // key.shape[1]  # grouped-query attention: share each K/V head
+    if rep > 1:
+        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
+    p = dropout if module.training else 0.0
+    out, off = [], 0
+    for P, *cands in packed_segments:
+        pk, pv = key[:, :, off:off + P], value[:, :, off:off + P]
+        out.append(F.scaled_dot_product_attention(query[:, :, off:off + P], pk, pv, dropout_p=p, is_causal=True,
+                                                  scale=scaling))
+        off += P
+        for L in cands:  # all of the prompt, then causal within the candidate: lower-right causal over P + L keys
+            k = torch.cat([pk, key[:, :, off:off + L]], 2)
+            v = torch.cat([pv, value[:, :, off:off + L]], 2)
+            out.append(F.scaled_dot_product_attention(query[:, :, off:off + L], k, v, dropout_p=p, scale=scaling,
+                                                      attn_mask=causal_lower_right(L, P + L)))
+            off += L
+    return torch.cat(out, 2).transpose(1, 2), None
+
+
+def _base_attention(module):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    base = module.config._attn_implementation.removeprefix(PREFIX)
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    return eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
+
+
+def use_segment_attention(model):
+    """Register `segment_attention` for the language model's current kernel and switch its config to it."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    from transformers.modeling_utils import AttentionInterface
+
+    config = _inner(model).get_decoder().config
+    base = config._attn_implementation
+    if base.startswith(PREFIX):
+        return
+    AttentionInterface.register(PREFIX + base, segment_attention)
+    AttentionMaskInterface.register(PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])  # plain forwards: usual masks
+    config._attn_implementation = PREFIX + base
+
+
 def _inner(model):
     """The transformers model under DDP/DeepSpeed (`.module`) and PEFT wrappers, for its config and lm_head."""
     while hasattr(model, "module"):
@@ -159,7 +223,7 @@ def _inner(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def packed_logps(model, batch: dict, chunk_size: int = 1024):
+def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "segments"):
     """Packed batch -> (summed response log-probs [R] float32, response tokens [R]), R = candidate rows.
 
     Same contract as `apo.trainer.logps.forward_logps`. The model is called through its own (possibly wrapped)
@@ -167,10 +231,17 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024):
     hidden states and the logits of one position only (`logits_to_keep=1`)."""
     inner = _inner(model)
     dev = batch["input_ids"].device
-    mask = block_mask(batch["packed_seq"].to(dev), batch["packed_seg"].to(dev),
-                      inner.config._attn_implementation, inner.dtype)
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw") if k in batch}
-    out = model(**inputs, attention_mask=mask, output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    if attention == "segments":
+        use_segment_attention(inner)
+        # an empty 4D mask: transformers passes a 4D mask through as-is, so no T x T mask is ever built
+        inputs.update(attention_mask=torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=dev),
+                      packed_segments=batch["packed_segments"])
+    else:
+        kernel = inner.get_decoder().config._attn_implementation.removeprefix(PREFIX)
+        inputs["attention_mask"] = block_mask(batch["packed_seq"].to(dev), batch["packed_seg"].to(dev), kernel,
+                                              inner.dtype)
+    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
     hidden = out.hidden_states[-1][0]  # [T, H], after the final norm
     tok = chunked_token_logps(hidden[batch["label_positions"]], batch["label_ids"], inner.get_output_embeddings(),
                               chunk_size)

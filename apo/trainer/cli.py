@@ -1,0 +1,80 @@
+"""`apo train --config FILE [--key value ...]`: stage 3, APO training. Thin: parse, build, train, save, summarise.
+
+Every APOConfig / TrainingArguments field is a `--key value` override (HF spelling, underscores), e.g.
+    apo train --config configs/apo/demo.yaml --output_dir runs/apo --learning_rate 1e-4 --loss dpo
+Multi-GPU: `accelerate launch -m apo.cli train ...` or `torchrun --nproc_per_node 4 -m apo.cli train ...`,
+with `--deepspeed configs/deepspeed/zero2.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML/JSON file of APOConfig values (configs/apo/*.yaml)")
+    parser.add_argument("--help-config", action="store_true", help="list every APOConfig field and exit")
+    parser.epilog = "Any other --key value is an APOConfig override (see --help-config), e.g. --learning_rate 1e-4."
+    # argparse.REMAINDER does not take options that come first (`--output_dir X`), so this sub-parser keeps every
+    # option it does not know in `args.rest` for HfArgumentParser instead of handing it back as an error.
+    parse_known = parser.parse_known_args
+
+    def keep_unknown(args=None, namespace=None):
+        namespace, unknown = parse_known(args, namespace)
+        namespace.rest = list(getattr(namespace, "rest", None) or []) + unknown
+        return namespace, []
+
+    parser.parse_known_args = keep_unknown
+
+
+def run(args) -> int:
+    from transformers import HfArgumentParser
+
+    from apo.errors import ApoError
+    from apo.trainer.collator import load_groups
+    from apo.trainer.config import APOConfig, parse_config
+    from apo.trainer.trainer import APOTrainer, build_model
+
+    if args.help_config:
+        HfArgumentParser(APOConfig).print_help()
+        return 0
+    config = parse_config(args.config, [a for a in args.rest if a != "--"])
+    for name in ("model_name_or_path", "groups_file", "output_dir"):
+        if not getattr(config, name):
+            raise ApoError(f"--{name} is required (in the config file or on the command line)")
+    groups = load_groups(config.groups_file, config.max_negatives)
+    model, processor = build_model(config)
+    trainer = APOTrainer(model=model, args=config, train_dataset=groups, processing_class=processor)
+    if trainer.is_world_process_zero():
+        n_neg = sum(len(g["negatives"]) for g in groups)
+        log.info("APO (%s loss, beta %g): %d groups, %d negatives, teachers %s; trainable %s", config.loss,
+                 config.beta, len(groups), n_neg, trainer.teachers, _trainable(model))
+    resume = config.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last", "auto"):
+        resume = True  # the last checkpoint in output_dir
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_final()
+    if trainer.is_world_process_zero():
+        print(summary(trainer.state.log_history, config.output_dir))
+    return 0
+
+
+def _trainable(model) -> str:
+    numel = lambda p: getattr(p, "ds_numel", p.numel())  # ZeRO-3 leaves empty placeholders on each process
+    n = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    return f"{n:,} of {total:,} parameters"
+
+
+def summary(log_history: list[dict], output_dir: str) -> str:
+    steps = [h for h in log_history if "loss" in h]
+    if not steps:
+        return f"apo train: no training step logged; output in {output_dir}"
+    first, last = steps[0], steps[-1]
+    margin = last.get("rewards/margins", float("nan"))
+    acc = last.get("rewards/accuracies", float("nan"))
+    return (f"apo train: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
+            f"final reward margin {margin:.4f}, accuracy {acc:.3f}; output in {output_dir}")

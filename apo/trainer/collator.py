@@ -1,0 +1,132 @@
+"""Groups -> one padded batch of candidate rows (stage-3 data side).
+
+A group {prompt, images, positive t+, negatives t_1..t_N} becomes 1+N rows, each = image(s) + prompt + one
+candidate response, in the processor's own chat template, so APO scores exactly what SFT trained and eval prompts.
+The group structure stays explicit: `group_index`/`candidate_index` per row and `valid` [B, 1+N] per group, so the
+trainer can scatter row log-probs back into the [B, 1+N] matrix the loss takes (and a later version can encode each
+group's images once instead of once per row).
+
+Over-length policy: the prompt (with its image tokens) is never cut, since cutting image tokens breaks the model and
+cutting the question changes the task; each response is truncated to `max_length - prompt length` tokens. A
+candidate with no response token left is dropped (no row) and marked invalid - never scored as log-prob 0. That
+can only happen when the prompt alone fills `max_length`, so it drops the whole group; it is logged (once, then
+counted in `dropped`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+
+import torch
+
+from apo.chat import assistant_message, load_images, user_message
+from apo.errors import DataError
+
+log = logging.getLogger(__name__)
+
+GROUP_FIELDS = ("case_id", "prompt", "images", "positive", "negatives", "teachers")
+
+
+def load_groups(path, max_negatives: int | None = None) -> list[dict]:
+    """Read groups.jsonl (from `apo build-pairs`); a malformed line raises DataError naming it."""
+    groups = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                g = json.loads(line)
+            except ValueError as e:
+                raise DataError(path, lineno, f"not JSON ({e})") from None
+            missing = [k for k in GROUP_FIELDS if k not in g]
+            if missing:
+                raise DataError(path, lineno, f"missing fields {missing}")
+            if not isinstance(g["negatives"], list) or len(g["teachers"]) != len(g["negatives"]):
+                raise DataError(path, lineno, "negatives and teachers must be lists of the same length")
+            if not g["negatives"]:
+                raise DataError(path, lineno, "a group needs at least one negative")
+            if max_negatives is not None:
+                g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
+            g["case_id"] = str(g["case_id"])
+            groups.append({k: g[k] for k in GROUP_FIELDS})
+    if not groups:
+        raise DataError(path, None, "no groups")
+    return groups
+
+
+def candidate_key(case_id: str, text: str) -> str:
+    """Stable id of one (case, response) pair: the reference log-prob cache is keyed by it."""
+    return f"{case_id}|{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+class GroupCollator:
+    def __init__(self, processor, max_length: int = 4096, end_token: str = "<|im_end|>"):
+        self.processor, self.tokenizer = processor, processor.tokenizer
+        self.max_length, self.end_token = max_length, end_token
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.dropped = 0  # candidates dropped for length, over the collator's life
+
+    def encode_group(self, g: dict):
+        """The prompt once (ids + pixels), then each candidate's response token ids (None if dropped)."""
+        images = load_images(g["images"])
+        messages = user_message(len(images), g["prompt"])
+        prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = self.processor(text=[prompt_text], images=images or None, return_tensors="pt")
+        budget = self.max_length - enc["input_ids"].shape[1]
+        responses = []
+        for text in [g["positive"], *g["negatives"]]:
+            full = self.processor.apply_chat_template(messages + [assistant_message(text)], tokenize=False)
+            if not full.startswith(prompt_text):
+                raise ValueError("chat template: prompt+response does not start with the generation prompt")
+            suffix = full[len(prompt_text):]
+            end = suffix.rfind(self.end_token)  # label through the closing <|im_end|>, not the template's "\n"
+            suffix = suffix[: end + len(self.end_token)] if end >= 0 else suffix
+            ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"][: max(budget, 0)]
+            responses.append(ids or None)
+        if responses[0] is None or not any(responses[1:]):  # nothing left to rank: the whole group goes
+            (log.warning if self.dropped == 0 else log.debug)(
+                "case %s: prompt is %d tokens, >= max_length %d; group dropped (raise max_length or shrink images)",
+                g["case_id"], enc["input_ids"].shape[1], self.max_length)
+            self.dropped += len(responses)
+            responses = [None] * len(responses)
+        return enc, responses
+
+    def __call__(self, groups: list[dict]) -> dict:
+        n_cols = 1 + max(len(g["negatives"]) for g in groups)
+        valid = torch.zeros(len(groups), n_cols, dtype=torch.bool)
+        rows, pixels, grids, gidx, cidx, keys = [], [], [], [], [], []
+        for b, g in enumerate(groups):
+            enc, responses = self.encode_group(g)
+            prompt_ids = enc["input_ids"][0].tolist()
+            prompt_mm = enc.get("mm_token_type_ids", torch.zeros_like(enc["input_ids"]))[0].tolist()
+            for j, (ids, text) in enumerate(zip(responses, [g["positive"], *g["negatives"]])):
+                if ids is None:
+                    continue
+                valid[b, j] = True
+                rows.append((prompt_ids + ids, prompt_mm + [0] * len(ids), [-100] * len(prompt_ids) + ids))
+                if "pixel_values" in enc:  # repeated per row for now: every row sees its group's images
+                    pixels.append(enc["pixel_values"])
+                    grids.append(enc["image_grid_thw"])
+                gidx.append(b)
+                cidx.append(j)
+                keys.append(candidate_key(g["case_id"], text))
+        width = max((len(r[0]) for r in rows), default=0)
+        pad = lambda seq, v: seq + [v] * (width - len(seq))  # right padding
+        batch = {
+            "input_ids": torch.tensor([pad(r[0], self.pad_id) for r in rows], dtype=torch.long).view(len(rows), width),
+            "attention_mask": torch.tensor([pad([1] * len(r[0]), 0) for r in rows], dtype=torch.long).view(len(rows), width),
+            "mm_token_type_ids": torch.tensor([pad(r[1], 0) for r in rows], dtype=torch.long).view(len(rows), width),
+            "labels": torch.tensor([pad(r[2], -100) for r in rows], dtype=torch.long).view(len(rows), width),
+            "group_index": torch.tensor(gidx, dtype=torch.long),
+            "candidate_index": torch.tensor(cidx, dtype=torch.long),
+            "valid": valid,
+            "case_id": [g["case_id"] for g in groups],
+            "teachers": [list(g["teachers"]) for g in groups],  # aligned with columns 1..N
+            "ref_keys": keys,  # per row
+        }
+        if pixels:
+            batch["pixel_values"] = torch.cat(pixels)
+            batch["image_grid_thw"] = torch.cat(grids)
+        return batch
