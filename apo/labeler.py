@@ -85,19 +85,19 @@ _NEG_POST_NORMAL = re.compile(
 
 _UNC_PRE = re.compile(
     r"\b(?:may|might|could|possible|possibly|possibility|probable|probably|likely|unlikely|presumabl[ey]|"
-    r"suspect\w*|suspicious|suspicion|concern|concerning|question|questionable|questionably|suggest\w*|"
+    r"suspect\w*|suspicious|suspicion|concern|concerning|worrisome|question|questionable|questionably|suggest\w*|"
     r"versus|vs|differential|consider|considered|alternatively|equivocal|indeterminate|uncertain|borderline|"
     r"unclear|cannot|can't|perhaps|apparently|appears? to represent|favou?r|favou?red|favou?ring|raises|raising|"
     r"vs|and/or|either|(?:upper|high|top)(?:[\s-]+(?:limits?|range|end|levels?)(?: of)?)?[\s-]+normal|"
     r"mildly prominent|prominent but|evaluate for|eval for|r/o|rule out|to exclude|correlat\w+|"
-    r"undetermined|would be|cannot be excluded)\b|\?")
+    r"undetermined|would be|cannot be excluded|appropriate clinical (?:setting|context))\b|\?")
 _UNC_POST = re.compile(
     r"^" + _GAP % 4 + r"(?:(?:is|are|was|were|remains?|seems?|appears?) (?:\w+ )?(?:(?:also|again|not|most|more) )?"
     r"(?:possible|possibly|likely|suspected|questioned|questionable|probable|uncertain|unclear|equivocal|"
     r"(?:a|another) consideration|favou?red|suggested|considered)|(?:may|might|could) (?:also )?(?:be|have) "
     r"(?:present|seen|noted|developing|superimposed|an?|early|mild|small|some|slight|minimal)|not (?:clearly|"
     r"definitely|definitively) (?:seen|identified|excluded)|difficult to (?:exclude|assess|evaluate)|"
-    r"would be a consideration)\b|^(?:\s+\w+)?\s*(?:or|versus|vs|and/or|/)\s|^\s*\?")
+    r"would be a consideration|(?:is|are) (?:also )?(?:in|within) the differential)\b|^(?:\s+\w+)?\s*(?:or|versus|vs|and/or|/)\s|^\s*\?")
 _UNC_ALT_PRE = re.compile(r"\s(?:or|versus|vs|and/or)\s+(?:\w+\s+){0,2}$")  # "atelectasis or [infiltrate]"
 
 # ----------------------------------------------------------------------------- mention patterns
@@ -175,14 +175,13 @@ _FINDINGS = {
         r"terminat\w+|at the|in the|within the|near the|is in|is at)\b", r"\b(?:picc|central|venous|arterial|ij|jugular|subclavian|dialysis|hickman|port|"
         r"midline|swan ganz|swan-ganz|pulmonary artery|femoral) (?:\w+ )?(?:lines?|catheters?)\b",
         r"\blines? (?:and|or|/) tubes?\b", r"\btubes? (?:and|or|/) lines?\b",
-        r"\b(?:sternotomy|sternal|cerclage|pacing|pacer|epicardial|surgical|fixation) (?:\w+ )?wires?\b", r"\bwires?\b",
-        r"\b(?:surgical |vascular |cholecystectomy |metallic |embolization )?clips?\b", r"\bstents?\b",
+        r"\bwires?\b", r"\bstents?\b",
         r"\bport(?:a ?cath|-a-cath)?s?\b(?! of)", r"\bmediport\b", r"\bhardware\b", r"\bprosthe\w+",
         r"\b(?:valve (?:replacement|prosthesis)|prosthetic valve|avr|mvr|annuloplasty)\b", r"\bleads?\b(?! to)",
-        r"\belectrodes?\b", r"\bdrains?\b", r"\bcoils?\b", r"\bdevices?\b", r"\bsternotomy\b", r"\bcabg\b",
-        r"\bbypass graft\w*\b", r"\b(?:intra-?aortic )?balloon pump\b", r"\biabp\b", r"\blvad\b", r"\bfilter\b",
+        r"\belectrodes?\b", r"\bdrains?\b", r"\bcoils?\b", r"\bdevices?\b",
+        r"\b(?:intra-?aortic )?balloon pump\b", r"\biabp\b", r"\blvad\b", r"\bfilter\b",
         r"\barthroplast\w+", r"\bscrews?\b", r"\bplates?\b(?! ?like| atelecta)", r"\bcannula\w*", r"\bapparatus\b",
-        r"\bstaples?\b", r"\bsutures?\b", r"\bgenerator\b", r"\bkyphoplasty\b", r"\bvertebroplasty\b",
+        r"\bgenerator\b", r"\bkyphoplasty\b", r"\bvertebroplasty\b",
     ],
 }
 
@@ -190,8 +189,10 @@ _FINDINGS = {
 # that also names the finding itself is labelled by that ("blunting ... may represent an effusion" is uncertain).
 _EVIDENCE = {
     "Enlarged Cardiomediastinum": [
-        rf"\b{_MEDIAST}{_GAP % 5}(?:is |are |appears? |remains? )?(?:\w+ )?{_ENLARGED}\b",
-        rf"\b{_ENLARGED} (?:\w+ )?{_MEDIAST}\b",
+        rf"\b{_MEDIAST}{_GAP % 3}(?:is |are |appears? |remains? )?(?:\w+ )?{_ENLARGED}\b",
+        rf"\b{_ENLARGED} (?:(?!calcified)\w+ )?{_MEDIAST}\b",
+        r"\b(?:prominen\w+|widening|enlargement|fullness) of (?:the )?(?:\w+ )?(?:mediastin\w+|hila|hilum|hilar \w+)",
+        r"\bbi ?hilar (?:prominence|enlargement|fullness|adenopathy)",
     ],
     "Cardiomegaly": [
         rf"\b{_HEART}{_GAP % 5}(?:is |are |appears? |remains? |seems? )?(?:\w+ )?(?:enlarged|large|increased|"
@@ -204,6 +205,9 @@ _EVIDENCE = {
         r"\bmeniscus\b",
     ],
 }
+
+# Surgical clips, sutures, staples and a sternotomy alone are postsurgical material, not support devices: CheXpert
+# does not count them either (its support-device phrases: tubes, lines, catheters, pacers, valves, hardware, ...).
 
 # Statements of normality: a negative label on their own ("normal heart size", "the lungs are clear").
 _NORMALS = {
@@ -264,9 +268,9 @@ _TRIGGERS = {
     "Pleural Effusion": r"effusion|fluid|hydro|hemothorax|blunt|costophrenic|cp |meniscus|pleural space",
     "Pleural Other": r"pleur|fibrothorax|apical",
     "Fracture": r"fractur|fx|deformit|bony|osseous|bone|skelet",
-    "Support Devices": r"tube|catheter|pace|picc|icd|defib|stimul|tip|line|wire|clip|stent|port|hardware|prosthe|"
-                       r"valve|avr|mvr|annulo|lead|electrode|drain|coil|device|sternotomy|cabg|graft|pump|iabp|lvad|"
-                       r"filter|arthroplast|screw|plate|cannula|apparatus|staple|suture|generator|kyphoplast|vertebroplast",
+    "Support Devices": r"tube|catheter|pace|picc|icd|defib|stimul|tip|line|wire|stent|port|hardware|prosthe|"
+                       r"valve|avr|mvr|annulo|lead|electrode|drain|coil|device|pump|iabp|lvad|"
+                       r"filter|arthroplast|screw|plate|cannula|apparatus|generator|kyphoplast|vertebroplast",
 }
 _TRIGGERS_RE = {obs: re.compile(p) for obs, p in _TRIGGERS.items()}
 

@@ -25,8 +25,9 @@ The mapping (tag head, then qualifiers):
                              Hemothorax, Hemopneumothorax
   Pleural Other              Thickening/pleura, Cicatrix/pleura
   Fracture                   Fractures, Bone
-  Support Devices            Catheters, Indwelling; Implanted Medical Device; Surgical Instruments; Tube, Inserted;
-                             Medical Device; Stents; Sutures
+  Support Devices            Catheters, Indwelling; Implanted Medical Device; Tube, Inserted; Medical Device; Stents
+                             (not Surgical Instruments / Sutures: in IU mostly surgical clips, which CheXpert does not
+                             count as support devices, and neither does the labeler)
   No Finding                 no tag maps to any of the 12 pathology observations (CheXpert's definition; tags such as
                              Calcified Granuloma, Scoliosis or "normal" leave it positive)
 A tag qualified "borderline" is uncertain: that report is left out of that observation's counts. Reports tagged
@@ -80,8 +81,7 @@ MESH = {
                       ("Cicatrix", lambda q: bool(q) and q[0] == "pleura")],
     "Fracture": [("Fractures, Bone", None)],
     "Support Devices": [("Catheters, Indwelling", None), ("Implanted Medical Device", None),
-                        ("Surgical Instruments", None), ("Tube, Inserted", None), ("Medical Device", None),
-                        ("Stents", None), ("Sutures", None)],
+                        ("Tube, Inserted", None), ("Medical Device", None), ("Stents", None)],
 }
 PATHOLOGIES = [o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices")]
 
