@@ -90,14 +90,14 @@ def read_results(root) -> dict:
 
 
 def _student_drift(metrics: dict) -> dict | None:
-    """A run's drift rates from its metrics.json: a flat rate dict (apo.drift.answer_stats or eval-report's own),
-    or a drift_stats dict holding one source."""
+    """A run's drift rates from its metrics.json: a flat rate dict (apo.drift.answer_stats, or eval-report's own
+    drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's answers."""
     d = (metrics or {}).get("drift")
     if not isinstance(d, dict):
         return None
     if "per_teacher" in d:
         per = d["per_teacher"]
-        d = next(iter(per.values())) if len(per) == 1 else None
+        d = per.get("consensus") or (next(iter(per.values())) if len(per) == 1 else None)
     if d is not None and d.get("side_error_rate") is None and d.get("side_accuracy") is not None:
         d = dict(d, side_error_rate=1 - d["side_accuracy"])
     return d
