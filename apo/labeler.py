@@ -33,7 +33,7 @@ POSITIVE, NEGATIVE, UNCERTAIN = 1, 0, -1
 
 _SENTENCE = re.compile(r"(?<=[.!?])\s+(?=\S)|\n+|(?<=\.)(?=[a-z]{2,})")  # "clear.No effusion" happens in IU text
 _CLAUSE_BREAK = re.compile(
-    r";|:|\s-\s|\b(?:but|however|although|though|whereas|except|apart from|aside from|other than|which|"
+    r";|\b(?:but|however|although|though|whereas|except|apart from|aside from|other than|which|"
     r"and there|there is|there are|there has been|otherwise|with the exception of|in addition|additionally|"
     r"also|while)\b")
 
@@ -49,7 +49,7 @@ REFUSAL = re.compile(
 
 # ----------------------------------------------------------------------------- cues
 
-_GAP = r"(?:[\s,]+[\w/']+){0,%d}?[\s,]+"  # up to N words (commas allowed) between two parts of one statement
+_GAP = r"(?:[\s,:]+[\w/']+){0,%d}?[\s,:]+"  # up to N words (commas allowed) between two parts of one statement
 
 # Uncertainty phrased with a negation word: checked before negation, like CheXpert's pre-negation uncertainty.
 _UNC_NEG_PRE = re.compile(
@@ -82,6 +82,14 @@ _NEG_POST = re.compile(
 _NEG_POST_NORMAL = re.compile(
     r"^(?:\s+\w+){0,2}?\s+(?:is|are|appears?|remains?|seems?) (?:\w+ )?(?:normal|unremarkable|"
     r"within (?:the )?(?:normal limits|limits of normal))\b")
+
+# List-style answers: "Pleural effusion: absent", "Edema - no", "Cardiomegaly: possible".
+_COLON = r"^\s*\**\s*(?::|-|\u2013)\s*\**\s*"
+_NEG_COLON = re.compile(_COLON + r"(?:no|none|absent|negative|nil|normal|unremarkable|not (?:present|seen|identified|"
+                        r"visuali[sz]ed|evident|appreciated|detected|demonstrated))\b")
+_UNC_COLON = re.compile(_COLON + r"(?:possible|possibly|likely|probable|questionable|equivocal|indeterminate|uncertain|"
+                        r"suspected|borderline|cannot be (?:excluded|ruled out)|may be present)\b")
+_HEADING = re.compile(r"[\s*#_>-]*[^:]*:[\s*#_]*")  # "**Pleural effusion:**" names a topic, asserts nothing
 
 _UNC_PRE = re.compile(
     r"\b(?:may|might|could|possible|possibly|possibility|probable|probably|likely|unlikely|presumabl[ey]|"
@@ -223,7 +231,7 @@ _NORMALS = {
     ],
     "Lung Opacity": [
         r"\blungs? (?:\w+ ){0,3}?(?:is |are |appears? |remains? )?(?:otherwise |grossly |now |again |both )?(?:\w+ and )?clear\b",
-        r"\bclear (?:\w+ )?lungs?\b", r"\blung fields? (?:\w+ )?(?:are |is )?clear\b", r"\blungs? (?:are |is )?(?:\w+ )?normal\b",
+        r"\bclear (?:\w+ )?lungs?\b", r"\blungs?\s*:\s*(?:\w+ )?clear\b", r"\blung fields? (?:\w+ )?(?:are |is )?clear\b", r"\blungs? (?:are |is )?(?:\w+ )?normal\b",
     ],
     "Pleural Effusion": [
         r"\b(?:costophrenic|cp) (?:angles?|sulc[iu]s?|recess\w*|xxxx)" + _GAP % 3 + r"(?:is |are )?(?:\w+ )?(?:sharp|clear|preserved|normal|well.defined)",
@@ -306,8 +314,10 @@ def is_refusal(text: str) -> bool:
 def _classify(clause: str, start: int, end: int, question: bool) -> int:
     """Label one finding mention clause[start:end] from the cues around it in its clause."""
     pre, post, upto = clause[:start], clause[end:], clause[:end]
-    if _UNC_NEG_PRE.search(upto) or _UNC_NEG_POST.search(post):
+    if _UNC_NEG_PRE.search(upto) or _UNC_NEG_POST.search(post) or _UNC_COLON.search(post):
         return UNCERTAIN
+    if _NEG_COLON.search(post):
+        return NEGATIVE
     neg = None
     for m in _NEG_PRE.finditer(upto):  # the last negation cue before the end of the mention decides
         neg = m
@@ -346,6 +356,8 @@ def _clause_mentions(clause: str, question: bool):
 def _sentence_mentions(sentence: str):
     """(observation, label, clause, start, end) for every mention of one sentence."""
     question = sentence.rstrip().endswith("?")
+    if _HEADING.fullmatch(sentence):
+        return
     found = [(obs, lab, clause, a, b, kind) for clause in _clauses(sentence) if not REFUSAL.search(clause)
              for obs, lab, a, b, kind in _clause_mentions(clause, question)]
     named = {obs for obs, *_, kind in found if kind == "finding"}

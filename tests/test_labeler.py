@@ -89,6 +89,17 @@ def test_label(text, obs, want):
     assert label(text)[obs] == want, (text, pos(text))
 
 
+def test_list_style_answers():
+    """How chat models write: headings name a topic without asserting it; "X: absent" is a negation."""
+    text = ("**Findings supporting atelectasis:**\n- Linear opacity in the left lower lobe\n- Mild volume loss\n\n"
+            "**Pleural effusion:**\n- No blunting of the costophrenic angles; no effusion.")
+    out = label(text)
+    assert out["Atelectasis"] == 1 and out["Pleural Effusion"] == 0
+    out = label("Pleural effusion: absent. Pneumothorax - none. Cardiomegaly: present. Edema: possible.")
+    assert (out["Pleural Effusion"], out["Pneumothorax"], out["Cardiomegaly"], out["Edema"]) == (0, 0, 1, -1)
+    assert label("Lungs: clear.")["Lung Opacity"] == 0 and label("Findings: small left effusion.")["Pleural Effusion"] == 1
+
+
 def test_all_fourteen_keys_and_not_mentioned():
     out = label("Left lower lobe consolidation.")
     assert tuple(out) == OBSERVATIONS
