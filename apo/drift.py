@@ -26,6 +26,8 @@ Divergence: for each teacher and observation, the distribution of its labels (1,
 cases; teachers are compared pairwise by the Jensen-Shannon divergence (base 2, in [0, 1]) of those distributions,
 averaged over the observations.
 
+Images are only checked to exist (`--verify-images none` by default here): drift reads text.
+
 Outputs: drift.json (everything), DRIFT.md (tables), error_rates.png, js_divergence.png. `drift_stats` and
 `answer_stats` are pure (no I/O).
 """
@@ -289,6 +291,7 @@ def add_arguments(parser) -> None:
     from apo.data import add_data_arguments
 
     add_data_arguments(parser)
+    parser.set_defaults(verify_images="none")  # drift reads text only: check that images exist, do not decode them
     parser.add_argument("--consensus", default=None,
                         help="consensus JSONL ({case_id, text} per line, as `apo consensus` writes): scored as a "
                              "pseudo-teacher and compared with every teacher")
