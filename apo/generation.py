@@ -122,6 +122,19 @@ def encode(processor, texts, images_per_request):
     return processor(text=list(texts), images=images or None, padding=True, padding_side="left", return_tensors="pt")
 
 
+def _attention_backends(device):
+    """On CUDA, SDPA without its cuDNN backend: cuDNN builds an execution plan per new sequence length, and decoding
+    makes a new length every step, so unseen shapes ran ~2x slower (H100, torch 2.11, 7B, 2k-token prompts:
+    77 vs 35 ms per step at batch 16; 112 vs 53 at batch 32). Flash / memory-efficient kernels have no such cost."""
+    from contextlib import nullcontext
+
+    if device.type != "cuda":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate"):
     """Answers (str) to `requests` [(image_paths, prompt)], in input order."""
     import torch
@@ -145,7 +158,7 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        with torch.inference_mode():
+        with torch.inference_mode(), _attention_backends(device):
             seqs = model.generate(**batch, **gen_kw)
         new = seqs[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
         for i, ids in zip(idx, new):
