@@ -55,8 +55,8 @@ _UNCERTAIN = re.compile(r"\b(?:may|might|possibl[ey]|probabl[ey]|likely|cannot b
                         r"can not be excluded|not (?:be )?excluded|questionable|suspicious|"
                         r"suggest\w*|concerning for|worrisome|could|versus|vs|differential)\b")
 # "The right pneumothorax is not seen" / "... has resolved": negation after the mention.
-_POST_NEGATION = re.compile(r"^[a-z ]{0,12}\b(?:is|are|has|have)? ?(?:not (?:seen|appreciated|identified|visualized|present)|"
-                            r"resolved|absent)\b")
+_POST_NEGATION = re.compile(r"^[a-z ]{0,12}\b(?:is|are|has|have)? ?(?:not (?:seen|appreciated|identified|visualized|"
+                            r"present)|resolved|absent)\b")
 _BREAK = re.compile(r"\b(?:but|however|although|though|whereas|except)\b|;")
 _SIDE = re.compile(r"\b(right|left|bilateral|bilaterally|both|bibasilar|bibasal)\b")
 _CHUNK = re.compile(r",|;|\band\b|\bwith\b|\bwithout\b")
@@ -75,8 +75,10 @@ def _side_of(chunk: str | None) -> str | None:
     return words.pop()
 
 
+@functools.lru_cache(maxsize=65536)
 def tag(text: str) -> dict[str, dict]:
-    """What a text asserts (cached: treat the result as read-only): {observation: {"label": 1|0|-1, "side": str|None, "sent": index of first mention}}.
+    """What a text asserts: {observation: {"label": 1|0|-1, "side": str|None, "sent": index of first mention}}.
+    Cached: treat the result as read-only.
 
     Per sentence: a mention after a negation cue (without a "but"/"however" in between) is negative, a mention in a
     sentence with a hedge word is uncertain, otherwise positive. Across sentences positive beats uncertain beats
@@ -103,7 +105,8 @@ def tag(text: str) -> dict[str, dict]:
             else:
                 before = sent[:end]  # up to the mention's end: "the heart is not enlarged"
                 neg = list(_NEGATION.finditer(before))
-                negated = (bool(neg) and not _BREAK.search(before[neg[-1].end():])) or bool(_POST_NEGATION.search(sent[end:]))
+                negated = bool(neg) and not _BREAK.search(before[neg[-1].end():])
+                negated = negated or bool(_POST_NEGATION.search(sent[end:]))
                 label = 0 if negated else (-1 if hedged else 1)
                 lo = max([m.end() for m in _CHUNK.finditer(sent[:start])], default=0)
                 hi = min([m.start() + end for m in _CHUNK.finditer(sent[end:])], default=len(sent))
@@ -190,10 +193,6 @@ _DEVICE_OK = re.compile(r"^[a-z ,.-]*(?:pacemaker|defibrillator|picc|catheter|ce
 
 def severity_word(v: float) -> str:
     return "small" if v < 0.55 else ("moderate" if v < 0.8 else "large")
-
-
-def zone_word(zone: str) -> str:
-    return {"upper": "upper", "lower": "lower", "mid": "mid"}[zone]
 
 
 class Sentence:
