@@ -28,9 +28,10 @@ def test_nlg_scores_equal_pycocoevalcap_scorers():
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    tok = PTBTokenizer()
-    gts = tok.tokenize({i: [{"caption": r}] for i, r in enumerate(REFS)})
-    res = tok.tokenize({i: [{"caption": h}] for i, h in enumerate(HYPS)})
+    both = PTBTokenizer().tokenize({**{f"g{i}": [{"caption": r}] for i, r in enumerate(REFS)},  # one JVM start
+                                    **{f"r{i}": [{"caption": h}] for i, h in enumerate(HYPS)}})
+    gts = {i: both[f"g{i}"] for i in range(len(REFS))}
+    res = {i: both[f"r{i}"] for i in range(len(HYPS))}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
     want = dict(zip(NLG_KEYS[:4], bleu))
     want["METEOR"] = Meteor().compute_score(gts, res)[0]
