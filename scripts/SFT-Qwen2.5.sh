@@ -34,12 +34,13 @@ MERGE_LORA="${MERGE_LORA:-false}"  # true: also write base+adapter merged to $OU
 
 # A local folder stays offline; a hub id is the user's explicit request to download it.
 [ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
-export NPROC_PER_NODE
+# ms-swift starts torchrun whenever NPROC_PER_NODE is set; one process needs none of that.
+if [ "$NPROC_PER_NODE" -gt 1 ]; then export NPROC_PER_NODE; else unset NPROC_PER_NODE; fi
 [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && export CUDA_VISIBLE_DEVICES
 
 args=(
   --model "$MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true
-  --dataset "$DATASET" --output_dir "$OUTPUT_DIR" --add_version false --create_checkpoint_symlink true
+  --dataset "$DATASET" --output_dir "$OUTPUT_DIR" --add_version false
   --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --target_modules all-linear --freeze_vit true
   --torch_dtype "$TORCH_DTYPE" --num_train_epochs "$NUM_TRAIN_EPOCHS" --max_steps "$MAX_STEPS"
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACC"
@@ -49,11 +50,19 @@ args=(
   --report_to "${REPORT_TO:-tensorboard}"
 )
 [ -n "$DEEPSPEED" ] && args+=(--deepspeed "$DEEPSPEED")
-echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (NPROC_PER_NODE=$NPROC_PER_NODE, grad-acc $GRAD_ACC)"
+# `apo tiny-model` ships an ms-swift plugin (image-token ids of its small vocabulary); a real Qwen2.5-VL has none.
+PLUGIN="$MODEL/swift_plugin.py"
+[ -f "$PLUGIN" ] && args+=(--external_plugins "$PLUGIN")
+echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (NPROC_PER_NODE=${NPROC_PER_NODE:-1}, grad-acc $GRAD_ACC)"
 swift sft "${args[@]}" ${EXTRA_ARGS:-} "$@"
-echo "SFT adapter: $OUTPUT_DIR/last"
+# $OUTPUT_DIR/last -> the newest checkpoint (ms-swift's own symlink option fails when nothing was evaluated).
+last="$(ls -d "$OUTPUT_DIR"/checkpoint-* 2>/dev/null | sort -V | tail -n 1)"
+[ -n "$last" ] || { echo "SFT: no checkpoint in $OUTPUT_DIR" >&2; exit 1; }
+ln -sfn "$(basename "$last")" "$OUTPUT_DIR/last"
+echo "SFT adapter: $OUTPUT_DIR/last -> $last"
 if [ "$MERGE_LORA" = true ]; then
   swift export --adapters "$OUTPUT_DIR/last" --merge_lora true --output_dir "$OUTPUT_DIR/merged" --exist_ok true \
     --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true
+  [ -f "$PLUGIN" ] && cp "$PLUGIN" "$OUTPUT_DIR/merged/"
   echo "SFT model (merged): $OUTPUT_DIR/merged"
 fi

@@ -48,7 +48,7 @@ swift rlhf --rlhf_type dpo --model "$SFT_MODEL" --model_type qwen2_5_vl --templa
   --tuner_type lora --lora_rank 16 --lora_alpha 32 --target_modules all-linear --freeze_vit true --beta 0.1 \
   --torch_dtype float32 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
   --max_steps "$APO_STEPS" --save_steps "$APO_STEPS" --logging_steps 10 --max_length 1024 --report_to none \
-  --dataloader_num_workers 0 --seed "$SEED" 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
+  --dataloader_num_workers 0 --seed "$SEED" --external_plugins "$SFT_MODEL/swift_plugin.py" 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
 
 step "evaluation: report generation + MS-CXR-T for base, SFT, DPO, APO"
 declare -A MODELS=([base]="$RUN/base" [sft]="$SFT_MODEL" [dpo]="$SFT_MODEL" [apo]="$SFT_MODEL")
