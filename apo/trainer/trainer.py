@@ -197,9 +197,14 @@ class APOTrainer(Trainer):
         data = self.train_dataset
         keys = [[candidate_key(g["case_id"], t) for t in [g["positive"], *g["negatives"]]] for g in data]
         todo = [i for i, ks in enumerate(keys) if any(k not in self.ref_cache.values for k in ks)]
+        acc.wait_for_everyone()  # every process has read the cache before anyone appends to it: the same `todo`
         if todo and not self.is_peft and self.ref_model is None and self.state.global_step > 0:
             raise ApoError("full fine-tuning: the reference cache is incomplete and the model has already been "
                            "updated; restart from scratch with an empty --ref_cache_dir")
+        if not todo:  # the same on every process: all read the same files
+            log.info("reference log-probs: all %d candidates found in %s", len(self.ref_cache.values),
+                     self.ref_cache.dir)
+            return
         bs, world = args.per_device_train_batch_size, acc.num_processes
         n_batches = math.ceil(len(todo) / (bs * world))
         mine = todo[acc.process_index::world]
