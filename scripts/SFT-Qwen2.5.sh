@@ -39,7 +39,7 @@ if [ "$NPROC_PER_NODE" -gt 1 ]; then export NPROC_PER_NODE; else unset NPROC_PER
 [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && export CUDA_VISIBLE_DEVICES
 
 args=(
-  --model "$MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true
+  --model "$MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true --check_model false
   --dataset "$DATASET" --output_dir "$OUTPUT_DIR" --add_version false
   --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --target_modules all-linear --freeze_vit true
   --torch_dtype "$TORCH_DTYPE" --num_train_epochs "$NUM_TRAIN_EPOCHS" --max_steps "$MAX_STEPS"

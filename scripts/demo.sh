@@ -44,6 +44,7 @@ MODEL="$SFT_MODEL" SFT_ADAPTER="" DATASET="$TRAIN" WORK_DIR="$RUN/apo" STRATEGY=
 
 step "baseline: the published recipe, ms-swift pairwise DPO on the same preferences"
 swift rlhf --rlhf_type dpo --model "$SFT_MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true \
+  --check_model false \
   --dataset "$RUN/apo/dpo_pairs.jsonl" --output_dir "$RUN/dpo" --add_version false --create_checkpoint_symlink true \
   --tuner_type lora --lora_rank 16 --lora_alpha 32 --target_modules all-linear --freeze_vit true --beta 0.1 \
   --torch_dtype float32 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
