@@ -43,13 +43,10 @@ MODEL="$SFT_MODEL" SFT_ADAPTER="" DATASET="$TRAIN" WORK_DIR="$RUN/apo" STRATEGY=
   CONFIG="$ROOT/configs/apo/demo.yaml" bash scripts/APO-Qwen2.5.sh --max_steps "$APO_STEPS" --seed "$SEED"
 
 step "baseline: the published recipe, ms-swift pairwise DPO on the same preferences"
-swift rlhf --rlhf_type dpo --model "$SFT_MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true \
-  --check_model false \
-  --dataset "$RUN/apo/dpo_pairs.jsonl" --output_dir "$RUN/dpo" --add_version false --create_checkpoint_symlink true \
-  --tuner_type lora --lora_rank 16 --lora_alpha 32 --target_modules all-linear --freeze_vit true --beta 0.1 \
-  --torch_dtype float32 --per_device_train_batch_size 2 --gradient_accumulation_steps 1 --learning_rate 5e-4 \
-  --max_steps "$APO_STEPS" --save_steps "$APO_STEPS" --logging_steps 10 --max_length 1024 --report_to none \
-  --dataloader_num_workers 0 --seed "$SEED" --external_plugins "$SFT_MODEL/swift_plugin.py" 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
+MODEL="$SFT_MODEL" DATASET="$RUN/apo/dpo_pairs.jsonl" OUTPUT_DIR="$RUN/dpo" NPROC_PER_NODE=1 DEEPSPEED="" \
+  TORCH_DTYPE=float32 BATCH_SIZE=2 GRAD_ACC=1 LEARNING_RATE=5e-4 LORA_RANK=16 LORA_ALPHA=32 MAX_STEPS="$APO_STEPS" \
+  SAVE_STEPS="$APO_STEPS" LOGGING_STEPS=10 MAX_LENGTH=1024 DATALOADER_WORKERS=0 REPORT_TO=none SEED="$SEED" \
+  bash scripts/DPO-Qwen2.5.sh 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
 
 step "evaluation: report generation + MS-CXR-T for base, SFT, DPO, APO"
 declare -A MODELS=([base]="$RUN/base" [sft]="$SFT_MODEL" [dpo]="$SFT_MODEL" [apo]="$SFT_MODEL")
