@@ -4,8 +4,9 @@ For each case the model answers the case's prompt (or --prompt) about its image(
 {"case_id", "prediction", "reference"} (resumable, like consensus); OUT/metrics.json holds
   nlg       BLEU-1..4, METEOR, ROUGE-L, CIDEr (apo.metrics.nlg_scores, pycocoevalcap definitions)
   clinical  CheXpert-label precision/recall/F1 of predictions against references (apo.metrics.clinical_efficacy)
-  drift     the errors the teachers drift into, measured on the student's answers with the labeler: F1 against the
-            case's ground-truth labels, side accuracy against meta["sides"], hallucination, omission and refusal rates
+  drift     the errors the teachers drift into, measured on the student's answers as `apo drift` measures each
+            teacher (apo.drift.answer_stats): labeler F1 against the case's labels, hallucination, omission and
+            refusal rates, side accuracy against meta["sides"]
   n         answers scored (cases with a reference).
 
 References: `report` in the dataset rows (case.meta["report"]; the synthetic benchmark has it), or, for MIMIC-CXR,
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-
-from apo.constants import OBSERVATIONS
 
 # ---------------------------------------------------------------- references
 
@@ -57,53 +56,14 @@ def reference(case, reports_dir=None) -> str | None:
 # ---------------------------------------------------------------- drift-sensitive metrics
 
 def drift_metrics(cases, predictions) -> dict:
-    """Labeler-based error rates of the answers, against each case's ground truth (labels, sides) where present.
-    hallucination: share of answers asserting (1) a finding the ground truth does not have (0 or unmentioned);
-    omission: share of answers not mentioning as present or uncertain a finding the ground truth has (1);
-    refusal: share of answers with nothing to label; side accuracy: over lateral findings both state."""
-    from apo.labeler import label, laterality
+    """The student's answers read like a teacher's by `apo.drift.answer_stats` (one definition for the repo):
+    labeler precision/recall/F1 against case.labels, hallucination/omission/hedge/refusal rates, side error rate
+    against meta["sides"]; plus side_accuracy = 1 - side_error_rate."""
+    from apo.drift import answer_stats
 
-    tp = fp = fn = 0
-    halluc = omit = labelled = refused = side_ok = side_n = 0
-    for case, pred in zip(cases, predictions):
-        p = label(pred)
-        refused += all(v is None for v in p.values())
-        if case.labels:
-            labelled += 1
-            findings = [o for o in OBSERVATIONS if o != "No Finding"]
-            gt_pos = {o for o in findings if case.labels.get(o) == 1}
-            pr_pos = {o for o in findings if p.get(o) == 1}
-            tp, fp, fn = tp + len(gt_pos & pr_pos), fp + len(pr_pos - gt_pos), fn + len(gt_pos - pr_pos)
-            halluc += any(case.labels.get(o) in (0, None) for o in pr_pos)
-            omit += any(p.get(o) not in (1, -1) for o in gt_pos)
-        sides = case.meta.get("sides") or {}
-        if sides:
-            said = laterality(pred)
-            for obs, side in sides.items():
-                if obs in said:
-                    side_n += 1
-                    side_ok += said[obs] == side
-    n = len(predictions)
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None
-    return {"labeler_f1": _r(f1), "labeler_precision": _r(tp / (tp + fp) if tp + fp else None),
-            "labeler_recall": _r(tp / (tp + fn) if tp + fn else None),
-            "hallucination_rate": _r(halluc / labelled if labelled else None),
-            "omission_rate": _r(omit / labelled if labelled else None),
-            "refusal_rate": _r(refused / n if n else None),
-            "side_accuracy": _r(side_ok / side_n if side_n else None), "side_n": side_n, "labelled_n": labelled}
-
-
-def _r(x):
-    return None if x is None else round(float(x), 6)
-
-
-def _drift(cases, predictions) -> dict:
-    """The drift helper's per-answer statistics when apo.drift offers them (one definition for the whole repo)."""
-    try:
-        from apo.drift import drift_stats
-    except ImportError:
-        return drift_metrics(cases, predictions)
-    return drift_stats(cases, predictions)
+    d = answer_stats(cases, list(predictions))
+    d["side_accuracy"] = None if d.get("side_error_rate") is None else 1 - d["side_error_rate"]
+    return d
 
 
 # ---------------------------------------------------------------- CLI
@@ -153,12 +113,14 @@ def run(args) -> int:
     gts = [refs[c.case_id] for c in scored]
     metrics = {"n": len(scored), "no_reference": len(cases) - len(scored),
                "nlg": nlg_scores(gts, hyps), "clinical": clinical_efficacy(gts, hyps),
-               "drift": _drift(cases, [records[c.case_id]["prediction"] for c in cases])}
+               "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases])}
     write_json_atomic(out / "metrics.json", metrics)
     nlg = metrics["nlg"]
     print(f"eval-report: {len(scored)} answers scored" + (f" ({metrics['no_reference']} without a reference)"
                                                           if metrics["no_reference"] else ""))
     print("  " + ", ".join(f"{k} {v:.4f}" for k, v in nlg.items() if isinstance(v, (int, float))))
-    print(f"  drift: {metrics['drift']}")
+    d = metrics["drift"]
+    print("  drift: " + ", ".join(f"{k} {d[k]:.3f}" for k in ("f1", "hallucination_rate", "omission_rate", "refusal_rate",
+                                                               "side_accuracy") if d.get(k) is not None))
     print(f"  wrote {out / 'metrics.json'}")
     return 0

@@ -124,3 +124,26 @@ def test_dpo_rows_load_and_encode_with_ms_swift(tmp_path, tiny_model_dir):
             answer = [t for t, l in zip(enc[f"{side}_input_ids"], enc[f"{side}_labels"]) if l != -100]
             assert tok.decode(answer).strip().startswith(text)  # trained on exactly this answer
         assert enc["chosen_image_grid_thw"].shape[0] == len(row["images"]) == 1
+
+
+def test_vote_then_pairs_on_the_synthetic_benchmark(synth_dir, tmp_path):
+    """The demo path: medoid vote over the 7 drifting teachers, then groups; every case accounted for."""
+    from apo.data import load_cases
+
+    data = synth_dir / "cxrmax_train.jsonl"
+    cons, out = tmp_path / "cons.jsonl", tmp_path / "groups.jsonl"
+    assert main(["consensus", "--strategy", "vote", "--dataset", str(data), "--out", str(cons)]) == 0
+    assert main(["build-pairs", "--dataset", str(data), "--consensus", str(cons), "--out", str(out),
+                 "--negatives", "conflicting"]) == 0
+    cases = load_cases(data)
+    source = {json.loads(l)["case_id"]: json.loads(l)["source_teacher"] for l in cons.read_text().splitlines()}
+    groups = [json.loads(l) for l in out.read_text().splitlines()]
+    dropped = [json.loads(l) for l in (tmp_path / "groups.jsonl.dropped.jsonl").read_text().splitlines()]
+    assert len(groups) + sum(d["what"] == "case" for d in dropped) == len(cases)
+    for g in groups:
+        assert source[g["case_id"]] not in g["teachers"] and g["positive"] not in g["negatives"]
+        assert len(g["negatives"]) == len(g["teachers"]) >= 1
+    grouped = {g["case_id"] for g in groups}
+    n_traj = sum(len(c.trajectories) for c in cases if c.case_id in grouped)  # each one kept or dropped with a reason
+    assert sum(len(g["negatives"]) for g in groups) + sum(d["what"] == "negative" and d["case_id"] in grouped
+                                                           for d in dropped) == n_traj
