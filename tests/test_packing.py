@@ -70,8 +70,9 @@ def test_mrope_positions_match_get_rope_index(tiny_model_dir, processor, groups)
         assert torch.equal(ours, ref[:, 0])
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn):
+@pytest.mark.parametrize("attn,attention", [("sdpa", "segments"), ("eager", "segments"), ("sdpa", "mask"),
+                                            ("eager", "mask")])
+def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn, attention):
     model = _model(tiny_model_dir, attn, lora=True)
     plain, packed = GroupCollator(processor)(groups), PackedGroupCollator(processor)(groups)
     for key in ("group_index", "candidate_index", "valid"):
@@ -83,18 +84,21 @@ def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn):
         for adapter_on in (True, False):  # off = the reference policy
             with contextlib.nullcontext() if adapter_on else model.disable_adapter():
                 a, na = forward_logps(model, plain)
-                b, nb = packed_logps(model, packed, chunk_size=7)
+                b, nb = packed_logps(model, packed, chunk_size=7, attention=attention)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
             assert torch.equal(na, nb)
-        on, _ = packed_logps(model, packed)
+        on, _ = packed_logps(model, packed, attention=attention)
         with model.disable_adapter():
-            off, _ = packed_logps(model, packed)
+            off, _ = packed_logps(model, packed, attention=attention)
         assert (on - off).abs().max() > 1e-2  # the adapter matters, so the on/off checks above mean something
         # the check is sensitive: letting candidates see each other, or shifting positions, breaks it
-        leaky = dict(packed, packed_seg=torch.zeros_like(packed["packed_seg"]))
-        assert (packed_logps(model, leaky)[0] - a).abs().max() > 1e-2
+        leaky = dict(packed, packed_seg=torch.zeros_like(packed["packed_seg"]),
+                     packed_segments=[[s[0], sum(s[1:])] for s in packed["packed_segments"]])
+        assert (packed_logps(model, leaky, attention=attention)[0] - on).abs().max() > 1e-2
         shifted = dict(packed, position_ids=packed["position_ids"] + (torch.arange(packed["input_ids"].shape[1]) > 20))
-        assert (packed_logps(model, shifted)[0] - a).abs().max() > 1e-2
+        assert (packed_logps(model, shifted, attention=attention)[0] - on).abs().max() > 1e-2
+        # plain forwards of the same model still take the model's own kernel after the packed ones
+        torch.testing.assert_close(forward_logps(model, plain)[0], on, rtol=1e-5, atol=1e-5)
 
 
 def test_packed_grads_match_plain(tiny_model_dir, processor, groups):

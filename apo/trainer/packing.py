@@ -216,6 +216,15 @@ def use_segment_attention(model):
     config._attn_implementation = PREFIX + base
 
 
+def _frozen_vision(inner) -> bool:
+    """No trainable vision weight (LoRA on the language model only), so the image features do not depend on the
+    adapter or need a gradient; and this transformers takes precomputed features (`mm_encoder_outputs`)."""
+    import inspect
+
+    return ("mm_encoder_outputs" in inspect.signature(inner.forward).parameters
+            and not any(p.requires_grad for p in inner.model.visual.parameters()))
+
+
 def _inner(model):
     """The transformers model under DDP/DeepSpeed (`.module`) and PEFT wrappers, for its config and lm_head."""
     while hasattr(model, "module"):
@@ -228,10 +237,18 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
 
     Same contract as `apo.trainer.logps.forward_logps`. The model is called through its own (possibly wrapped)
     forward, so DDP/DeepSpeed hooks and a PEFT `disable_adapter()` context apply as usual; it returns the final
-    hidden states and the logits of one position only (`logits_to_keep=1`)."""
+    hidden states and the logits of one position only (`logits_to_keep=1`). With a frozen vision tower the image
+    features are computed once per batch and kept in `batch` for the next pass (policy, then reference)."""
     inner = _inner(model)
     dev = batch["input_ids"].device
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw") if k in batch}
+    if "pixel_values" in batch and _frozen_vision(inner):  # policy and reference passes share one encoding
+        if "_image_features" not in batch:
+            with torch.no_grad():
+                batch["_image_features"] = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                                    return_dict=True)
+        inputs.pop("pixel_values")
+        inputs["mm_encoder_outputs"] = {"image": batch["_image_features"]}
     if attention == "segments":
         use_segment_attention(inner)
         # an empty 4D mask: transformers passes a 4D mask through as-is, so no T x T mask is ever built
