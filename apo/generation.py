@@ -29,9 +29,6 @@ from apo.resumable import ResumableJsonl
 
 log = logging.getLogger(__name__)
 
-Request = tuple  # (list of image paths, prompt text)
-
-
 # ---------------------------------------------------------------- model
 
 def pick_device(device=None) -> str:
@@ -59,6 +56,8 @@ def load_model(model, adapter=None, device=None, dtype="auto", trust_remote_code
     if dtype == "auto":
         dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     elif isinstance(dtype, str):
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ApoError(f"--dtype {dtype}: not a torch dtype (auto, bfloat16, float16, float32)")
         dtype = getattr(torch, dtype)
     kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=offline)
     processor = AutoProcessor.from_pretrained(model, **{k: v for k, v in kw.items() if k != "dtype"})

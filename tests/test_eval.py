@@ -175,3 +175,52 @@ def test_the_synthetic_mscxrt_csv_reads_clean(synth_dir):
     items, rejects = read_pairs(synth_dir / "mscxrt" / "MS_CXR_T_temporal_image_classification_v1.0.0.csv", synth_dir)
     assert items and not rejects
     assert {it["label"] for it in items} == {"improving", "stable", "worsening"}
+
+
+def test_generate_batched_equals_one_by_one_in_input_order(tmp_path, tiny_model_dir):
+    import torch
+
+    from apo.generation import generate, load_model
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(3)
+    paths = []
+    for i, (h, w) in enumerate([(112, 112), (200, 150), (84, 140)]):
+        paths.append(str(tmp_path / f"{i}.png"))
+        Image.fromarray((rng.random((h, w)) * 255).astype("uint8")).save(paths[-1])
+    requests = [([paths[0]], "Is there an effusion?"), ([paths[1], paths[2]], "Compare the two studies, please."),
+                ([], "No image here."), ([paths[2]], "Describe the findings in detail, with their sides."),
+                ([paths[1]], "x")]
+    model, processor = load_model(tiny_model_dir)
+    assert next(model.parameters()).dtype == torch.float32 and not model.training
+    batched = generate(model, processor, requests, max_new_tokens=10, batch_size=3, progress=False)
+    again = generate(model, processor, requests, max_new_tokens=10, batch_size=3, progress=False)
+    single = [generate(model, processor, [r], max_new_tokens=10, batch_size=1, progress=False)[0] for r in requests]
+    assert batched == again == single and len(set(batched)) > 1  # greedy, padding-invariant, and input order
+    assert generate(model, processor, requests[::-1], max_new_tokens=10, batch_size=2, progress=False) == batched[::-1]
+
+
+def test_load_model_puts_the_adapter_on_top(tmp_path, tiny_model_dir):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    from apo.errors import ApoError
+    from apo.generation import load_model
+
+    torch.manual_seed(0)
+    base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=32, target_modules=["q_proj", "v_proj"],
+                                           init_lora_weights=False))  # random B: the adapter changes the outputs
+    lora.save_pretrained(tmp_path / "adapter")
+    plain, processor = load_model(tiny_model_dir)
+    tuned, _ = load_model(tiny_model_dir, adapter=tmp_path / "adapter")
+    ids = processor.tokenizer("left pleural effusion", return_tensors="pt")
+    with torch.no_grad():
+        a, b = plain(**ids).logits, tuned(**ids).logits
+        c = lora.eval()(**ids).logits
+    assert not torch.allclose(a, b) and torch.allclose(b, c, atol=1e-4)  # merged adapter == PEFT forward
+    with pytest.raises(ApoError, match="adapter_config.json"):
+        load_model(tiny_model_dir, adapter=tmp_path)
+    with pytest.raises(ApoError, match="no such folder"):
+        load_model(tmp_path / "missing")
