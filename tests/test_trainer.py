@@ -174,3 +174,43 @@ def test_first_step_loss_is_the_uniform_ranking(tiny_model_dir, tmp_path, loss, 
     assert nll > 0
     assert steps[0]["loss"] == pytest.approx((math.log(4) if loss == "apo" else math.log(2)) + 0.1 * nll, rel=1e-4)
     assert steps[-1]["rewards/margins"] > 0
+
+
+def test_sft_adapter_is_merged_and_is_the_reference(tiny_model_dir, groups_file, tmp_path):
+    """adapter_name_or_path: pi_st = base + SFT adapter, the reference; merged/ = base + SFT + APO."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForImageTextToText
+
+    base = lambda: AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    torch.manual_seed(0)  # LoRA A init
+    sft = get_peft_model(base(), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    _perturb_lora(sft, seed=1)
+    sft.save_pretrained(tmp_path / "sft")
+
+    trainer = _trainer(_config(tiny_model_dir, groups_file, tmp_path / "x", "--adapter_name_or_path", tmp_path / "sft"))
+    batch = trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset[:2]))
+    pi_st = PeftModel.from_pretrained(base(), tmp_path / "sft").eval()
+    with torch.no_grad():
+        want, plain = forward_logps(pi_st, batch)[0], forward_logps(base(), batch)[0]
+    assert torch.allclose(trainer._reference_forward(trainer.model, batch), want, atol=1e-4)
+    assert (want - plain).abs().max() > 0.1  # the SFT adapter matters (1000x the tolerance above)
+
+    out = tmp_path / "run"
+    _train(tiny_model_dir, groups_file, out, "--max_steps", 2, "--adapter_name_or_path", tmp_path / "sft")
+    assert json.loads((out / "reference.json").read_text())["sft_adapter"] == str(tmp_path / "sft")
+    st = PeftModel.from_pretrained(base(), tmp_path / "sft").merge_and_unload()
+    apo = PeftModel.from_pretrained(st, out).eval()
+    merged = AutoModelForImageTextToText.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.allclose(forward_logps(apo, batch)[0], forward_logps(merged, batch)[0], atol=1e-3)
+
+
+def test_batch_with_every_group_dropped_is_a_zero_loss(tiny_model_dir, groups_file, tmp_path):
+    trainer = _trainer(_config(tiny_model_dir, groups_file, tmp_path, "--max_length", 8))  # prompts are longer
+    batch = trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset[:2]))
+    assert batch["input_ids"].shape[0] == 0
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(p.grad is not None and not p.grad.any() for p in trainer.model.parameters() if p.requires_grad)
