@@ -9,7 +9,8 @@ previous_study_id column the previous image is looked up among the subject's stu
 
 The model sees the previous and the current image in one prompt and answers in words; `parse_progression` maps the
 answer to a class. An unparseable answer counts as wrong and is listed in OUT/unparsed.jsonl. Reported: Top-1
-accuracy per finding and their mean (macro over findings, as the paper's "average") in OUT/mscxrt.json.
+accuracy per finding and their mean (macro over findings, as the paper's "average") in OUT/mscxrt.json. Answers go
+to OUT/mscxrt_predictions.jsonl (resumable), so OUT can be shared with `apo eval-report` (OUT/predictions.jsonl).
 """
 
 from __future__ import annotations
@@ -152,8 +153,8 @@ def add_arguments(parser) -> None:
     parser.set_defaults(max_new_tokens=16)
     parser.add_argument("--csv", required=True, help="MS_CXR_T_temporal_image_classification_v1.0.0.csv")
     parser.add_argument("--image-root", required=True, help="MIMIC-CXR-JPG root (holds files/pXX/...)")
-    parser.add_argument("--out", required=True, help="output folder: predictions.jsonl, mscxrt.json, unparsed.jsonl")
-    parser.add_argument("--skip-bad", action="store_true", help="put bad CSV rows in OUT/rejects.jsonl and go on")
+    parser.add_argument("--out", required=True, help="output folder: mscxrt.json, mscxrt_predictions.jsonl, unparsed.jsonl")
+    parser.add_argument("--skip-bad", action="store_true", help="put bad CSV rows in OUT/mscxrt_rejects.jsonl and go on")
     parser.add_argument("--limit", type=int, default=None, help="first N questions only (a smoke test)")
 
 
@@ -165,8 +166,8 @@ def run(args) -> int:
     out = Path(args.out)
     items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad)
     if rejects:
-        write_jsonl_atomic(out / "rejects.jsonl", rejects)
-        print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'rejects.jsonl'}")
+        write_jsonl_atomic(out / "mscxrt_rejects.jsonl", rejects)
+        print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'mscxrt_rejects.jsonl'}")
     items = items[:args.limit] if args.limit else items
     if not items:
         raise ApoError(f"{args.csv}: no usable question")
@@ -179,7 +180,7 @@ def run(args) -> int:
         return [{"case_id": it["case_id"], "finding": it["finding"], "label": it["label"], "answer": a,
                  "prediction": parse_progression(a)} for it, a in zip(chunk, answers)]
 
-    records = run_resumable(out / "predictions.jsonl", items, key=lambda it: it["case_id"], process=process,
+    records = run_resumable(out / "mscxrt_predictions.jsonl", items, key=lambda it: it["case_id"], process=process,
                             chunk_size=args.batch_size * 4, desc="ms-cxr-t")
     if records is None:  # not rank 0
         return 0

@@ -95,8 +95,8 @@ def test_eval_mscxrt_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert "v1.0.0.csv:6" in capsys.readouterr().err
     assert main([*args, "--skip-bad", "--batch-size", "3", "--out", str(tmp_path / "a")]) == 0
     assert main([*args, "--skip-bad", "--batch-size", "1", "--out", str(tmp_path / "b")]) == 0
-    preds_a = (tmp_path / "a" / "predictions.jsonl").read_bytes()
-    assert preds_a == (tmp_path / "b" / "predictions.jsonl").read_bytes()  # batched == one by one, and greedy
+    preds_a = (tmp_path / "a" / "mscxrt_predictions.jsonl").read_bytes()
+    assert preds_a == (tmp_path / "b" / "mscxrt_predictions.jsonl").read_bytes()  # batched == one by one, and greedy
     recs = [json.loads(l) for l in preds_a.decode().splitlines()]
     assert len(recs) == 5 and all(set(r) == {"case_id", "finding", "label", "answer", "prediction"} for r in recs)
     result = json.loads((tmp_path / "a" / "mscxrt.json").read_text())
@@ -105,7 +105,7 @@ def test_eval_mscxrt_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert len((tmp_path / "a" / "unparsed.jsonl").read_text().splitlines()) == result["unparsed"]
     expect = score(read_pairs(csv_path, tmp_path / "mimic", skip_bad=True)[0], {r["case_id"]: r for r in recs})
     assert result == expect and 0 <= result["average"] <= 1
-    assert "better" in (tmp_path / "a" / "rejects.jsonl").read_text()
+    assert "better" in (tmp_path / "a" / "mscxrt_rejects.jsonl").read_text()
 
 
 def test_parse_mimic_report_and_drift_metrics():
