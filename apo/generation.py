@@ -12,7 +12,7 @@ Multi-GPU is data parallel, one process per GPU, nothing shared but the file sys
 `run_resumable` gives rank r the items `shard(items, r, world)`; each rank appends to its own shard file
 `OUT.rank<r>-of-<world>`, rank 0 waits for all of them, merges into OUT in dataset order and removes the shards.
 A rerun (any world size) skips every case already in OUT or in any shard file. With one process nothing changes:
-results go straight into OUT.
+results go straight into OUT. Several nodes (torchrun --nnodes) need OUT on a file system they all see.
 """
 
 from __future__ import annotations
