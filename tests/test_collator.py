@@ -101,6 +101,9 @@ def test_load_groups_checks_records(tmp_path, groups):
     path.write_text(json.dumps(groups[1]) + "\n" + json.dumps(bad) + "\n")
     with pytest.raises(DataError, match=r"g.jsonl:2: negatives and teachers"):
         load_groups(path)
+    path.write_text(json.dumps(groups[0]) + "\n" + json.dumps(dict(groups[1], images=["/no/such.png"])) + "\n")
+    with pytest.raises(DataError, match=r"g.jsonl:2: image not found: /no/such.png"):
+        load_groups(path)
     path.write_text(json.dumps(groups[0]) + "\n")
     (g,) = load_groups(path, max_negatives=2)
     assert len(g["negatives"]) == 2 and g["teachers"] == groups[0]["teachers"][:2]

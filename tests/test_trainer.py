@@ -163,13 +163,16 @@ def test_precomputed_reference_matches_and_is_reused(tiny_model_dir, groups_file
                "--ref_cache_dir", cache, "--max_length", 512)
 
 
-@pytest.mark.parametrize("loss,use_lora", [("dpo", "true"), ("apo", "false")])
-def test_first_step_loss_is_the_uniform_ranking(tiny_model_dir, tmp_path, loss, use_lora):
+@pytest.mark.parametrize("loss,use_lora,precompute", [("dpo", "true", "false"), ("apo", "false", "false"),
+                                                      ("apo", "false", "true")])
+def test_first_step_loss_is_the_uniform_ranking(tiny_model_dir, tmp_path, loss, use_lora, precompute):
     """Step 1, policy = reference: every reward is 0, so APO's loss is log(1+N) and DPO's log 2. Covers the DPO
-    ablation, full fine-tuning (frozen reference copy) and the SFT term."""
+    ablation, full fine-tuning (frozen reference copy, or the reference precomputed before the first update) and
+    the SFT term."""
     groups_file = make_groups(tmp_path / "g", n_groups=4, n_negatives=(3,))
     steps = _train(tiny_model_dir, groups_file, tmp_path / "run", "--max_steps", 3, "--loss", loss,
-                   "--use_lora", use_lora, "--sft_weight", 0.1, "--learning_rate", 1e-3, "--merge_on_save", "false")
+                   "--use_lora", use_lora, "--sft_weight", 0.1, "--learning_rate", 1e-3, "--merge_on_save", "false",
+                   "--precompute_ref", precompute)
     nll = steps[0]["nll/positive"]
     assert nll > 0
     assert steps[0]["loss"] == pytest.approx((math.log(4) if loss == "apo" else math.log(2)) + 0.1 * nll, rel=1e-4)

@@ -19,10 +19,12 @@ import hashlib
 import json
 import logging
 
+from pathlib import Path
+
 import torch
 
 from apo.chat import assistant_message, load_images, user_message
-from apo.errors import DataError
+from apo.errors import ApoError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,8 @@ GROUP_FIELDS = ("case_id", "prompt", "images", "positive", "negatives", "teacher
 
 def load_groups(path, max_negatives: int | None = None) -> list[dict]:
     """Read groups.jsonl (from `apo build-pairs`); a malformed line raises DataError naming it."""
+    if not Path(path).is_file():
+        raise ApoError(f"{path}: groups file not found (write it with `apo build-pairs`)")
     groups = []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -47,6 +51,9 @@ def load_groups(path, max_negatives: int | None = None) -> list[dict]:
                 raise DataError(path, lineno, "negatives and teachers must be lists of the same length")
             if not g["negatives"]:
                 raise DataError(path, lineno, "a group needs at least one negative")
+            missing = [p for p in g["images"] if not Path(p).is_file()]
+            if missing:  # now, not as a crash hours into training
+                raise DataError(path, lineno, f"image not found: {missing[0]}")
             if max_negatives is not None:
                 g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
             g["case_id"] = str(g["case_id"])

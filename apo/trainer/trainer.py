@@ -55,6 +55,9 @@ def build_model(args):
 
     if not args.model_name_or_path:
         raise ApoError("--model_name_or_path is required")
+    for path in filter(None, (args.model_name_or_path, args.adapter_name_or_path)):
+        if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ApoError(f"{path}: not a local folder, and HF_HUB_OFFLINE=1 forbids the hub")
     set_seed(args.seed)  # LoRA init is random: same seed, same adapter on every process and run
     if args.deepspeed:
         _init_deepspeed_comm()
