@@ -12,7 +12,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 source "$ROOT/scripts/env.sh"
 
 MODEL="${MODEL:-Qwen/Qwen2.5-VL-7B-Instruct}"
-SFT_ADAPTER="${SFT_ADAPTER:-$ROOT/runs/sft/last}"
+SFT_ADAPTER="${SFT_ADAPTER-$ROOT/runs/sft/last}"   # "" when MODEL is already the merged SFT model
 DATASET="${DATASET:-$ROOT/runs/cxrmax/cxrmax_train.jsonl}"
 IMAGE_ROOT="${IMAGE_ROOT:-}"
 WORK_DIR="${WORK_DIR:-$ROOT/runs/apo}"
@@ -31,7 +31,7 @@ NNODES="${NNODES:-1}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-DEEPSPEED="${DEEPSPEED:-$ROOT/configs/deepspeed/zero2.json}"   # empty string: plain DDP
+DEEPSPEED="${DEEPSPEED-$ROOT/configs/deepspeed/zero2.json}"   # set to "" for plain DDP
 SKIP_BAD="${SKIP_BAD:-}"               # non-empty: --skip-bad for the data stages
 
 [ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
@@ -42,7 +42,8 @@ data_args=(--dataset "$DATASET")
 [ -n "$SKIP_BAD" ] && data_args+=(--skip-bad)
 launch=(torchrun --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" --node_rank "$NODE_RANK"
         --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT")
-(( NPROC_PER_NODE * NNODES > 1 )) || launch=(python)
+# DeepSpeed needs the torchrun environment even for one process.
+(( NPROC_PER_NODE * NNODES > 1 )) || [ -n "$DEEPSPEED" ] || launch=(python)
 
 # Stage 2. Resumable: a rerun skips the cases already written.
 if [ "$STRATEGY" = vote ]; then

@@ -30,6 +30,7 @@ GRADIENT_CHECKPOINTING="${GRADIENT_CHECKPOINTING:-true}"
 DATALOADER_WORKERS="${DATALOADER_WORKERS:-4}"
 DEEPSPEED="${DEEPSPEED:-}"  # e.g. zero2 (ms-swift's name) or a JSON path; empty = plain DDP
 SEED="${SEED:-42}"
+MODULES_TO_SAVE="${MODULES_TO_SAVE:-}"  # e.g. "embed_tokens lm_head": trained in full beside LoRA (random-init models)
 MERGE_LORA="${MERGE_LORA:-false}"  # true: also write base+adapter merged to $OUTPUT_DIR/merged (pi_st as one model)
 
 # A local folder stays offline; a hub id is the user's explicit request to download it.
@@ -50,6 +51,7 @@ args=(
   --report_to "${REPORT_TO:-tensorboard}"
 )
 [ -n "$DEEPSPEED" ] && args+=(--deepspeed "$DEEPSPEED")
+[ -n "$MODULES_TO_SAVE" ] && args+=(--modules_to_save $MODULES_TO_SAVE)
 # `apo tiny-model` ships an ms-swift plugin (image-token ids of its small vocabulary); a real Qwen2.5-VL has none.
 PLUGIN="$MODEL/swift_plugin.py"
 [ -f "$PLUGIN" ] && args+=(--external_plugins "$PLUGIN")
