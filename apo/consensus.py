@@ -6,7 +6,8 @@ Strategies:
          token budget so the prompt fits --max-length with the image tokens and --max-new-tokens; what was cut is
          recorded per teacher ("truncated": {teacher: tokens_cut}).
   vote   the medoid teacher trajectory by labeler agreement (no model): for each trajectory, the mean over the other
-         teachers of the fraction of the 14 observations whose labels agree; highest wins, ties go to the earlier
+         teachers of the fraction of the 14 observations whose labels agree, side included (a finding put on the
+         wrong side disagrees, so a side-flipping teacher is not the medoid); highest wins, ties go to the earlier
          teacher; refusals (nothing labelled) only if every teacher refuses. "source_teacher" names the winner so
          build-pairs keeps it out of its own negatives. A baseline, and the demo's strategy (a tiny model cannot
          synthesise anything meaningful).
@@ -43,7 +44,8 @@ def consensus_prompt(question: str, texts: list[str]) -> str:
 # ---------------------------------------------------------------- vote
 
 def agreement(labels_a: dict, labels_b: dict) -> float:
-    """Fraction of the 14 observations on which two label dicts agree (None == None counts as agreement)."""
+    """Fraction of the 14 observations on which two readings agree (None == None counts as agreement). A reading maps
+    an observation to its label, or to (label, side) when sides are compared."""
     return sum(labels_a.get(o) == labels_b.get(o) for o in OBSERVATIONS) / len(OBSERVATIONS)
 
 
@@ -51,13 +53,16 @@ def is_refusal(labels: dict) -> bool:
     return all(labels.get(o) is None for o in OBSERVATIONS)
 
 
-def vote(texts: list[str], label=None) -> tuple[int, list[float]]:
-    """Index of the medoid trajectory and every trajectory's agreement score."""
+def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
+    """Index of the medoid trajectory and every trajectory's agreement score (labels and sides)."""
     if label is None:
         from apo.labeler import label
+    if side is None:
+        from apo.labeler import laterality as side
     labels = [label(t) for t in texts]
+    readings = [{o: (lab.get(o), sides.get(o)) for o in OBSERVATIONS} for lab, sides in zip(labels, map(side, texts))]
     n = len(texts)
-    scores = [sum(agreement(labels[i], labels[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
+    scores = [sum(agreement(readings[i], readings[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
               for i in range(n)]
     candidates = [i for i in range(n) if not is_refusal(labels[i])] or list(range(n))
     best = max(candidates, key=lambda i: (scores[i], -i))  # ties: the earlier teacher

@@ -137,3 +137,16 @@ def test_vote_cli_needs_no_model(tmp_path):
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["source_teacher"] for r in recs] == ["GPT-5-nano", "GPT-5-nano"]
     assert main(["consensus", "--dataset", str(data), "--out", str(out)]) == 2  # model strategy without --model
+
+
+def test_vote_counts_the_side():
+    from apo.consensus import vote
+
+    texts = [
+        "Blunting of the left costophrenic angle consistent with a left pleural effusion.",   # right labels, wrong side
+        "There is a right pleural effusion with blunting of the right costophrenic angle.",
+        "Right-sided pleural effusion. No pneumothorax.",
+        "Small right pleural effusion is present.",
+    ]
+    best, scores = vote(texts)
+    assert best != 0 and scores[0] < min(scores[1:])  # without sides all four would agree on every label
