@@ -381,8 +381,11 @@ def measure(method: str, spec: dict, spec_path: str, timeout: int) -> dict:
         return {"error": f"timed out after {timeout}s"}
     res_path = Path(spec["work"], f"result_{method}.json")
     if p.returncode != 0 or not res_path.exists():
-        tail = (p.stderr or p.stdout).strip().splitlines()[-12:]
-        return {"error": f"exit {p.returncode}: " + " | ".join(tail)}
+        log = Path(spec["work"], f"error_{method}.log")
+        log.write_text(p.stdout + "\n" + p.stderr)
+        lines = (p.stderr or p.stdout).strip().splitlines()
+        why = [ln for ln in lines if "Error" in ln or "error" in ln][-2:] or lines[-2:]
+        return {"error": f"exit {p.returncode}: " + " | ".join(why) + f" (full log: {log})"}
     r = json.loads(res_path.read_text())
     r["process_s"] = time.perf_counter() - t0
     ends, begins, w = r["step_end"], r["step_begin"], spec["warmup"]

@@ -145,7 +145,7 @@ def test_vote_counts_the_side():
     texts = [
         "Blunting of the left costophrenic angle consistent with a left pleural effusion.",   # right labels, wrong side
         "There is a right pleural effusion with blunting of the right costophrenic angle.",
-        "Right-sided pleural effusion. No pneumothorax.",
+        "Right-sided pleural effusion.",
         "Small right pleural effusion is present.",
     ]
     best, scores = vote(texts)

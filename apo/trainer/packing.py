@@ -149,7 +149,7 @@ def block_mask(seq: torch.Tensor, seg: torch.Tensor, attn_implementation: str, d
 
 
 def _token_logps(h, ids, lm_head):
-    logits = lm_head(h).float()
+    logits = lm_head(h.to(lm_head.weight.dtype)).float()
     return logits.gather(1, ids[:, None]).squeeze(1) - logits.logsumexp(-1)
 
 
@@ -236,8 +236,8 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
     """Packed batch -> (summed response log-probs [R] float32, response tokens [R]), R = candidate rows.
 
     Same contract as `apo.trainer.logps.forward_logps`. The model is called through its own (possibly wrapped)
-    forward, so DDP/DeepSpeed hooks and a PEFT `disable_adapter()` context apply as usual; it returns the final
-    hidden states and the logits of one position only (`logits_to_keep=1`). With a frozen vision tower the image
+    forward, so DDP/DeepSpeed hooks and a PEFT `disable_adapter()` context apply as usual, with the logits of one
+    position only (`logits_to_keep=1`); a hook on the final norm takes the hidden states. With a frozen vision tower the image
     features are computed once per batch and kept in `batch` for the next pass (policy, then reference)."""
     inner = _inner(model)
     dev = batch["input_ids"].device
@@ -258,8 +258,13 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
         kernel = inner.get_decoder().config._attn_implementation.removeprefix(PREFIX)
         inputs["attention_mask"] = block_mask(batch["packed_seq"].to(dev), batch["packed_seg"].to(dev), kernel,
                                               inner.dtype)
-    out = model(**inputs, output_hidden_states=True, logits_to_keep=1, use_cache=False)
-    hidden = out.hidden_states[-1][0]  # [T, H], after the final norm
+    final = []  # the final norm's output as the model computes it (accelerate's bf16 wrapper upcasts outputs)
+    hook = inner.get_decoder().norm.register_forward_hook(lambda mod, args, out: final.append(out))
+    try:
+        model(**inputs, logits_to_keep=1, use_cache=False)
+    finally:
+        hook.remove()
+    hidden = final[-1][0]  # [T, H]
     tok = chunked_token_logps(hidden[batch["label_positions"]], batch["label_ids"], inner.get_output_embeddings(),
                               chunk_size)
     rows, R = batch["label_rows"], len(batch["group_index"])
