@@ -2,7 +2,6 @@
 
 import hashlib
 import json
-import runpy
 from pathlib import Path
 
 import pytest
@@ -106,31 +105,45 @@ def test_same_seed_same_bytes_other_seed_other_weights(tiny_model_dir, tmp_path)
     assert other["tokenizer.json"] == _digest(tiny_model_dir)["tokenizer.json"]  # the tokenizer does not depend on it
 
 
-def test_ms_swift_encodes_like_the_processor(tiny_model_dir, loaded, synth_dir, tmp_path, monkeypatch):
-    """ms-swift's qwen2_5_vl template (with the plugin written next to the model) gives the same ids and pixels."""
-    from swift.model import get_processor  # ms-swift is part of the pinned stack: no skip
-    from swift.template import get_template
+SWIFT_CHECK = """
+import runpy, sys
+import torch
+from PIL import Image
+from swift.model import get_processor
+from swift.template import get_template
+from transformers import AutoProcessor
 
-    # What the plugin and ms-swift put in the environment must not leak into later tests.
-    monkeypatch.setenv("MAX_PIXELS", str(112 * 112))
-    monkeypatch.setenv("IMAGE_MAX_TOKEN_NUM", "16")
+model_dir, image_path = sys.argv[1], sys.argv[2]
+runpy.run_path(model_dir + "/swift_plugin.py")
+template = get_template(get_processor(model_dir, model_type="qwen2_5_vl", use_hf=True), template_type="qwen2_5_vl")
+template.set_mode("train")
+question = "What findings on this chest X-ray support the diagnosis of pleural effusion?"
+enc = template.encode({"messages": [{"role": "user", "content": "<image>" + question},
+                                    {"role": "assistant", "content": "Left pleural effusion."}],
+                       "images": [image_path]})
+processor = AutoProcessor.from_pretrained(model_dir)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Left pleural effusion."}]}]
+ref = processor(text=[processor.apply_chat_template(messages, tokenize=False)],
+                images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
+assert enc["input_ids"] == ref["input_ids"][0].tolist(), (len(enc["input_ids"]), ref["input_ids"].shape)
+assert torch.equal(enc["image_grid_thw"], ref["image_grid_thw"])
+assert torch.allclose(enc["pixel_values"], ref["pixel_values"], atol=1e-5)
+print("OK", len(enc["input_ids"]))
+"""
 
-    runpy.run_path(str(Path(tiny_model_dir) / "swift_plugin.py"))
-    template = get_template(get_processor(str(tiny_model_dir), model_type="qwen2_5_vl", use_hf=True),
-                            template_type="qwen2_5_vl")
-    template.set_mode("train")
+
+def test_ms_swift_encodes_like_the_processor(tiny_model_dir, synth_dir, tmp_path):
+    """ms-swift's qwen2_5_vl template (with the plugin written next to the model) gives the same ids and pixels.
+    In a fresh process: ms-swift keeps template state per process, and the plugin must be loaded before it."""
+    import subprocess
+    import sys
+
     image_path = tmp_path / "x.png"
     _image(synth_dir).save(image_path)
-    question = "What findings on this chest X-ray support the diagnosis of pleural effusion?"
-    enc = template.encode({"messages": [{"role": "user", "content": "<image>" + question},
-                                        {"role": "assistant", "content": "Left pleural effusion."}],
-                           "images": [str(image_path)]})
-    processor = loaded[0]
-    ref = processor(text=[processor.apply_chat_template(_messages("Left pleural effusion."), tokenize=False)],
-                    images=[Image.open(image_path).convert("RGB")], return_tensors="pt")
-    assert enc["input_ids"] == ref["input_ids"][0].tolist()
-    assert torch.equal(enc["image_grid_thw"], ref["image_grid_thw"])
-    assert torch.allclose(enc["pixel_values"], ref["pixel_values"], atol=1e-5)
+    r = subprocess.run([sys.executable, "-c", SWIFT_CHECK, str(tiny_model_dir), str(image_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 
 def test_cli(tmp_path, capsys):
