@@ -264,6 +264,9 @@ def add_arguments(parser) -> None:
                         help="results folder: <run>/metrics.json, <run>/mscxrt.json, <run>/trainer_state.json, "
                              "drift/drift.json (see apo/tables.py)")
     parser.add_argument("--out", required=True, help="output folder: tables.md, tables.tex, curves_<run>.png")
+    parser.add_argument("--print", dest="show", default="MS-CXR-T",
+                        help="which table to print: the start of its title (MS-CXR-T, Report, Ablation, Teachers) "
+                             "or 'all'")
 
 
 def run(args) -> int:
@@ -281,8 +284,9 @@ def run(args) -> int:
             p = plot_curves(r["trainer_state"], out / f"curves_{run_name}.png", f"training: {run_name}")
             if p:
                 pngs.append(p)
-    main = next((t for t in tables if t["title"].startswith("MS-CXR-T")), tables[0] if tables else None)
-    if main:
-        print(to_markdown(main))
+    show = getattr(args, "show", "MS-CXR-T")
+    shown = tables if show == "all" else [t for t in tables if t["title"].lower().startswith(show.lower())][:1]
+    for t in shown or tables[:1]:
+        print(to_markdown(t))
     print(f"tables: wrote {out / 'tables.md'}, {out / 'tables.tex'}" + "".join(f", {Path(p).name}" for p in pngs))
     return 0

@@ -70,6 +70,6 @@ step "teacher drift"
 apo drift --dataset "$TRAIN" --consensus "$RUN/apo/consensus.jsonl" --out "$RESULTS/drift"
 
 step "tables"
-apo tables --results "$RESULTS" --out "$RESULTS"
+apo tables --results "$RESULTS" --out "$RESULTS" --print ablation
 
 step "done in $((SECONDS - t0)) s: data, models and logs in $RUN; tables and plots in $RESULTS"
