@@ -47,7 +47,9 @@ SENTENCES = [
     "no focal consolidation to suggest pneumonia.", "findings support the diagnosis of atelectasis.",
     "there is no acute osseous abnormality.", "the right hemidiaphragm is elevated.",
 ]
-# sentences per candidate: the consensus, then 7 teachers (terse .. verbose), like CXR-MAX's spread of lengths
+# sentences per candidate: the consensus, then the teachers (terse .. verbose), like CXR-MAX's spread of lengths;
+# x --response-scale (default 2.5: ~150 tokens per answer with apo.tiny's tokenizer, a reasoning trajectory;
+# 1.0 ~ the demo benchmark's short synthetic answers, ~60 tokens)
 LENGTHS = [5, 2, 9, 4, 12, 3, 7, 6, 10, 8]
 SIZES = {  # Qwen2.5-VL text / vision sizes (config.json of the released checkpoints); "small" = a CPU-sized check
     "small": dict(text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
@@ -65,7 +67,7 @@ H100_BF16_DENSE = 989e12
 
 # ------------------------------------------------------------------------------------------------ data
 
-def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, seed: int = 0) -> dict:
+def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, scale: float = 2.5, seed: int = 0) -> dict:
     """groups.jsonl (apo build-pairs format) and the same preferences as pairwise rows (ms-swift DPO format)."""
     import numpy as np
     from PIL import Image
@@ -81,7 +83,8 @@ def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, seed: int =
         lungs = 200 - 120 * np.exp(-((xx - 0.3) ** 2 + (yy - 0.5) ** 2) * 12) - 120 * np.exp(-((xx - 0.7) ** 2 + (yy - 0.5) ** 2) * 12)
         px = np.clip(lungs + rng.normal(0, 12, lungs.shape), 0, 255).astype(np.uint8)
         Image.fromarray(px).convert("RGB").save(img)
-        text = lambda k: " ".join(rng.choice(SENTENCES, size=LENGTHS[k % len(LENGTHS)] + int(rng.integers(0, 2))))
+        text = lambda k: " ".join(rng.choice(SENTENCES, size=max(1, round(scale * LENGTHS[k % len(LENGTHS)]))
+                                             + int(rng.integers(0, 2))))
         g = {"case_id": f"b{i}", "prompt": "What findings support the diagnosis of atelectasis and pleural effusion?",
              "images": [str(img)], "positive": text(0), "negatives": [text(k + 1) for k in range(n_neg)],
              "teachers": [f"teacher{k}" for k in range(n_neg)]}
@@ -149,7 +152,7 @@ def prepare_model_dir(a, work: Path, methods) -> tuple[str, bool]:
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def install_step_timer(path: str, device: str, warmup: int):
+def install_step_timer(path: str, device: str, warmup: int, profile: bool = False):
     """Every Trainer built in this process gets the same timing callback (patched into CallbackHandler)."""
     import torch
     from transformers import TrainerCallback
@@ -174,11 +177,20 @@ def install_step_timer(path: str, device: str, warmup: int):
 
         def on_step_begin(self, args, state, control, **kw):
             self.r["step_begin"].append(time.perf_counter())
+            if profile and state.global_step == warmup:  # one steady-state step under the torch profiler
+                self.prof = torch.profiler.profile()
+                self.prof.__enter__()
 
         def on_step_end(self, args, state, control, **kw):
             if device == "cuda":
                 torch.cuda.synchronize()
             self.r["step_end"].append(time.perf_counter())
+            if getattr(self, "prof", None) is not None:
+                self.prof.__exit__(None, None, None)
+                key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+                Path(path).with_suffix(".profile.txt").write_text(
+                    self.prof.key_averages().table(sort_by=key, row_limit=40))
+                self.prof = None
             if state.global_step == warmup:  # also the peak of the steady-state steps alone
                 self.r["hwm_warmup_kb"] = rss_kb("VmHWM")
                 self.r["rss_steady_kb"] = rss_kb()
@@ -322,7 +334,11 @@ def worker_swift(spec):
             "--gradient_checkpointing", str(spec["grad_ckpt"]).lower(), "--logging_steps", "1",
             "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--seed", "0",
             "--dataloader_num_workers", "0", "--train_dataloader_shuffle", "false",
-            "--output_dir", spec["work"] + "/out_swift", "--attn_impl", spec["attn"]]
+            "--output_dir", spec["work"] + "/out_swift", "--attn_impl", spec["attn"], "--freeze_vit", "true",
+            "--check_model", "false", "--add_version", "false"]
+    plugin = Path(spec["model_dir"]) / "swift_plugin.py"  # apo.tiny's: ms-swift must expand images in its vocab
+    if plugin.exists():
+        argv += ["--external_plugins", str(plugin)]
     rlhf_main(argv)
     return {"items_per_step": spec["dpo_batch"]}
 
@@ -357,7 +373,7 @@ def worker_trl(spec):
 def run_worker(method: str, spec_path: str):
     spec = json.loads(Path(spec_path).read_text())
     timer_path = spec["work"] + f"/timer_{method}.json"
-    install_step_timer(timer_path, spec["device"], spec["warmup"])
+    install_step_timer(timer_path, spec["device"], spec["warmup"], spec.get("profile", False))
     t0 = time.perf_counter()
     info = {"apo": lambda: worker_apo(spec, "apo"), "plain": lambda: worker_apo(spec, "plain"),
             "pairs": lambda: worker_apo(spec, "pairs"), "swift": lambda: worker_swift(spec),
@@ -448,10 +464,12 @@ def main(argv=None):
     ap.add_argument("--groups-per-step", type=int, default=1)
     ap.add_argument("--dpo-batch", type=int, default=None, help="pairs per DPO step (default N: one group's)")
     ap.add_argument("--max-length", type=int, default=2048)
+    ap.add_argument("--response-scale", type=float, default=2.5, help="answer length multiplier (see LENGTHS)")
     ap.add_argument("--image-size", type=int, default=448, help="3b/7b: image side in pixels (tokens ~ (s/28)^2)")
     ap.add_argument("--attn", default=None, help="attention kernel (default sdpa)")
     ap.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off (on by default, as "
                                                                 "ms-swift's default)")
+    ap.add_argument("--profile", action="store_true", help="write a torch.profiler table of one step per method")
     ap.add_argument("--check", action="store_true", help="apo: first compare packed and plain log-probs on a batch")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per method (1: robust on a shared CPU)")
     ap.add_argument("--timeout", type=int, default=600)
@@ -463,7 +481,7 @@ def main(argv=None):
         return run_worker(a.worker, a.spec)
 
     if a.quick:
-        a.steps, a.warmup = min(a.steps, 6), 2
+        a.steps, a.warmup = min(a.steps, 8), 2
         a.methods = a.methods or "apo,swift"
     methods = (a.methods or ("apo,plain,pairs" if a.device == "cuda" else "apo,plain,swift,trl")).split(",")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_apo_"))
@@ -478,7 +496,9 @@ def main(argv=None):
             "n_neg": a.n_negatives, "n_steps": n_steps, "warmup": a.warmup, "groups_per_step": a.groups_per_step,
             "dpo_batch": dpo_batch, "max_length": a.max_length, "image_size": a.image_size,
             "attn": a.attn or "sdpa", "grad_ckpt": not a.no_grad_ckpt, "threads": a.threads, "check": a.check,
-            "data": make_data(work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112)}
+            "profile": a.profile,
+            "data": make_data(work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112,
+                              a.response_scale)}
     spec_path = str(work / "spec.json")
     Path(spec_path).write_text(json.dumps(spec, indent=1))
     tok = token_counts(spec)

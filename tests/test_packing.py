@@ -10,7 +10,8 @@ from PIL import Image
 
 from apo.trainer.collator import GroupCollator
 from apo.trainer.logps import forward_logps
-from apo.trainer.packing import PackedGroupCollator, chunked_token_logps, mrope_positions, packed_logps
+from apo.trainer.packing import (PackedGroupCollator, attention_layout, chunked_token_logps, mrope_positions,
+                                 packed_logps)
 
 TEXTS = ["small left pleural effusion.", "no pneumothorax. lungs are clear.", "heart size normal",
          "the heart is normal. there is a small left pleural effusion on the right and edema.", "edema",
@@ -92,8 +93,8 @@ def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn, atten
             off, _ = packed_logps(model, packed, attention=attention)
         assert (on - off).abs().max() > 1e-2  # the adapter matters, so the on/off checks above mean something
         # the check is sensitive: letting candidates see each other, or shifting positions, breaks it
-        leaky = dict(packed, packed_seg=torch.zeros_like(packed["packed_seg"]),
-                     packed_segments=[[s[0], sum(s[1:])] for s in packed["packed_segments"]])
+        merged = [[s[0], sum(s[1:])] for s in packed["packed_segments"]]  # candidates as one: they see each other
+        leaky = dict(packed, packed_seg=torch.zeros_like(packed["packed_seg"]), packed_layout=attention_layout(merged))
         assert (packed_logps(model, leaky, attention=attention)[0] - on).abs().max() > 1e-2
         shifted = dict(packed, position_ids=packed["position_ids"] + (torch.arange(packed["input_ids"].shape[1]) > 20))
         assert (packed_logps(model, shifted, attention=attention)[0] - on).abs().max() > 1e-2
@@ -134,7 +135,8 @@ def test_chunked_token_logps_matches_log_softmax():
     head = torch.nn.Linear(16, 50, bias=False)
     h = torch.randn(23, 16, requires_grad=True)
     ids = torch.randint(0, 50, (23,))
-    ours = chunked_token_logps(h, ids, head, chunk_size=5)
+    ours = chunked_token_logps(h, ids, head, chunk_size=5, small=0)  # chunked + checkpointed
+    torch.testing.assert_close(chunked_token_logps(h, ids, head), ours)  # small: one piece
     full = torch.log_softmax(head(h), -1).gather(1, ids[:, None]).squeeze(1)
     torch.testing.assert_close(ours, full)
     w = torch.randn(23)

@@ -16,11 +16,13 @@ Log-probs never materialise [tokens, vocab] logits at once: the final hidden sta
 positions and pushed through the lm_head `chunk_size` rows at a time (each chunk checkpointed, so the backward
 recomputes one chunk's logits instead of keeping them all).
 
-Attention (`attention=`): "segments" (default) computes only the blocks the mask allows - per group, the prompt
-causally, then each candidate's queries against [prompt keys; its own keys] with a lower-right causal mask - as
-SDPA calls (flash / memory-efficient kernels on GPU). A dense mask over the packed row costs T^2 and wastes most of
-it; on the tiny CPU model attention was 70% of the step. It is an attention function registered with transformers
-and set on the language model's config the first time (`use_segment_attention`); without the `packed_segments`
+Attention (`attention=`): "segments" (default) computes only the blocks the mask allows: the prompts as one
+[groups, Pmax] batch (causal), the candidates as one [candidates, Lmax] batch whose keys are [their prompt; their
+own tokens] - two SDPA calls per layer, gathered from and scattered back to the packed row. A dense mask over the
+row costs T^2 and wastes most of it (attention was 70% of the tiny CPU step); a loop over candidates costs a kernel
+per candidate and layer (GPU launch-bound). Padding to Pmax/Lmax costs some attention FLOPs, which are a few
+percent of a 7B step. It is an attention function registered with transformers
+and set on the language model's config the first time (`use_segment_attention`); without the `packed_layout`
 argument it hands over to the model's own kernel, so plain forwards and generation are unchanged.
 "mask" gives the model the dense 4D block mask instead (boolean for sdpa, additive for eager, a BlockMask that
 skips masked tiles for flex_attention): a second, independent implementation, kept for checking and for flex.
@@ -113,6 +115,7 @@ class PackedGroupCollator(GroupCollator):
             "packed_seq": torch.tensor(seq, dtype=torch.long),
             "packed_seg": torch.tensor(seg, dtype=torch.long),
             "packed_segments": segments,  # per group [prompt length, candidate lengths...], row order
+            "packed_layout": attention_layout(segments) if segments else None,
             "label_positions": torch.tensor(lab_pos, dtype=torch.long),
             "label_ids": torch.tensor(lab_ids, dtype=torch.long),
             "label_rows": torch.tensor(lab_row, dtype=torch.long),
@@ -150,11 +153,16 @@ def block_mask(seq: torch.Tensor, seg: torch.Tensor, attn_implementation: str, d
 
 def _token_logps(h, ids, lm_head):
     logits = lm_head(h.to(lm_head.weight.dtype)).float()
-    return logits.gather(1, ids[:, None]).squeeze(1) - logits.logsumexp(-1)
+    return torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
 
 
-def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_size: int = 1024) -> torch.Tensor:
-    """log p(ids | hidden) per row in float32, `chunk_size` rows of logits alive at a time (forward and backward)."""
+def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_size: int = 1024,
+                        small: int = 2**22) -> torch.Tensor:
+    """log p(ids | hidden) per row in float32, `chunk_size` rows of logits alive at a time (forward and backward:
+    each chunk is checkpointed and recomputed in the backward). Up to `small` logits in all (16 MB in float32, a
+    tiny vocabulary) they are simply kept: recomputing would cost more than it saves."""
+    if hidden.shape[0] * lm_head.weight.shape[0] <= small:
+        return _token_logps(hidden, ids, lm_head)
     parts = []
     for h, t in zip(hidden.split(chunk_size), ids.split(chunk_size)):
         if torch.is_grad_enabled() and h.requires_grad:
@@ -167,31 +175,56 @@ def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_
 PREFIX = "apo_segments_"  # + the model's own kernel name, which plain forwards keep using
 
 
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_segments=None,
+def attention_layout(segments: list[list[int]]) -> dict:
+    """Gather indices for `segment_attention` from [[prompt length, candidate lengths...], ...] (row order).
+
+    Prompts become a [G, Pmax] batch attending causally to themselves; candidates a [M, Lmax] batch whose keys are
+    [their group's prompt (padded to Pmax); themselves (padded to Lmax)]. `inv` maps each packed position to its
+    row in the concatenated outputs. Padded slots point at position 0 and are masked out as keys."""
+    G, M = len(segments), sum(len(s) - 1 for s in segments)
+    Pm, Lm = max(s[0] for s in segments), max((l for s in segments for l in s[1:]), default=1)
+    q_prompt, p_ok = torch.zeros(G, Pm, dtype=torch.long), torch.zeros(G, Pm, dtype=torch.bool)
+    q_cand, c_ok = torch.zeros(M, Lm, dtype=torch.long), torch.zeros(M, Lm, dtype=torch.bool)
+    k_cand, k_ok = torch.zeros(M, Pm + Lm, dtype=torch.long), torch.zeros(M, Pm + Lm, dtype=torch.bool)
+    inv, off, m = [], 0, 0
+    for g, (P, *cands) in enumerate(segments):
+        q_prompt[g, :P], p_ok[g, :P] = torch.arange(off, off + P), True
+        inv += range(g * Pm, g * Pm + P)
+        prompt, off = torch.arange(off, off + P), off + P
+        for L in cands:
+            q_cand[m, :L], c_ok[m, :L] = torch.arange(off, off + L), True
+            k_cand[m, :P], k_ok[m, :P] = prompt, True
+            k_cand[m, Pm:Pm + L], k_ok[m, Pm:Pm + L] = q_cand[m, :L], True
+            inv += range(G * Pm + m * Lm, G * Pm + m * Lm + L)
+            off, m = off + L, m + 1
+    causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()
+    own = torch.cat([torch.ones(Lm, Pm, dtype=torch.bool), causal(Lm)], 1)  # whole prompt, then causal
+    return {"q_prompt": q_prompt, "prompt_mask": (causal(Pm) & p_ok[:, None, :])[:, None],
+            "q_cand": q_cand, "k_cand": k_cand, "cand_mask": (own & k_ok[:, None, :])[:, None],
+            "inv": torch.tensor(inv, dtype=torch.long)}
+
+
+def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_layout=None,
                       **kwargs):
-    """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa)."""
-    if packed_segments is None:  # any other forward: the model's own kernel
+    """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa):
+    two SDPA calls per layer whatever the number of groups and candidates (few kernels, no T x T work)."""
+    if packed_layout is None:  # any other forward: the model's own kernel
         return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
-    from torch.nn.attention.bias import causal_lower_right
+    lay, p = packed_layout, (dropout if module.training else 0.0)
+    q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, heads, d]
+    rep = q.shape[1] // k.shape[1]  # grouped-query attention: share each K/V head
 
-    rep = query.shape[1] // key.shape[1]  # grouped-query attention: share each K/V head
-    if rep > 1:
-        key, value = key.repeat_interleave(rep, 1), value.repeat_interleave(rep, 1)
-    p = dropout if module.training else 0.0
-    out, off = [], 0
-    for P, *cands in packed_segments:
-        pk, pv = key[:, :, off:off + P], value[:, :, off:off + P]
-        out.append(F.scaled_dot_product_attention(query[:, :, off:off + P], pk, pv, dropout_p=p, is_causal=True,
-                                                  scale=scaling))
-        off += P
-        for L in cands:  # all of the prompt, then causal within the candidate: lower-right causal over P + L keys
-            k = torch.cat([pk, key[:, :, off:off + L]], 2)
-            v = torch.cat([pv, value[:, :, off:off + L]], 2)
-            out.append(F.scaled_dot_product_attention(query[:, :, off:off + L], k, v, dropout_p=p, scale=scaling,
-                                                      attn_mask=causal_lower_right(L, P + L)))
-            off += L
-    return torch.cat(out, 2).transpose(1, 2), None
+    def attend(qi, ki, mask):
+        K, V = k[ki].transpose(1, 2), v[ki].transpose(1, 2)
+        if rep > 1:
+            K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
+        o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), K, V, attn_mask=mask, dropout_p=p, scale=scaling)
+        return o.transpose(1, 2).flatten(0, 1)  # [B * L, heads, d]
+
+    out = torch.cat([attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"]),
+                     attend(lay["q_cand"], lay["k_cand"], lay["cand_mask"])])
+    return out[lay["inv"]][None], None
 
 
 def _base_attention(module):
@@ -253,7 +286,7 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
         use_segment_attention(inner)
         # an empty 4D mask: transformers passes a 4D mask through as-is, so no T x T mask is ever built
         inputs.update(attention_mask=torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=dev),
-                      packed_segments=batch["packed_segments"])
+                      packed_layout=batch["packed_layout"])
     else:
         kernel = inner.get_decoder().config._attn_implementation.removeprefix(PREFIX)
         inputs["attention_mask"] = block_mask(batch["packed_seq"].to(dev), batch["packed_seg"].to(dev), kernel,
