@@ -4,7 +4,9 @@ Strategies:
   model  (the paper's; default) the SFT model pi_st sees the image, the question and the N teacher trajectories and
          writes t+ ~ pi_st(. | v, l, T): an in-context, trajectory-level vote. Each trajectory is cut to a per-teacher
          token budget so the prompt fits --max-length with the image tokens and --max-new-tokens; what was cut is
-         recorded per teacher ("truncated": {teacher: tokens_cut}).
+         recorded per teacher ("truncated": {teacher: tokens_cut}). A case whose image(s) and question alone leave no
+         room stops the run naming the case; with --skip-bad it is recorded with an empty text and a "skipped"
+         reason, and build-pairs drops it (empty_positive).
   vote   the medoid teacher trajectory by labeler agreement (no model): for each trajectory, the mean over the other
          teachers of the fraction of the 14 observations whose labels agree, side included (a finding put on the
          wrong side disagrees, so a side-flipping teacher is not the medoid); highest wins, ties go to the earlier
@@ -129,19 +131,88 @@ def fit_trajectories(processor, image_paths, question, texts, max_length, max_ne
     raise ApoError(f"could not fit the trajectories into --max-length {max_length}")
 
 
-def model_records(model, processor, cases, max_length, max_new_tokens, batch_size) -> list[dict]:
+def model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False) -> list[dict]:
+    """One record per case. A case whose image(s) and question alone do not fit --max-length stops the run naming
+    it, or with skip_bad gets an empty text and a "skipped" reason (build-pairs drops it: empty_positive)."""
+    from apo.errors import ApoError
     from apo.generation import generate
 
-    prompts, cuts, lengths = [], [], []
+    fits, skipped = [], {}
     for c in cases:
-        prompt, cut, n = fit_trajectories(processor, c.images, c.prompt, [t.text for t in c.trajectories],
-                                          max_length, max_new_tokens)
-        prompts.append(prompt), cuts.append(cut), lengths.append(n)
-    texts = generate(model, processor, [(c.images, p) for c, p in zip(cases, prompts)], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=False)
-    return [{"case_id": c.case_id, "strategy": "model", "text": text, "teachers": c.teachers, "prompt_tokens": n,
-             "truncated": {t.teacher: k for t, k in zip(c.trajectories, cut) if k}}
-            for c, text, cut, n in zip(cases, texts, cuts, lengths)]
+        try:
+            fits.append((c, *fit_trajectories(processor, c.images, c.prompt, [t.text for t in c.trajectories],
+                                              max_length, max_new_tokens)))
+        except ApoError as e:
+            if not skip_bad:
+                raise ApoError(f"case {c.case_id}: {e} (or pass --skip-bad to skip such cases)") from None
+            skipped[c.case_id] = str(e)
+    texts = generate(model, processor, [(c.images, p) for c, p, _, _ in fits], max_new_tokens=max_new_tokens,
+                     batch_size=batch_size, progress=False) if fits else []
+    done = {c.case_id: {"case_id": c.case_id, "strategy": "model", "text": text, "teachers": c.teachers,
+                        "prompt_tokens": n, "truncated": {t.teacher: k for t, k in zip(c.trajectories, cut) if k}}
+            for (c, _, cut, n), text in zip(fits, texts)}
+    return [done.get(c.case_id) or {"case_id": c.case_id, "strategy": "model", "text": "", "teachers": c.teachers,
+                                    "skipped": skipped[c.case_id], "truncated": {}} for c in cases]
+
+
+# ---------------------------------------------------------------- reading it back (build-pairs, drift)
+
+def _record_problem(rec) -> str | None:
+    from apo.data import MAX_TEXT_CHARS
+
+    if not isinstance(rec, dict):
+        return f"record must be an object, got {type(rec).__name__}"
+    cid = rec.get("case_id")
+    if cid is None or isinstance(cid, (dict, list, bool)) or not str(cid).strip():
+        return "missing or invalid case_id"
+    if not isinstance(rec.get("text"), str):
+        return f"text must be a string, got {type(rec.get('text')).__name__}"
+    if len(rec["text"]) > MAX_TEXT_CHARS:
+        return f"text has {len(rec['text'])} characters (limit {MAX_TEXT_CHARS})"
+    if not isinstance(rec.get("source_teacher", ""), (str, type(None))):
+        return "source_teacher must be a string"
+    return None
+
+
+def read_consensus(path, skip_bad: bool = False) -> tuple[dict, list[dict]]:
+    """-> ({case_id: record}, rejected lines) from a consensus JSONL. A record needs a case_id and a string text
+    (empty = no consensus for that case). A bad line raises DataError(file, line, reason) unless skip_bad. A last line
+    with no newline that does not parse is a run still writing (or killed while writing): ignored, with a note."""
+    import json
+    from pathlib import Path
+
+    from apo.errors import ApoError, DataError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ApoError(f"--consensus {path}: file not found (run `apo consensus` first)")
+    lines = path.read_bytes().split(b"\n")
+    records, first, rejects = {}, {}, []
+    for i, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            rec = json.loads(raw.decode("utf-8"))
+            reason = _record_problem(rec)
+        except UnicodeDecodeError as e:
+            reason = f"not UTF-8 ({e.reason} at byte {e.start})"
+        except ValueError as e:
+            reason = f"not JSON ({e})"
+        if reason is None and str(rec["case_id"]) in records:
+            reason = f"duplicate case_id {str(rec['case_id'])!r} (first at line {first[str(rec['case_id'])]})"
+        if reason and i == len(lines):  # torn last line
+            print(f"{path}: ignoring a torn last line ({reason}; is `apo consensus` still running?)")
+            break
+        if reason:
+            if not skip_bad:
+                raise DataError(path, i, reason)
+            rejects.append({"file": str(path), "record": i, "reason": reason,
+                            "raw": raw[:2000].decode("utf-8", "replace")})
+            continue
+        records[str(rec["case_id"])], first[str(rec["case_id"])] = rec, i
+    if rejects:
+        print(f"{path}: skipped {len(rejects)} bad consensus line(s), kept {len(records)}")
+    return records, rejects
 
 
 # ---------------------------------------------------------------- CLI
@@ -175,6 +246,10 @@ def summary(records: list[dict]) -> str:
                 hits[t] += 1
         for t in sorted(per, key=lambda t: -per[t]):
             lines.append(f"    {t}: cut in {hits[t]} cases, {per[t]} tokens ({per[t] / hits[t]:.0f} per cut case)")
+    skipped = sum("skipped" in r for r in records)
+    if skipped:
+        lines.append(f"  skipped: {skipped} case(s) whose image(s) and question alone exceed --max-length "
+                     "(\"skipped\" in their records)")
     empty = sum(not r["text"].strip() for r in records)
     if empty:
         lines.append(f"  empty answers: {empty} (build-pairs drops these cases)")
@@ -204,7 +279,8 @@ def run(args) -> int:
         model, processor = model_from_args(args)
 
         def process(chunk):
-            return model_records(model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size)
+            return model_records(model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size,
+                                 args.skip_bad)
         chunk_size = args.batch_size * 4  # a crash loses at most this many answers
     results = run_resumable(args.out, usable, key=lambda c: c.case_id, process=process, chunk_size=chunk_size,
                             order=[c.case_id for c in cases], desc=f"consensus ({args.strategy})")

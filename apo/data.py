@@ -325,7 +325,7 @@ class ImageResolver:
         else:
             p = Path(raw)
             p = (p if p.is_absolute() else self.root / p).resolve()
-            if not p.exists() and p.suffix.lower() == ".dcm":  # CXR-MAX may cite the DICOM; MIMIC-CXR-JPG has the JPG
+            if p.suffix.lower() == ".dcm" and not os.path.exists(p):  # CXR-MAX cites DICOMs; MIMIC-CXR-JPG has JPGs
                 p = p.with_suffix(".jpg")
         p = p.resolve()
         if not self.allow_absolute and not p.is_relative_to(self.root):

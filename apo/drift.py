@@ -34,13 +34,12 @@ Outputs: drift.json (everything), DRIFT.md (tables), error_rates.png, js_diverge
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
 from apo.constants import OBSERVATIONS, TEACHERS
-from apo.errors import ApoError, DataError
+from apo.errors import ApoError
 
 log = logging.getLogger(__name__)
 
@@ -188,24 +187,15 @@ def drift_stats(cases, consensus: dict | list | None = None) -> dict:
 
 # ----------------------------------------------------------------------------- I/O
 
-def read_consensus(path) -> dict:
-    """{case_id: text} from a consensus JSONL ({"case_id", "text", ...} per line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ApoError(f"--consensus {path}: no such file")
-    out = {}
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(path, i, f"not JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or "case_id" not in rec or not isinstance(rec.get("text"), str):
-                raise DataError(path, i, 'expected {"case_id": ..., "text": "..."}')
-            out[str(rec["case_id"])] = rec["text"]
-    return out
+def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
+    """{case_id: text} from a consensus JSONL ({"case_id", "text", ...} per line; checked by apo.consensus)."""
+    from apo.consensus import read_consensus as read
+    from apo.data import write_rejects
+
+    records, rejects = read(path, skip_bad)
+    if rejects:
+        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
+    return {k: r["text"] for k, r in records.items()}
 
 
 def _fmt(x, pct=False):
@@ -303,11 +293,11 @@ def run(args) -> int:
     from apo.resumable import write_json_atomic
 
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     if not cases:
         raise ApoError(f"{args.dataset}: no case to analyse")
-    consensus = read_consensus(args.consensus) if args.consensus else None
+    consensus = (read_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl")
+                 if args.consensus else None)
     if consensus is not None:
         known = {c.case_id for c in cases}
         missing = sum(c.case_id not in consensus for c in cases)

@@ -9,6 +9,10 @@ For each case the model answers the case's prompt (or --prompt) about its image(
             refusal rates, side accuracy against meta["sides"]
   n         answers scored (cases with a reference).
 
+Length: no limit by default; with --max-length a case whose prompt (image tokens included) + --max-new-tokens does
+not fit stops the run naming it, or with --skip-bad is left out and listed in OUT/too_long.jsonl (never cut: a cut
+question is another question).
+
 References: `report` in the dataset rows (case.meta["report"]; the synthetic benchmark has it), or, for MIMIC-CXR,
 --reports-dir pointing at the MIMIC-CXR report tree (files/pXX/p<subject>/s<study>.txt, case ids carrying
 subject_id and study_id), from which the FINDINGS and IMPRESSION sections are taken.
@@ -36,8 +40,15 @@ def parse_mimic_report(text: str) -> str | None:
     return " ".join(p for p in parts if p) or None
 
 
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+
+
 def mimic_report_path(reports_dir, subject_id, study_id) -> Path | None:
+    """files/pXX/p<subject>/s<study>.txt under reports_dir; None if absent, or if an id is not a plain MIMIC id
+    (so a crafted id cannot read a file outside reports_dir)."""
     subject, study = str(subject_id).lstrip("p"), str(study_id).lstrip("s")
+    if not (_ID.match(subject) and _ID.match(study)):
+        return None
     for base in (Path(reports_dir) / "files", Path(reports_dir)):
         p = base / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
         if p.is_file():
@@ -80,6 +91,37 @@ def add_arguments(parser) -> None:
     parser.add_argument("--reports-dir", default=None,
                         help="MIMIC-CXR report tree (files/pXX/p<subject>/s<study>.txt): references from FINDINGS + "
                              "IMPRESSION; default: the rows' `report` field")
+    parser.add_argument("--max-length", type=int, default=None,
+                        help="limit on prompt tokens (image tokens included) + --max-new-tokens; a longer case stops "
+                             "the run naming it, or with --skip-bad is left out of generation and scoring (listed in "
+                             "OUT/too_long.jsonl, counted in metrics.json). Default: no limit")
+
+
+def _fit(cases, processor, args):
+    """-> (cases within --max-length, the others). Over-long cases stop the run unless --skip-bad."""
+    from apo.errors import ApoError
+    from apo.generation import _prompt_text, estimate_length
+    from apo.resumable import write_jsonl_atomic
+
+    if not args.max_length:
+        return cases, []
+    keep, too_long = [], []
+    for c in cases:
+        n = estimate_length(processor, c.images, _prompt_text(processor, len(c.images), args.prompt or c.prompt))
+        if n + args.max_new_tokens <= args.max_length:
+            keep.append(c)
+            continue
+        reason = (f"prompt is {n} tokens; with --max-new-tokens {args.max_new_tokens} that exceeds --max-length "
+                  f"{args.max_length}")
+        if not args.skip_bad:
+            raise ApoError(f"case {c.case_id}: {reason} (or pass --skip-bad to leave such cases out)")
+        too_long.append({"case_id": c.case_id, "reason": reason})
+    if too_long:
+        write_jsonl_atomic(Path(args.out) / "too_long.jsonl", too_long)
+        print(f"eval-report: left out {len(too_long)} case(s) over --max-length; listed in {Path(args.out) / 'too_long.jsonl'}")
+    if not keep:
+        raise ApoError(f"no case fits --max-length {args.max_length}")
+    return keep, too_long
 
 
 def run(args) -> int:
@@ -96,6 +138,7 @@ def run(args) -> int:
         raise ApoError(f"{args.dataset}: no case to evaluate")
     refs = {c.case_id: reference(c, args.reports_dir) for c in cases}
     model, processor = model_from_args(args)
+    cases, too_long = _fit(cases, processor, args)
 
     def process(chunk):
         answers = generate(model, processor, [(c.images, args.prompt or c.prompt) for c in chunk],
@@ -114,6 +157,8 @@ def run(args) -> int:
     metrics = {"n": len(scored), "no_reference": len(cases) - len(scored),
                "nlg": nlg_scores(gts, hyps), "clinical": clinical_efficacy(gts, hyps),
                "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases])}
+    if too_long:
+        metrics["too_long"] = len(too_long)
     write_json_atomic(out / "metrics.json", metrics)
     nlg = metrics["nlg"]
     print(f"eval-report: {len(scored)} answers scored" + (f" ({metrics['no_reference']} without a reference)"

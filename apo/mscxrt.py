@@ -65,6 +65,9 @@ def finding_name(finding: str) -> str:
     return finding.replace("_", " ")
 
 
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # MIMIC ids: digits, hex, dashes; never a path or a glob
+
+
 def _previous_image(root: Path, row: dict) -> Path | None:
     from apo.data import mimic_image_path
 
@@ -76,10 +79,22 @@ def _previous_image(root: Path, row: dict) -> Path | None:
     return hits[0] if hits else None
 
 
+def _decoded_lines(data: bytes, bad_utf8: dict):
+    """The CSV's lines as text; a line that is not UTF-8 is replaced (and its number noted in bad_utf8)."""
+    for i, raw in enumerate(data.splitlines(keepends=True), 1):
+        try:
+            yield raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            bad_utf8[i] = f"not UTF-8 ({e.reason} at byte {e.start})"
+            yield raw.decode("utf-8", "replace")
+
+
 def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[dict]]:
     """-> (items, rejects). One item per labelled (row, finding): {case_id, finding, label, images [prev, cur],
-    row}. A bad row raises DataError(csv, line, reason) unless skip_bad (then it goes to rejects)."""
-    from apo.data import mimic_image_path
+    row}. A bad row raises DataError(csv, line, reason) unless skip_bad (then it goes to rejects). Ids must be plain
+    MIMIC ids (no path separators or wildcards), so an image path never leaves --image-root; images are checked up
+    front (exist, decode, not absurdly large), like the data loader does."""
+    from apo.data import ImageResolver, mimic_image_path
     from apo.errors import ApoError, DataError
 
     csv_path, root = Path(csv_path), Path(image_root)
@@ -87,48 +102,85 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
         raise ApoError(f"--csv {csv_path}: file not found")
     if not root.is_dir():
         raise ApoError(f"--image-root {root}: not a folder (the MIMIC-CXR-JPG root, holding files/)")
-    items, rejects, seen = [], [], set()
-    with open(csv_path, newline="", encoding="utf-8-sig") as fh:
-        reader = csv.DictReader(fh)
+    root = root.resolve()
+    rows, rejects, seen, bad_utf8 = [], [], set(), {}
+
+    def bad(line, reason, raw):
+        if not skip_bad:
+            raise DataError(csv_path, line, reason)
+        rejects.append({"file": str(csv_path), "record": line, "reason": reason, "raw": raw})
+
+    reader = csv.DictReader(_decoded_lines(csv_path.read_bytes().removeprefix(b"\xef\xbb\xbf"), bad_utf8))
+    try:
         cols = reader.fieldnames or []
-        findings = [f for f in MSCXRT_FINDINGS if f"{f}_progression" in cols]
-        missing = [c for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id") if c not in cols]
-        if missing or not findings:
-            raise DataError(csv_path, 1, f"not an MS-CXR-T temporal CSV: missing column(s) "
-                                         f"{missing or [f + '_progression' for f in MSCXRT_FINDINGS]}")
-        for line, row in enumerate(reader, 2):  # line 1 is the header
-            try:
-                for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id"):
-                    if not (row.get(c) or "").strip():
-                        raise ValueError(f"missing {c}")
-                labelled = []
-                for f in findings:
-                    value = (row.get(f"{f}_progression") or "").strip().lower()
-                    if value and value not in MSCXRT_CLASSES:
-                        raise ValueError(f"unknown class {value!r} in {f}_progression (expected one of {MSCXRT_CLASSES})")
-                    if value:
-                        labelled.append((f, value))
-                if not labelled:
-                    raise ValueError("no <finding>_progression label in this row")
-                cur = mimic_image_path(root, row["subject_id"].strip(), row["study_id"].strip(), row["dicom_id"].strip())
-                prev = _previous_image(root, {k: (v or "").strip() for k, v in row.items() if k})
-                for what, p in (("current", cur), ("previous", prev)):
-                    if p is None or not p.is_file():
-                        raise ValueError(f"{what} image not found: {p or row['previous_dicom_id'] + '.jpg under the subject'}")
-                new = []
-                for f, value in labelled:
-                    cid = f"{row['previous_dicom_id'].strip()}->{row['dicom_id'].strip()}/{f}"
-                    if cid in seen:
-                        raise ValueError(f"duplicate pair and finding {cid}")
-                    new.append({"case_id": cid, "finding": f, "label": value, "images": [str(prev), str(cur)],
-                                "row": line})
-            except ValueError as e:
-                if not skip_bad:
-                    raise DataError(csv_path, line, str(e)) from None
-                rejects.append({"file": str(csv_path), "record": line, "reason": str(e), "raw": row})
-                continue
-            seen.update(it["case_id"] for it in new)
-            items.extend(new)
+    except csv.Error as e:
+        raise DataError(csv_path, 1, f"not a CSV file ({e})") from None
+    findings = [f for f in MSCXRT_FINDINGS if f"{f}_progression" in cols]
+    missing = [c for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id") if c not in cols]
+    if 1 in bad_utf8:
+        raise DataError(csv_path, 1, bad_utf8[1])
+    if missing or not findings:
+        raise DataError(csv_path, 1, f"not an MS-CXR-T temporal CSV: missing column(s) "
+                                     f"{missing or [f + '_progression' for f in MSCXRT_FINDINGS]}")
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as e:
+            bad(reader.reader.line_num, f"unreadable CSV row ({e})", None)  # DictReader's own count lags on errors
+            continue
+        line = reader.line_num
+        extra = row.pop(None, None)  # fields beyond the header
+        row = {k: (v or "").strip() for k, v in row.items()}
+        try:
+            if line in bad_utf8:
+                raise ValueError(bad_utf8[line])
+            if extra:
+                raise ValueError(f"{len(extra)} more field(s) than the header has")
+            for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id"):
+                if not row.get(c):
+                    raise ValueError(f"missing {c}")
+            for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id", "previous_study_id"):
+                if row.get(c) and not _ID.match(row[c]):
+                    raise ValueError(f"{c} {row[c][:80]!r} is not a MIMIC id (letters, digits, '-', '_', '.')")
+            labelled = []
+            for f in findings:
+                value = row.get(f"{f}_progression", "").lower()
+                if value and value not in MSCXRT_CLASSES:
+                    raise ValueError(f"unknown class {value[:80]!r} in {f}_progression (expected one of {MSCXRT_CLASSES})")
+                if value:
+                    labelled.append((f, value))
+            if not labelled:
+                raise ValueError("no <finding>_progression label in this row")
+            cur = mimic_image_path(root, row["subject_id"], row["study_id"], row["dicom_id"])
+            prev = _previous_image(root, row)
+            for what, p in (("current", cur), ("previous", prev)):
+                if p is None or not p.is_file():
+                    raise ValueError(f"{what} image not found: {p or row['previous_dicom_id'] + '.jpg under the subject'}")
+                if not p.resolve().is_relative_to(root):  # a symlink out of the tree
+                    raise ValueError(f"{what} image {p} leaves --image-root {root}")
+            new = []
+            for f, value in labelled:
+                cid = f"{row['previous_dicom_id']}->{row['dicom_id']}/{f}"
+                if cid in seen:
+                    raise ValueError(f"duplicate pair and finding {cid}")
+                new.append({"case_id": cid, "finding": f, "label": value, "images": [str(prev), str(cur)],
+                            "row": line})
+        except ValueError as e:
+            bad(line, str(e), row)
+            continue
+        seen.update(it["case_id"] for it in new)
+        rows.append((line, row, new))
+    check = ImageResolver(root, allow_absolute=False, verify="full")
+    check.check_all(p for _, _, new in rows for p in new[0]["images"])
+    items = []
+    for line, row, new in rows:
+        problem = next((check.problem(p) for p in new[0]["images"] if check.problem(p)), None)
+        if problem:
+            bad(line, problem, row)
+            continue
+        items.extend(new)
     return items, rejects
 
 

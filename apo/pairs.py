@@ -107,18 +107,15 @@ def statistics(groups, dropped, n_cases, extra_consensus=0) -> dict:
 
 # ---------------------------------------------------------------- I/O
 
-def read_consensus(path) -> dict:
-    from apo.resumable import ResumableJsonl
+def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
+    """{case_id: consensus record}; with skip_bad, bad lines are listed in rejects_path (see apo.consensus)."""
+    from apo.consensus import read_consensus as read
+    from apo.data import write_rejects
 
-    path = Path(path)
-    if not path.is_file():
-        from apo.errors import ApoError
-
-        raise ApoError(f"--consensus {path}: file not found (run `apo consensus` first)")
-    r = ResumableJsonl(path, readonly=True)  # a torn last line (a consensus run still going or killed) is ignored
-    if r.torn:
-        print(f"{path}: ignoring a torn last line (is `apo consensus` still running?)")
-    return r.records
+    records, rejects = read(path, skip_bad)
+    if rejects:
+        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
+    return records
 
 
 def add_arguments(parser) -> None:
@@ -141,7 +138,7 @@ def run(args) -> int:
     if args.max_negatives is not None and args.max_negatives < 1:
         raise ApoError("--max-negatives must be at least 1")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
-    consensus = read_consensus(args.consensus)
+    consensus = read_consensus(args.consensus, args.skip_bad, f"{args.out}.consensus_rejects.jsonl")
     known = {c.case_id for c in cases}
     extra = sum(k not in known for k in consensus)
     groups, dropped = build_groups(cases, consensus, args.negatives, args.max_negatives)

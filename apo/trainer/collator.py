@@ -31,35 +31,82 @@ log = logging.getLogger(__name__)
 GROUP_FIELDS = ("case_id", "prompt", "images", "positive", "negatives", "teachers")
 
 
+def _group_problem(g) -> str | None:
+    from apo.data import MAX_TEXT_CHARS
+
+    if not isinstance(g, dict):
+        return f"a group must be an object, got {type(g).__name__}"
+    missing = [k for k in GROUP_FIELDS if k not in g]
+    if missing:
+        return f"missing fields {missing}"
+    if g["case_id"] is None or isinstance(g["case_id"], (dict, list, bool)) or not str(g["case_id"]).strip():
+        return "missing or invalid case_id"
+    if not isinstance(g["images"], list) or not all(isinstance(p, str) and p.strip() for p in g["images"]):
+        return "images must be a list of paths"
+    if not isinstance(g["negatives"], list) or not isinstance(g["teachers"], list) \
+            or len(g["teachers"]) != len(g["negatives"]):
+        return "negatives and teachers must be lists of the same length"
+    if not g["negatives"]:
+        return "a group needs at least one negative"
+    if not all(isinstance(t, str) and t.strip() for t in g["teachers"]):
+        return "teachers must be non-empty strings"
+    for what, text in [("prompt", g["prompt"]), ("positive", g["positive"])] + \
+                      [(f"negative {i + 1}", t) for i, t in enumerate(g["negatives"])]:
+        if not isinstance(text, str) or not text.strip():  # an empty candidate would score log-prob 0
+            return f"{what} must be a non-empty string"
+        if len(text) > MAX_TEXT_CHARS:
+            return f"{what} has {len(text)} characters (limit {MAX_TEXT_CHARS})"
+    return None
+
+
 def load_groups(path, max_negatives: int | None = None) -> list[dict]:
-    """Read groups.jsonl (from `apo build-pairs`); a malformed line raises DataError naming it."""
-    if not Path(path).is_file():
+    """Read groups.jsonl (from `apo build-pairs`); a malformed line raises DataError naming it. Everything is checked
+    now, not as a crash hours into training: field types, non-empty texts, duplicate case ids, and every image
+    (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its --image-root); a
+    relative path resolves against the groups file's folder and may not leave it."""
+    from apo.data import ImageResolver
+
+    path = Path(path)
+    if not path.is_file():
         raise ApoError(f"{path}: groups file not found (write it with `apo build-pairs`)")
-    groups = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
+    root = path.parent.resolve()
+    groups, lines, first = [], [], {}
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if not raw.strip():
                 continue
             try:
-                g = json.loads(line)
+                g = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                raise DataError(path, lineno, f"not UTF-8 ({e.reason} at byte {e.start})") from None
             except ValueError as e:
                 raise DataError(path, lineno, f"not JSON ({e})") from None
-            missing = [k for k in GROUP_FIELDS if k not in g]
-            if missing:
-                raise DataError(path, lineno, f"missing fields {missing}")
-            if not isinstance(g["negatives"], list) or len(g["teachers"]) != len(g["negatives"]):
-                raise DataError(path, lineno, "negatives and teachers must be lists of the same length")
-            if not g["negatives"]:
-                raise DataError(path, lineno, "a group needs at least one negative")
-            missing = [p for p in g["images"] if not Path(p).is_file()]
-            if missing:  # now, not as a crash hours into training
-                raise DataError(path, lineno, f"image not found: {missing[0]}")
+            problem = _group_problem(g)
+            if problem:
+                raise DataError(path, lineno, problem)
+            g["case_id"] = str(g["case_id"])
+            if g["case_id"] in first:
+                raise DataError(path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})")
+            first[g["case_id"]] = lineno
+            images = []
+            for p in g["images"]:
+                full = Path(p) if Path(p).is_absolute() else (root / p).resolve()
+                if not Path(p).is_absolute() and not full.is_relative_to(root):
+                    raise DataError(path, lineno, f"image path {p!r} leaves the groups file's folder {root}")
+                images.append(str(full))
+            g["images"] = images
             if max_negatives is not None:
                 g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
-            g["case_id"] = str(g["case_id"])
             groups.append({k: g[k] for k in GROUP_FIELDS})
+            lines.append(lineno)
     if not groups:
         raise DataError(path, None, "no groups")
+    check = ImageResolver(root, allow_absolute=True, verify="full")
+    check.check_all(p for g in groups for p in g["images"])
+    for g, lineno in zip(groups, lines):
+        problem = next((check.problem(p) for p in g["images"] if check.problem(p)), None)
+        if problem:
+            raise DataError(path, lineno, problem)
     return groups
 
 
