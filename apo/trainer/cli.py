@@ -4,6 +4,8 @@ Every APOConfig / TrainingArguments field is a `--key value` override (HF spelli
     apo train --config configs/apo/demo.yaml --output_dir runs/apo --learning_rate 1e-4 --loss dpo
 Multi-GPU: `accelerate launch -m apo.cli train ...` or `torchrun --nproc_per_node 4 -m apo.cli train ...`,
 with `--deepspeed configs/deepspeed/zero2.json`.
+Killed? Rerun the same command with `--resume`: it continues from the newest complete checkpoint in output_dir
+(`--save_strategy steps --save_steps K`); a half-written one is never used (apo.trainer.checkpoint).
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON file of APOConfig values (configs/apo/*.yaml)")
     parser.add_argument("--help-config", action="store_true", help="list every APOConfig field and exit")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest complete checkpoint in output_dir (from scratch if there is "
+                             "none); same as --resume_from_checkpoint auto. A half-written checkpoint is never used")
     parser.epilog = "Any other --key value is an APOConfig override (see --help-config), e.g. --learning_rate 1e-4."
     # argparse.REMAINDER does not take options that come first (`--output_dir X`), so this sub-parser keeps every
     # option it does not know in `args.rest` for HfArgumentParser instead of handing it back as an error.
@@ -46,20 +51,42 @@ def run(args) -> int:
         if not getattr(config, name):
             raise ApoError(f"--{name} is required (in the config file or on the command line)")
     groups = load_groups(config.groups_file, config.max_negatives)
+    resume = resume_point(config, getattr(args, "resume", False))  # before the model loads: a bad path fails fast
     model, processor = build_model(config)
     trainer = APOTrainer(model=model, args=config, train_dataset=groups, processing_class=processor)
     if trainer.is_world_process_zero():
         n_neg = sum(len(g["negatives"]) for g in groups)
         log.info("APO (%s loss, beta %g): %d groups, %d negatives, teachers %s; trainable %s", config.loss,
                  config.beta, len(groups), n_neg, trainer.teachers, _trainable(model))
-    resume = config.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last", "auto"):
-        resume = True  # the last checkpoint in output_dir
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_final()
     if trainer.is_world_process_zero():
         print(summary(trainer.state.log_history, config.output_dir))
     return 0
+
+
+def resume_point(config, resume_flag=False) -> str | None:
+    """The checkpoint folder to resume from, or None. "auto"/"last"/"true" (or --resume): the newest complete
+    checkpoint in output_dir, none = from scratch; a folder: that one, refused if it is incomplete."""
+    from apo.errors import ApoError
+    from apo.trainer.checkpoint import checkpoint_problem, checkpoints, last_complete_checkpoint
+
+    want = "auto" if resume_flag else config.resume_from_checkpoint
+    if not want:
+        done = [p for p in checkpoints(config.output_dir) if checkpoint_problem(p) is None]
+        if done:
+            log.warning("%s already holds %s; training from scratch (pass --resume to continue from it)",
+                        config.output_dir, done[0].name)
+        return None
+    if want.lower() in ("true", "last", "auto"):
+        found = last_complete_checkpoint(config.output_dir)
+        log.info("resuming from %s" if found else "no complete checkpoint in %s; training from scratch",
+                 found or config.output_dir)
+        return found
+    problem = checkpoint_problem(want, require_marker=False)
+    if problem:
+        raise ApoError(f"--resume_from_checkpoint {want}: not a complete checkpoint ({problem})")
+    return want
 
 
 def _trainable(model) -> str:

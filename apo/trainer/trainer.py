@@ -4,7 +4,7 @@ Per step: every candidate row of the batch goes through the policy; the referenc
 model with its LoRA adapter disabled (no second copy; with an SFT adapter merged in at load time, that is pi_st),
 or from a frozen copy (full fine-tuning), or from a cache precomputed before the first step. Row log-probs are
 scattered back into [B, 1+N] and handed to the pure loss in `apo.loss`. DeepSpeed, DDP, gradient accumulation,
-checkpoints and resume are the Trainer's own; this file adds the loss, the reference, and metrics that are summed
+checkpoints and resume are the Trainer's own (plus a commit record per checkpoint, apo.trainer.checkpoint); this file adds the loss, the reference, and metrics that are summed
 (not averaged twice) over the logging interval and across processes.
 """
 
@@ -278,6 +278,29 @@ class APOTrainer(Trainer):
                     logs[k] = round(s / c, 6)
             self._acc.zero_()
         super().log(logs, start_time)
+
+    # ---- checkpoints: complete or not at all (apo.trainer.checkpoint)
+    def _save_checkpoint(self, model, trial):
+        """The Trainer's checkpoint, then its commit record. Older checkpoints are rotated out only after the new one
+        is marked complete, so a kill mid-save always leaves the previous complete checkpoint to resume from."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+        from apo.trainer.checkpoint import mark_complete, unmark
+
+        run_dir = self._get_output_dir(trial=trial)
+        folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            unmark(folder)  # rewriting a folder (a resume that passes an old save point): incomplete until marked
+        limit, self.args.save_total_limit = self.args.save_total_limit, None
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process has written its part (ZeRO shards, RNG states)
+        if self.args.should_save:
+            mark_complete(folder)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=True,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
 
     # ---- the end
     def save_final(self):
