@@ -17,11 +17,11 @@ positions and pushed through the lm_head `chunk_size` rows at a time (each chunk
 recomputes one chunk's logits instead of keeping them all).
 
 Attention (`attention=`): "segments" (default) computes only the blocks the mask allows: the prompts as one
-[groups, Pmax] batch (causal), the candidates as one [candidates, Lmax] batch whose keys are [their prompt; their
-own tokens] - two SDPA calls per layer, gathered from and scattered back to the packed row. A dense mask over the
-row costs T^2 and wastes most of it (attention was 70% of the tiny CPU step); a loop over candidates costs a kernel
-per candidate and layer (GPU launch-bound). Padding to Pmax/Lmax costs some attention FLOPs, which are a few
-percent of a 7B step. It is an attention function registered with transformers
+[groups, Pmax] batch (causal), the candidates in a few length buckets [m, Lb] whose keys are [their prompt; their
+own tokens] - a handful of SDPA calls per layer, gathered from and scattered back to the packed row. A dense mask
+over the row costs T^2 and wastes most of it (attention was 70% of the tiny CPU step); a loop over candidates costs
+a kernel per candidate and layer (GPU launch-bound); one batch padded to the longest candidate wastes up to 3x on
+CXR-MAX's spread of answer lengths. It is an attention function registered with transformers
 and set on the language model's config the first time (`use_segment_attention`); without the `packed_layout`
 argument it hands over to the model's own kernel, so plain forwards and generation are unchanged.
 "mask" gives the model the dense 4D block mask instead (boolean for sdpa, additive for eager, a BlockMask that
@@ -175,39 +175,50 @@ def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_
 PREFIX = "apo_segments_"  # + the model's own kernel name, which plain forwards keep using
 
 
-def attention_layout(segments: list[list[int]]) -> dict:
+def attention_layout(segments: list[list[int]], spread: float = 1.5) -> dict:
     """Gather indices for `segment_attention` from [[prompt length, candidate lengths...], ...] (row order).
 
-    Prompts become a [G, Pmax] batch attending causally to themselves; candidates a [M, Lmax] batch whose keys are
-    [their group's prompt (padded to Pmax); themselves (padded to Lmax)]. `inv` maps each packed position to its
-    row in the concatenated outputs. Padded slots point at position 0 and are masked out as keys."""
-    G, M = len(segments), sum(len(s) - 1 for s in segments)
-    Pm, Lm = max(s[0] for s in segments), max((l for s in segments for l in s[1:]), default=1)
-    q_prompt, p_ok = torch.zeros(G, Pm, dtype=torch.long), torch.zeros(G, Pm, dtype=torch.bool)
-    q_cand, c_ok = torch.zeros(M, Lm, dtype=torch.long), torch.zeros(M, Lm, dtype=torch.bool)
-    k_cand, k_ok = torch.zeros(M, Pm + Lm, dtype=torch.long), torch.zeros(M, Pm + Lm, dtype=torch.bool)
-    inv, off, m = [], 0, 0
-    for g, (P, *cands) in enumerate(segments):
-        q_prompt[g, :P], p_ok[g, :P] = torch.arange(off, off + P), True
-        inv += range(g * Pm, g * Pm + P)
-        prompt, off = torch.arange(off, off + P), off + P
-        for L in cands:
-            q_cand[m, :L], c_ok[m, :L] = torch.arange(off, off + L), True
-            k_cand[m, :P], k_ok[m, :P] = prompt, True
-            k_cand[m, Pm:Pm + L], k_ok[m, Pm:Pm + L] = q_cand[m, :L], True
-            inv += range(G * Pm + m * Lm, G * Pm + m * Lm + L)
-            off, m = off + L, m + 1
+    Prompts become one [G, Pmax] batch attending causally to themselves. Candidates, sorted by length, go into a
+    few batches [m, Lb] (a new batch when a length falls below Lb / `spread`, so padding stays under ~1.5x) whose
+    keys are [their group's prompt (padded to Pmax); themselves (padded to Lb)]. `inv` maps each packed position
+    to its row in the concatenated outputs. Padded slots point at position 0 and are masked out as keys."""
+    G, Pm = len(segments), max(s[0] for s in segments)
     causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()
-    own = torch.cat([torch.ones(Lm, Pm, dtype=torch.bool), causal(Lm)], 1)  # whole prompt, then causal
-    return {"q_prompt": q_prompt, "prompt_mask": (causal(Pm) & p_ok[:, None, :])[:, None],
-            "q_cand": q_cand, "k_cand": k_cand, "cand_mask": (own & k_ok[:, None, :])[:, None],
-            "inv": torch.tensor(inv, dtype=torch.long)}
+    q_prompt, p_ok = torch.zeros(G, Pm, dtype=torch.long), torch.zeros(G, Pm, dtype=torch.bool)
+    cands, off = [], 0  # (length, first position, prompt positions)
+    for g, (P, *lens) in enumerate(segments):
+        q_prompt[g, :P], p_ok[g, :P] = torch.arange(off, off + P), True
+        prompt, off = q_prompt[g, :P], off + P
+        for L in lens:
+            cands.append((L, off, prompt))
+            off += L
+    slot = torch.empty(off, dtype=torch.long)  # packed position -> row of the concatenated outputs
+    slot[q_prompt[p_ok]] = torch.arange(G * Pm).view(G, Pm)[p_ok]
+    buckets, row = [], G * Pm
+    order = sorted(range(len(cands)), key=lambda i: -cands[i][0])
+    while order:
+        Lb = cands[order[0]][0]
+        take = [i for i in order if cands[i][0] * spread >= Lb]
+        order = order[len(take):]
+        q, k = torch.zeros(len(take), Lb, dtype=torch.long), torch.zeros(len(take), Pm + Lb, dtype=torch.long)
+        ok = torch.zeros(len(take), Pm + Lb, dtype=torch.bool)
+        for m, i in enumerate(take):
+            L, first, prompt = cands[i]
+            q[m, :L] = torch.arange(first, first + L)
+            k[m, :len(prompt)], ok[m, :len(prompt)] = prompt, True
+            k[m, Pm:Pm + L], ok[m, Pm:Pm + L] = q[m, :L], True
+            slot[first:first + L] = torch.arange(row + m * Lb, row + m * Lb + L)
+        own = torch.cat([torch.ones(Lb, Pm, dtype=torch.bool), causal(Lb)], 1)  # whole prompt, then causal
+        buckets.append({"q": q, "k": k, "mask": (own & ok[:, None, :])[:, None]})
+        row += len(take) * Lb
+    return {"q_prompt": q_prompt, "prompt_mask": (causal(Pm) & p_ok[:, None, :])[:, None], "cands": buckets,
+            "inv": slot}
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_layout=None,
                       **kwargs):
     """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa):
-    two SDPA calls per layer whatever the number of groups and candidates (few kernels, no T x T work)."""
+    one SDPA call for the prompts and one per candidate length bucket, whatever the number of groups."""
     if packed_layout is None:  # any other forward: the model's own kernel
         return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
@@ -222,9 +233,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
         o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), K, V, attn_mask=mask, dropout_p=p, scale=scaling)
         return o.transpose(1, 2).flatten(0, 1)  # [B * L, heads, d]
 
-    out = torch.cat([attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"]),
-                     attend(lay["q_cand"], lay["k_cand"], lay["cand_mask"])])
-    return out[lay["inv"]][None], None
+    out = [attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"])]
+    out += [attend(b["q"], b["k"], b["mask"]) for b in lay["cands"]]
+    return torch.cat(out)[lay["inv"]][None], None
 
 
 def _base_attention(module):
