@@ -185,7 +185,7 @@ def chexbert_labeler(checkpoint, tokenizer_dir=None, device: str = "cpu"):
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
-    state = torch.load(path, map_location="cpu")
+    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors and dicts only: no code from a pickle
     state = state.get("model_state_dict", state)
     state = {k.replace("module.", ""): v for k, v in state.items()}
     words = state["bert.embeddings.word_embeddings.weight"]
