@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,18 @@ def run(args) -> int:
         n_neg = sum(len(g["negatives"]) for g in groups)
         log.info("APO (%s loss, beta %g): %d groups, %d negatives, teachers %s; trainable %s", config.loss,
                  config.beta, len(groups), n_neg, trainer.teachers, _trainable(model))
-    trainer.train(resume_from_checkpoint=resume)
+    if resume and _finished(resume, config):  # killed after the last step: do not train again, write the output
+        from transformers import TrainerState
+        from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            raise ApoError(f"{resume} is the run's last step (its weights are there); rerun without --resume to train "
+                           "again")
+        log.info("%s is the run's last step; writing the final output from it", resume)
+        trainer._load_from_checkpoint(resume)
+        trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
+    else:
+        trainer.train(resume_from_checkpoint=resume)
     trainer.save_final()
     if trainer.is_world_process_zero():
         print(summary(trainer.state.log_history, config.output_dir))
@@ -87,6 +99,15 @@ def resume_point(config, resume_flag=False) -> str | None:
     if problem:
         raise ApoError(f"--resume_from_checkpoint {want}: not a complete checkpoint ({problem})")
     return want
+
+
+def _finished(checkpoint, config) -> bool:
+    """Is this checkpoint the run's last step? (transformers 5.19 resumed there would still train one more step.)"""
+    import json
+
+    state = json.loads(open(os.path.join(checkpoint, "trainer_state.json"), encoding="utf-8").read())
+    target = config.max_steps if config.max_steps > 0 else state.get("max_steps", 0)
+    return bool(target) and state.get("global_step", 0) >= target
 
 
 def _trainable(model) -> str:
