@@ -28,14 +28,14 @@ from tests.reliability.faults import (after_records, after_seconds, complete_lin
                                       partial_keys, run_apo, tear)
 from tests.reliability.world import build  # noqa: E402
 
-STAGES = ("vote", "model", "eval-report", "eval-mscxrt", "train")
+STAGES = ("vote", "model", "eval-report", "eval-mscxrt", "train", "train-ref")
 
 
 def stage_specs(w, model, work):
     """stage -> (argv without --out/--output_dir, output flag, records file inside the output, files to compare)."""
     data = ["--dataset", w["data"], "--image-root", w["root"]]
     gen = ["--model", model, "--max-new-tokens", 6, "--batch-size", 2]
-    return {
+    specs = {
         "vote": (["consensus", "--strategy", "vote", *data], "--out", None, [None]),
         "model": (["consensus", "--strategy", "model", *data, *gen, "--max-length", 1024], "--out", None, [None]),
         "eval-report": (["eval-report", *data, *gen], "--out", "predictions.jsonl",
@@ -47,6 +47,9 @@ def stage_specs(w, model, work):
                    "--save_total_limit", 2, "--lora_dropout", 0.1, "--learning_rate", 1e-3, "--merge_on_save", "false",
                    "--resume"], "--output_dir", None, None),
     }
+    # the same run with reference log-probs precomputed into OUTPUT_DIR/ref_cache first (killed there too)
+    specs["train-ref"] = ([*specs["train"][0], "--precompute_ref", "true"], "--output_dir", None, None)
+    return specs
 
 
 def records_file(out, inner):
@@ -87,7 +90,7 @@ def main():
     refs, durations = {}, {}
     for s in stages:
         argv, flag, inner, _ = specs[s]
-        out = work / "ref" / (s + (".jsonl" if inner is None and s != "train" else ""))
+        out = work / "ref" / (s + (".jsonl" if inner is None and not s.startswith("train") else ""))
         out.parent.mkdir(parents=True, exist_ok=True)
         t = time.monotonic()
         rc = run_apo([*argv, flag, out], log)
@@ -105,13 +108,14 @@ def main():
         round_ += 1
         s = rng.choice(stages)
         argv, flag, inner, compare = specs[s]
-        out = work / "runs" / f"{round_}-{s}" / ("out.jsonl" if inner is None and s != "train" else "out")
+        out = work / "runs" / f"{round_}-{s}" / ("out.jsonl" if inner is None and not s.startswith("train") else "out")
         out.parent.mkdir(parents=True, exist_ok=True)
-        rec = records_file(out, inner) if s != "train" else None
-        n = complete_lines(records_file(refs[s], inner)) if s != "train" else 0
+        train = s.startswith("train")
+        rec = None if train else records_file(out, inner)
+        n = 0 if train else complete_lines(records_file(refs[s], inner))
         try:
             for _ in range(rng.randint(1, 4)):
-                if s != "train" and rng.random() < 0.5 and complete_lines(rec) < n - 1:
+                if not train and rng.random() < 0.5 and complete_lines(rec) < n - 1:
                     k = complete_lines(rec) + rng.randint(1, max(1, n - 1 - complete_lines(rec)))
                     when, how = after_records(rec, k), f"after {k} records"
                 else:
@@ -120,7 +124,11 @@ def main():
                 r = kill_when([*argv, flag, out], when, log)
                 stats[s]["runs"] += 1
                 stats[s]["kills landed" if r["killed"] else "finished before the kill"] += 1
-                if s != "train":
+                if train:
+                    cache = out / "ref_cache"
+                    for f in cache.glob("ref_logps.*.jsonl") if cache.is_dir() else []:
+                        partial_keys(f, key="key")  # the reference cache: whole, distinct records too
+                else:
                     partial_keys(rec)  # raises on a broken or duplicated record
                     if r["killed"] and rec.exists() and rng.random() < 0.3:
                         tear(rec)
@@ -130,7 +138,7 @@ def main():
             rc = run_apo([*argv, flag, out], log)
             if rc != 0:
                 raise AssertionError(f"final run exited {rc}")
-            if s == "train":
+            if train:
                 ok = same_adapter(out, refs[s])
             else:
                 ok = all(records_file(out, f).read_bytes() == records_file(refs[s], f).read_bytes() for f in compare)
