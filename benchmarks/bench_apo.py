@@ -80,7 +80,8 @@ def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, scale: floa
     for i in range(n_groups):
         img = out / "images" / f"cxr{i}.png"
         yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
-        lungs = 200 - 120 * np.exp(-((xx - 0.3) ** 2 + (yy - 0.5) ** 2) * 12) - 120 * np.exp(-((xx - 0.7) ** 2 + (yy - 0.5) ** 2) * 12)
+        lung = lambda cx: 120 * np.exp(-((xx - cx) ** 2 + (yy - 0.5) ** 2) * 12)  # two dark lung fields
+        lungs = 200 - lung(0.3) - lung(0.7)
         px = np.clip(lungs + rng.normal(0, 12, lungs.shape), 0, 255).astype(np.uint8)
         Image.fromarray(px).convert("RGB").save(img)
         text = lambda k: " ".join(rng.choice(SENTENCES, size=max(1, round(scale * LENGTHS[k % len(LENGTHS)]))
@@ -108,7 +109,7 @@ def token_counts(spec: dict) -> dict:
 
     proc = _processor(spec, AutoProcessor)
     col = GroupCollator(proc, spec["max_length"])
-    rows = []
+    rows, image_id = [], proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     for g in load_groups(spec["data"]["groups"]):
         enc, resp = col.encode_group(g)
         P, C = enc["input_ids"].shape[1], [len(r) for r in resp]
@@ -116,7 +117,7 @@ def token_counts(spec: dict) -> dict:
                      "packed_tokens_per_group": P + sum(C), "prompt_tokens": P,
                      "mean_response_tokens": sum(C) / len(C), "response_tokens_per_group": sum(C),
                      "attn_pairs_per_group": P * P / 2 + sum(c * P + c * c / 2 for c in C),
-                     "image_tokens": int((enc["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())})
+                     "image_tokens": int((enc["input_ids"] == image_id).sum())})
     return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
 
 
@@ -164,7 +165,7 @@ def install_step_timer(path: str, device: str, warmup: int, profile: bool = Fals
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.r = {"step_end": [], "step_begin": [], "loss": []}
+            self.r = {"step_end": [], "step_begin": [], "cpu_end": [], "loss": []}
 
         def on_train_begin(self, args, state, control, **kw):
             self.r["rss_begin_kb"] = rss_kb()
@@ -185,6 +186,7 @@ def install_step_timer(path: str, device: str, warmup: int, profile: bool = Fals
             if device == "cuda":
                 torch.cuda.synchronize()
             self.r["step_end"].append(time.perf_counter())
+            self.r["cpu_end"].append(time.process_time())
             if getattr(self, "prof", None) is not None:
                 self.prof.__exit__(None, None, None)
                 key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -229,8 +231,8 @@ def random_model(spec, tokenizer):
            ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
     cfg = Qwen2_5_VLConfig(
         text_config=dict(**s["text"], max_position_embeddings=32768, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16],
-                                          "rope_theta": 1e6}),
+                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                          "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}),
         vision_config=dict(**s["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
                            window_size=112, fullatt_block_indexes=[i for i in range(vd) if i % 8 == 7 or i == vd - 1]),
         image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
@@ -408,9 +410,13 @@ def measure(method: str, spec: dict, spec_path: str, timeout: int) -> dict:
     gaps = [b - a for a, b in zip(ends[w - 1:], ends[w:])] if w >= 1 else []
     inside = [e - b for b, e in zip(begins[w:], ends[w:])]
     groups_per_step = r["items_per_step"] / (spec["n_neg"] if method in ("swift", "trl", "pairs") else 1)
+    cpu = [b - a for a, b in zip(r["cpu_end"][w - 1:], r["cpu_end"][w:])]
     r["step_s"] = statistics.median(gaps) if gaps else float("nan")
     r["in_step_s"] = statistics.median(inside) if inside else float("nan")
-    r["s_per_group"] = r["step_s"] / groups_per_step
+    r["cpu_step_s"] = statistics.median(cpu) if cpu else float("nan")
+    r["wall_s_per_group"] = r["step_s"] / groups_per_step
+    r["cpu_s_per_group"] = r["cpu_step_s"] / groups_per_step
+    r["s_per_group"] = r["cpu_s_per_group" if spec["clock"] == "cpu" else "wall_s_per_group"]
     if spec["device"] == "cuda":
         r["peak_mem_mb"] = r["abs_peak_mb"] = r["cuda_peak"] / 2**20
     else:  # what training adds to the loaded process; the absolute peak has the libraries' ~0.9 GB in it
@@ -440,8 +446,9 @@ def flops_per_group(spec, tok) -> dict:
     Hv, Iv, D = v["hidden_size"], v["intermediate_size"], v["depth"]
     patches = 4 * tok["image_tokens"]
     full = sum(1 for i in range(D) if i % 8 == 7 or i == D - 1)
-    vision = (2 * patches * (1176 * Hv + D * (4 * Hv * Hv + 3 * Hv * Iv) + (16 * Hv * Hv + 4 * Hv * v["out_hidden_size"]) / 4)
-              + 4 * Hv * patches * (full * patches + (D - full) * 64))
+    merger = (16 * Hv * Hv + 4 * Hv * v["out_hidden_size"]) / 4  # per patch: 4 patches merge into one token
+    vision = (2 * patches * (1176 * Hv + D * (4 * Hv * Hv + 3 * Hv * Iv) + merger)
+              + 4 * Hv * patches * (full * patches + (D - full) * 64))  # windows of 64 patches, a few full layers
     fwd = 2 * N * T + 2 * H * V * C + 4 * L * H * A
     required = fwd + (2 * N * T + 2 * H * V * C + 8 * L * H * A) + fwd + vision
     conventional = 8 * N * T + 8 * H * V * C + 16 * L * H * A + vision
@@ -471,8 +478,14 @@ def main(argv=None):
                                                                 "ms-swift's default)")
     ap.add_argument("--profile", action="store_true", help="write a torch.profiler table of one step per method")
     ap.add_argument("--check", action="store_true", help="apo: first compare packed and plain log-probs on a batch")
+    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
+                    help="time per step: process CPU time (default on CPU: with one thread per method it is the "
+                         "compute time, unmoved by other users' load on a shared machine) or wall time (default on "
+                         "cuda, after a synchronize); both are reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per method (1: robust on a shared CPU)")
     ap.add_argument("--timeout", type=int, default=600)
+    ap.add_argument("--repeat", type=int, default=None, help="runs per method, alternating; the fastest run counts "
+                                                            "(default 2 with --quick, else 1)")
     ap.add_argument("--work", default=None, help="keep the work folder here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -483,11 +496,13 @@ def main(argv=None):
     if a.quick:
         a.steps, a.warmup = min(a.steps, 8), 2
         a.methods = a.methods or "apo,swift"
+        a.repeat = a.repeat or 2
     methods = (a.methods or ("apo,plain,pairs" if a.device == "cuda" else "apo,plain,swift,trl")).split(",")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_apo_"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, in_worker = prepare_model_dir(a, work, methods)
     a.warmup = max(a.warmup, 1)  # the first step's gap has no previous step end
+    a.repeat = a.repeat or 1
     n_steps = a.warmup + a.steps
     dpo_batch = a.dpo_batch or a.n_negatives
     n_groups = max(a.groups_per_step * n_steps, -(-dpo_batch * n_steps // a.n_negatives))
@@ -496,6 +511,7 @@ def main(argv=None):
             "n_neg": a.n_negatives, "n_steps": n_steps, "warmup": a.warmup, "groups_per_step": a.groups_per_step,
             "dpo_batch": dpo_batch, "max_length": a.max_length, "image_size": a.image_size,
             "attn": a.attn or "sdpa", "grad_ckpt": not a.no_grad_ckpt, "threads": a.threads, "check": a.check,
+            "clock": a.clock or ("cpu" if a.device == "cpu" else "wall"),
             "profile": a.profile,
             "data": make_data(work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112,
                               a.response_scale)}
@@ -504,9 +520,16 @@ def main(argv=None):
     tok = token_counts(spec)
 
     results = {}
-    for m in methods:
-        print(f"[bench] {m} ...", file=sys.stderr, flush=True)
-        results[m] = measure(m, spec, spec_path, a.timeout)
+    for rep in range(a.repeat):  # A B A B: a load change on a shared machine hits every method alike
+        for m in methods:
+            print(f"[bench] {m} (run {rep + 1}/{a.repeat}) ...", file=sys.stderr, flush=True)
+            r = measure(m, spec, spec_path, a.timeout)
+            r["runs_ms_per_group"] = results.get(m, {}).get("runs_ms_per_group", []) + [
+                round(r.get("s_per_group", float("nan")) * 1e3, 1)]
+            if m not in results or "error" in results[m] or r.get("s_per_group", 1e9) < results[m]["s_per_group"]:
+                results[m] = r  # the run least disturbed by others' load
+            else:
+                results[m]["runs_ms_per_group"] = r["runs_ms_per_group"]
     report = summarise(a, spec, tok, results)
     print(json.dumps(report))
     return 0
@@ -537,14 +560,16 @@ def summarise(a, spec, tok, results) -> dict:
             r["mfu"] = flops["required"] / r["s_per_group"] / peak
             r["mfu_6n"] = flops["6N"] / r["s_per_group"] / peak
             r["tflops"] = flops["required"] / r["s_per_group"] / 1e12
-        rows.append(f"{m:6s} {r['s_per_group'] * 1e3:9.1f} ms/group  step {r['step_s'] * 1e3:8.1f} ms "
-                    f"(in-step {r['in_step_s'] * 1e3:8.1f})  {r['tokens_per_s']:9.0f} pair-tok/s  "
+        rows.append(f"{m:6s} {r['s_per_group'] * 1e3:8.1f} ms/group ({spec['clock']})  "
+                    f"wall {r['wall_s_per_group'] * 1e3:8.1f}  cpu {r['cpu_s_per_group'] * 1e3:8.1f}  "
+                    f"(wall in-step {r['in_step_s'] * 1e3:7.1f}/step)  "
+                    f"{r['tokens_per_s']:8.0f} pair-tok/s  "
                     f"train mem +{r['peak_mem_mb']:7.1f} MB (abs peak {r['abs_peak_mb']:7.1f} MB)  "
                     f"loss {r['loss'][:1]} -> {r['loss'][-1:]}  proc {r['process_s']:.0f}s"
                     + (f"  {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%} (6N count: {r['mfu_6n']:.1%})"
                        if "mfu" in r else ""))
     where = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"{spec['threads']} threads"
-    print(f"# device {spec['device']} ({platform.processor() or platform.machine()}, {where}), "
+    print(f"# device {spec['device']} ({platform.processor() or platform.machine()}, {where}), clock {spec['clock']}, "
           f"model {spec['model_config']}, N={spec['n_neg']}, {a.steps} steps after warm-up, "
           f"grad ckpt {spec['grad_ckpt']}, attn {spec['attn']}", file=sys.stderr)
     print(f"# tokens/group: prompt {tok['prompt_tokens']:.0f}, mean response {tok['mean_response_tokens']:.0f}, "
@@ -553,14 +578,19 @@ def summarise(a, spec, tok, results) -> dict:
     for row in rows:
         print(row, file=sys.stderr)
     ok = {m: r for m, r in results.items() if "error" not in r}
-    out = {"device": spec["device"], "model_config": spec["model_config"], "n_negatives": spec["n_neg"],
+    out = {"device": spec["device"], "clock": spec["clock"], "model_config": spec["model_config"],
+           "n_negatives": spec["n_neg"],
            "steps": a.steps, "torch": torch.__version__, "transformers": transformers.__version__,
            "ms_swift": version("ms-swift"), "trl": version("trl"), **{k: round(v, 1) for k, v in tok.items()}}
     for m, r in ok.items():
         out[f"{m}_ms_per_group"] = round(r["s_per_group"] * 1e3, 2)
+        out[f"{m}_wall_ms_per_group"] = round(r["wall_s_per_group"] * 1e3, 2)
+        out[f"{m}_cpu_ms_per_group"] = round(r["cpu_s_per_group"] * 1e3, 2)
         out[f"{m}_peak_mem_mb"] = round(r["peak_mem_mb"], 1)
         out[f"{m}_abs_peak_mb"] = round(r["abs_peak_mb"], 1)
         out[f"{m}_tokens_per_s"] = round(r["tokens_per_s"], 1)
+        if len(r["runs_ms_per_group"]) > 1:
+            out[f"{m}_runs_ms_per_group"] = r["runs_ms_per_group"]
         if "check" in r:
             out["packed_vs_plain_check"] = r["check"]
         if "mfu" in r:
@@ -574,6 +604,7 @@ def summarise(a, spec, tok, results) -> dict:
         for m, key in (("swift", "swift_dpo"), ("trl", "trl_dpo"), ("plain", "plain"), ("pairs", "pairs_dpo")):
             if m in ok:
                 out[f"speedup_vs_{key}"] = round(ok[m]["s_per_group"] / apo["s_per_group"], 3)
+                out[f"wall_speedup_vs_{key}"] = round(ok[m]["wall_s_per_group"] / apo["wall_s_per_group"], 3)
                 out[f"peak_mem_ratio_vs_{key}"] = round(apo["peak_mem_mb"] / ok[m]["peak_mem_mb"], 3)
                 out[f"abs_peak_mem_ratio_vs_{key}"] = round(apo["abs_peak_mb"] / ok[m]["abs_peak_mb"], 3)
     if flops:

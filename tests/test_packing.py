@@ -90,6 +90,11 @@ def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn, atten
                     for spread in (1.0, 100.0):
                         rebucketed = dict(packed, packed_layout=attention_layout(packed["packed_segments"], spread))
                         torch.testing.assert_close(packed_logps(model, rebucketed)[0], a, rtol=1e-5, atol=1e-5)
+                    for g in range(len(groups)):  # one group a batch: equal prompts, the mask-free causal path
+                        one = PackedGroupCollator(processor)(groups[g:g + 1])
+                        assert one["packed_layout"]["prompt_mask"] is None
+                        torch.testing.assert_close(packed_logps(model, one)[0], a[plain["group_index"] == g],
+                                                   rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
             assert torch.equal(na, nb)
         on, _ = packed_logps(model, packed, attention=attention)
@@ -106,7 +111,9 @@ def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn, atten
         torch.testing.assert_close(forward_logps(model, plain)[0], on, rtol=1e-5, atol=1e-5)
 
 
-def test_packed_grads_match_plain(tiny_model_dir, processor, groups):
+@pytest.mark.parametrize("subset", [slice(None), slice(0, 1)])  # unequal prompts (masks) / one group (causal)
+def test_packed_grads_match_plain(tiny_model_dir, processor, groups, subset):
+    groups = groups[subset]
     model = _model(tiny_model_dir, "sdpa", lora=True)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert params and all("lora_" in n for n, _ in params)

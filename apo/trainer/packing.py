@@ -30,6 +30,8 @@ skips masked tiles for flex_attention): a second, independent implementation, ke
 
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 
 import torch
@@ -183,6 +185,10 @@ def attention_layout(segments: list[list[int]], spread: float = 1.5) -> dict:
     keys are [their group's prompt (padded to Pmax); themselves (padded to Lb)]. `inv` maps each packed position
     to its row in the concatenated outputs. Padded slots point at position 0 and are masked out as keys."""
     G, Pm = len(segments), max(s[0] for s in segments)
+    # all prompts alike (always so with one group per batch): no mask at all - the prompts are plain causal and a
+    # candidate padded at its end is lower-right causal over [prompt; own] (its valid queries never reach its
+    # padding), which SDPA runs with its causal kernels; padded queries' outputs are never read
+    uniform = all(s[0] == Pm for s in segments)
     causal = lambda n: torch.ones(n, n, dtype=torch.bool).tril()
     q_prompt, p_ok = torch.zeros(G, Pm, dtype=torch.long), torch.zeros(G, Pm, dtype=torch.bool)
     cands, off = [], 0  # (length, first position, prompt positions)
@@ -209,10 +215,10 @@ def attention_layout(segments: list[list[int]], spread: float = 1.5) -> dict:
             k[m, Pm:Pm + L], ok[m, Pm:Pm + L] = q[m, :L], True
             slot[first:first + L] = torch.arange(row + m * Lb, row + m * Lb + L)
         own = torch.cat([torch.ones(Lb, Pm, dtype=torch.bool), causal(Lb)], 1)  # whole prompt, then causal
-        buckets.append({"q": q, "k": k, "mask": (own & ok[:, None, :])[:, None]})
+        buckets.append({"q": q, "k": k, "mask": None if uniform else (own & ok[:, None, :])[:, None]})
         row += len(take) * Lb
-    return {"q_prompt": q_prompt, "prompt_mask": (causal(Pm) & p_ok[:, None, :])[:, None], "cands": buckets,
-            "inv": slot}
+    return {"q_prompt": q_prompt, "prompt_mask": None if uniform else (causal(Pm) & p_ok[:, None, :])[:, None],
+            "cands": buckets, "inv": slot}
 
 
 def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_layout=None,
@@ -222,19 +228,24 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     if packed_layout is None:  # any other forward: the model's own kernel
         return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
+    from torch.nn.attention.bias import causal_lower_right
+
     lay, p = packed_layout, (dropout if module.training else 0.0)
     q, k, v = query[0].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1)  # [T, heads, d]
     rep = q.shape[1] // k.shape[1]  # grouped-query attention: share each K/V head
 
-    def attend(qi, ki, mask):
-        K, V = k[ki].transpose(1, 2), v[ki].transpose(1, 2)
+    def attend(qi, ki, mask, causal):
+        Q, K, V = q[qi].transpose(1, 2), k[ki].transpose(1, 2), v[ki].transpose(1, 2)
         if rep > 1:
             K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
-        o = F.scaled_dot_product_attention(q[qi].transpose(1, 2), K, V, attn_mask=mask, dropout_p=p, scale=scaling)
+        if mask is None and causal == "lower_right":
+            mask = causal_lower_right(Q.shape[2], K.shape[2])
+        o = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, dropout_p=p, scale=scaling,
+                                           is_causal=mask is None)
         return o.transpose(1, 2).flatten(0, 1)  # [B * L, heads, d]
 
-    out = [attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"])]
-    out += [attend(b["q"], b["k"], b["mask"]) for b in lay["cands"]]
+    out = [attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"], "top_left")]
+    out += [attend(b["q"], b["k"], b["mask"], "lower_right") for b in lay["cands"]]
     return torch.cat(out)[lay["inv"]][None], None
 
 
@@ -260,13 +271,15 @@ def use_segment_attention(model):
     config._attn_implementation = PREFIX + base
 
 
+@functools.cache
+def _takes_encoder_outputs(cls) -> bool:  # transformers >= 5.19 (Qwen2.5-VL `mm_encoder_outputs`)
+    return "mm_encoder_outputs" in inspect.signature(cls.forward).parameters
+
+
 def _frozen_vision(inner) -> bool:
     """No trainable vision weight (LoRA on the language model only), so the image features do not depend on the
-    adapter or need a gradient; and this transformers takes precomputed features (`mm_encoder_outputs`)."""
-    import inspect
-
-    return ("mm_encoder_outputs" in inspect.signature(inner.forward).parameters
-            and not any(p.requires_grad for p in inner.model.visual.parameters()))
+    adapter or need a gradient; and this transformers takes precomputed features."""
+    return _takes_encoder_outputs(type(inner)) and not any(p.requires_grad for p in inner.model.visual.parameters())
 
 
 def _inner(model):
@@ -281,8 +294,9 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
 
     Same contract as `apo.trainer.logps.forward_logps`. The model is called through its own (possibly wrapped)
     forward, so DDP/DeepSpeed hooks and a PEFT `disable_adapter()` context apply as usual, with the logits of one
-    position only (`logits_to_keep=1`); a hook on the final norm takes the hidden states. With a frozen vision tower the image
-    features are computed once per batch and kept in `batch` for the next pass (policy, then reference)."""
+    position only (`logits_to_keep=1`); a hook on the final norm takes the hidden states. With a frozen vision
+    tower the image features are computed once per batch and kept in `batch` for the next pass (policy, then
+    reference)."""
     inner = _inner(model)
     dev = batch["input_ids"].device
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw") if k in batch}
