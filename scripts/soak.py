@@ -13,7 +13,6 @@ Prints a summary; exit status 1 if any invariant failed.
 """
 
 import argparse
-import json
 import random
 import shutil
 import sys

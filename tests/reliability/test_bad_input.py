@@ -9,6 +9,7 @@ eval-mscxrt (CSV), drift (data and --consensus).
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 
@@ -17,10 +18,10 @@ from apo.consensus import read_consensus
 from apo.errors import DataError
 from apo.mscxrt import read_pairs
 
-from .world import CASES, MSCXRT_HEADER, TEXTS, build, csv_text, data_rows, jsonl
+from .world import CASES, MSCXRT_HEADER, TEXTS, build, csv_text, data_rows
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-DEMO = str(__import__("pathlib").Path(__file__).parents[2] / "configs" / "apo" / "demo.yaml")
+DEMO = str(Path(__file__).parents[2] / "configs" / "apo" / "demo.yaml")
 
 
 @pytest.fixture(scope="module")

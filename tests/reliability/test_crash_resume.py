@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from apo.cli import main
 from apo.trainer.checkpoint import MARKER, checkpoint_problem, checkpoints, last_complete_checkpoint, mark_complete
 
-from .faults import after_records, after_seconds, complete_lines, kill_when, partial_keys, run_apo, tear
+from .faults import after_records, after_seconds, complete_lines, kill_when, partial_keys, tear
 from .world import build
 
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
