@@ -60,7 +60,8 @@ fi
 apo build-pairs "${data_args[@]}" --consensus "$CONSENSUS" --negatives "$NEGATIVES" --out "$GROUPS_FILE" --dpo-out "$PAIRS"
 
 # Stage 3.
-train_args=(--config "$CONFIG" --model_name_or_path "$MODEL" --groups_file "$GROUPS_FILE" --output_dir "$OUTPUT_DIR")
+# --resume: a rerun after a kill continues from the newest complete checkpoint (from scratch when there is none).
+train_args=(--config "$CONFIG" --model_name_or_path "$MODEL" --groups_file "$GROUPS_FILE" --output_dir "$OUTPUT_DIR" --resume)
 [ -e "$SFT_ADAPTER" ] && train_args+=(--adapter_name_or_path "$SFT_ADAPTER")
 [ -n "$DEEPSPEED" ] && train_args+=(--deepspeed "$DEEPSPEED")
 "${launch[@]}" -m apo.cli train "${train_args[@]}" ${EXTRA_ARGS:-} "$@"
