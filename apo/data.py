@@ -79,14 +79,10 @@ class Case:
 
 
 def write_cases(cases, path) -> None:
-    """Canonical JSONL, atomically (tmp + rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for c in cases:
-            f.write(json.dumps(c.to_dict(), ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Canonical JSONL, atomically (tmp + fsync + rename)."""
+    from apo.resumable import write_jsonl_atomic
+
+    write_jsonl_atomic(path, (c.to_dict() for c in cases))
 
 
 def mimic_image_path(root, subject_id, study_id, dicom_id, ext=".jpg") -> Path:
