@@ -3,8 +3,8 @@
 A group {prompt, images, positive t+, negatives t_1..t_N} becomes 1+N rows, each = image(s) + prompt + one
 candidate response, in the processor's own chat template, so APO scores exactly what SFT trained and eval prompts.
 The group structure stays explicit: `group_index`/`candidate_index` per row and `valid` [B, 1+N] per group, so the
-trainer can scatter row log-probs back into the [B, 1+N] matrix the loss takes (and a later version can encode each
-group's images once instead of once per row).
+trainer can scatter row log-probs back into the [B, 1+N] matrix the loss takes. This is the plain path (`--packed
+false`); `apo.trainer.packing.PackedGroupCollator` reuses `encode_group` and packs each group's image and prompt once.
 
 Over-length policy: the prompt (with its image tokens) is never cut, since cutting image tokens breaks the model and
 cutting the question changes the task; each response is truncated to `max_length - prompt length` tokens. A

@@ -39,6 +39,14 @@ class APOConfig(TrainingArguments):
                                         "is never cut; the response is truncated to fit."})
     max_negatives: int | None = field(
         default=None, metadata={"help": "Keep at most this many teacher negatives per group (the first ones)."})
+    packed: bool = field(
+        default=True, metadata={"help": "The fast step (apo.trainer.packing): each group's image and prompt computed "
+                                        "once, its candidates packed after it in one row with block attention and "
+                                        "exact mrope positions, no padding; log-probs from a chunked lm-head. false = "
+                                        "the plain path, 1+N padded rows each carrying the image (same numbers to "
+                                        "1e-5 in fp32, slower)."})
+    logps_chunk_size: int = field(
+        default=1024, metadata={"help": "Tokens per lm-head chunk when computing log-probs (peak logits memory)."})
     # --- objective ---
     loss: Literal["apo", "dpo"] = field(
         default="apo", metadata={"help": "apo: Plackett-Luce over {t+, all teachers}; dpo: pairwise sigmoid loss over "
@@ -80,6 +88,8 @@ class APOConfig(TrainingArguments):
             raise ApoError(f"--beta must be > 0, not {self.beta}")
         if self.max_negatives is not None and self.max_negatives < 1:
             raise ApoError("--max_negatives must be >= 1")
+        if self.logps_chunk_size < 1:
+            raise ApoError("--logps_chunk_size must be >= 1")
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ApoError(f"--torch_dtype: unknown {self.torch_dtype!r}")
 

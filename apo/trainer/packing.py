@@ -301,12 +301,13 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
     dev = batch["input_ids"].device
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw") if k in batch}
     if "pixel_values" in batch and _frozen_vision(inner):  # policy and reference passes share one encoding
-        if "_image_features" not in batch:
+        owner, feats = batch.get("_image_features", (None, None))
+        if owner is not inner.model.visual:  # encoded by this vision tower, not another model's
             with torch.no_grad():
-                batch["_image_features"] = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
-                                                                    return_dict=True)
+                feats = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
+            batch["_image_features"] = (inner.model.visual, feats)
         inputs.pop("pixel_values")
-        inputs["mm_encoder_outputs"] = {"image": batch["_image_features"]}
+        inputs["mm_encoder_outputs"] = {"image": feats}
     if attention == "segments":
         use_segment_attention(inner)
         # an empty 4D mask: transformers passes a 4D mask through as-is, so no T x T mask is ever built

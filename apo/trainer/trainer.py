@@ -1,6 +1,8 @@
 """APOTrainer: stage 3 ("critique") as a `transformers.Trainer` subclass (TRL's DPOTrainer shape, smaller).
 
-Per step: every candidate row of the batch goes through the policy; the reference log-probs come from the SAME
+Per step: every candidate of the batch goes through the policy - by default packed (apo.trainer.packing: each
+group's image and prompt computed once, its candidates after it in one row with block attention), or as 1+N
+padded rows (`--packed false`, the plain path; same log-probs to 1e-5); the reference log-probs come from the SAME
 model with its LoRA adapter disabled (no second copy; with an SFT adapter merged in at load time, that is pi_st),
 or from a frozen copy (full fine-tuning), or from a cache precomputed before the first step. Row log-probs are
 scattered back into [B, 1+N] and handed to the pure loss in `apo.loss`. DeepSpeed, DDP, gradient accumulation,
@@ -27,6 +29,7 @@ from apo.loss import LOSSES
 from apo.resumable import ResumableJsonl, write_json_atomic
 from apo.trainer.collator import GroupCollator, candidate_key
 from apo.trainer.logps import forward_logps
+from apo.trainer.packing import PackedGroupCollator, packed_logps
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +157,9 @@ class APOTrainer(Trainer):
         from peft import PeftModel
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
+        collator = (PackedGroupCollator if args.packed else GroupCollator)(processing_class, args.max_length)
         super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=GroupCollator(processing_class, args.max_length), **kwargs)
+                         data_collator=collator, **kwargs)
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer divide by grad-acc
         self.loss_fn = LOSSES[args.loss]
         self.is_peft = isinstance(model, PeftModel)
@@ -174,13 +178,23 @@ class APOTrainer(Trainer):
         if args.precompute_ref:
             self.add_callback(_PrecomputeRef(self))
 
+    # ---- log-probs: the packed step (default) or the plain padded rows, same contract
+    def logps(self, model, inputs):
+        """(summed response log-probs [R] float32, response tokens [R]) for the candidate rows of a collated batch."""
+        fn = packed_logps if self.args.packed else forward_logps
+        return fn(model, inputs, chunk_size=self.args.logps_chunk_size)
+
+    @staticmethod
+    def n_rows(inputs) -> int:
+        return len(inputs["group_index"])
+
     # ---- reference log-probs
     @torch.no_grad()
     def _reference_forward(self, model, inputs):
         if self.is_peft:
             with self.accelerator.unwrap_model(model).disable_adapter():
-                return forward_logps(model, inputs)[0]
-        return forward_logps(self.ref_model if self.ref_model is not None else model, inputs)[0]
+                return self.logps(model, inputs)[0]
+        return self.logps(self.ref_model if self.ref_model is not None else model, inputs)[0]
 
     def _reference_logps(self, model, inputs):
         if self.ref_cache is None:
@@ -188,7 +202,7 @@ class APOTrainer(Trainer):
         missing = [k for k in inputs["ref_keys"] if self.ref_cache.values.get(k) is None]
         if missing:
             raise ApoError(f"reference log-prob cache has no entry for {missing[:3]} (dataset changed?)")
-        return torch.tensor([self.ref_cache.values[k] for k in inputs["ref_keys"]], device=inputs["labels"].device)
+        return torch.tensor([self.ref_cache.values[k] for k in inputs["ref_keys"]], device=inputs["input_ids"].device)
 
     def precompute_reference(self):
         """Fill the on-disk cache for every candidate of the training set; each process does 1/world of it."""
@@ -218,7 +232,7 @@ class APOTrainer(Trainer):
         for n in range(n_batches):
             idx = mine[n * bs:(n + 1) * bs]
             batch = self._prepare_inputs(self.data_collator([data[i] for i in idx]))
-            logps = self._reference_forward(model, batch).tolist() if batch["labels"].shape[0] else []
+            logps = self._reference_forward(model, batch).tolist() if self.n_rows(batch) else []
             got = dict(zip(batch["ref_keys"], logps))
             for i in idx:
                 for k in keys[i]:
@@ -237,10 +251,10 @@ class APOTrainer(Trainer):
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.sum() * 0.0
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if inputs["input_ids"].shape[0] == 0:
+        if self.n_rows(inputs) == 0:
             return self._empty_batch_loss(model)
         valid, gi, ci = inputs["valid"], inputs["group_index"], inputs["candidate_index"]
-        policy, n_tokens = forward_logps(model, inputs)
+        policy, n_tokens = self.logps(model, inputs)
         ref = self._reference_logps(model, inputs).float()
         to_groups = lambda x: torch.zeros(valid.shape, dtype=x.dtype, device=x.device).index_put((gi, ci), x)
         policy_g, ref_g = to_groups(policy), to_groups(ref)
