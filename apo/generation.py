@@ -77,18 +77,92 @@ def add_model_arguments(parser, required=True) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=required, help="model folder (Qwen2.5-VL; base of --adapter)")
     g.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to load on top (e.g. the SFT output)")
-    g.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (per GPU)")
+    g.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (per GPU; with "
+                   "--backend vllm: requests handed to vLLM at a time, which batches them itself)")
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK if CUDA is available, else cpu")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
     g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
+    g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers generate() (batched, KV cache; CPU or GPU); vllm: vLLM's engine "
+                        "(continuous batching, paged KV cache; GPU, `pip install -e '.[vllm]'`)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory it may take")
 
 
 def model_from_args(args):
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ApoError("--batch-size and --max-new-tokens must be at least 1")
+    if getattr(args, "backend", "hf") == "vllm":
+        engine = VllmEngine(args.model, args.adapter, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            max_model_len=getattr(args, "max_length", None),
+                            tensor_parallel_size=args.tensor_parallel_size,
+                            gpu_memory_utilization=args.gpu_memory_utilization)
+        return engine, engine.processor
     return load_model(args.model, args.adapter, device=args.device, dtype=args.dtype,
                       trust_remote_code=args.trust_remote_code)
+
+
+class VllmEngine:
+    """`--backend vllm`: vLLM's offline engine behind the same `generate()`: the prompts are the same chat-formatted
+    texts (the processor's template; vLLM expands each image's placeholder into its patch tokens), the images the
+    same PIL images, greedy decoding the same (temperature 0), answers in input order. vLLM schedules the requests
+    itself (continuous batching, paged KV cache), so it gets them `batch_size` at a time only to keep the
+    resumable output flushed. An adapter is served as a LoRA (vLLM's LoRA covers the language model's linear
+    layers - what `scripts/SFT-Qwen2.5.sh` trains by default); one that also trains embeddings or the head
+    (MODULES_TO_SAVE) must be merged first (MERGE_LORA=true) and passed as --model.
+
+    Data parallel: one engine per process, so run one process per GPU replica with RANK / WORLD_SIZE set by hand
+    (run_resumable reads only those), or one process with --tensor-parallel-size; not under torchrun, whose process
+    group vLLM would try to join."""
+
+    def __init__(self, model, adapter=None, dtype="auto", trust_remote_code=False, max_model_len=None,
+                 tensor_parallel_size=1, gpu_memory_utilization=0.9, max_images=4, seed=0):
+        import json
+
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise ApoError("--backend vllm needs vLLM on a CUDA machine: pip install -e '.[vllm]' "
+                           "(or use --backend hf)") from None
+        from transformers import AutoProcessor
+
+        if os.environ.get("TORCHELASTIC_RUN_ID"):
+            raise ApoError("--backend vllm runs one engine per process: launch it without torchrun (set RANK and "
+                           "WORLD_SIZE per process for data parallel, or use --tensor-parallel-size)")
+        if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+            raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1)")
+        kw = dict(model=str(model), dtype=dtype, trust_remote_code=trust_remote_code, seed=seed,
+                  limit_mm_per_prompt={"image": max_images}, tensor_parallel_size=tensor_parallel_size,
+                  gpu_memory_utilization=gpu_memory_utilization)
+        if max_model_len:
+            kw["max_model_len"] = int(max_model_len)
+        self.lora = None
+        if adapter is not None:
+            cfg_path = Path(adapter) / "adapter_config.json"
+            if not cfg_path.is_file():
+                raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA folder)")
+            cfg = json.loads(cfg_path.read_text())
+            if cfg.get("modules_to_save"):
+                raise ApoError(f"--adapter {adapter}: it also trains {cfg['modules_to_save']}, which vLLM's LoRA "
+                               "cannot serve; merge it (SFT launcher MERGE_LORA=true) and pass the merged folder "
+                               "as --model")
+            from vllm.lora.request import LoRARequest
+
+            kw.update(enable_lora=True, max_lora_rank=max(8, int(cfg.get("r", 8))))
+            self.lora = LoRARequest("adapter", 1, str(adapter))
+        self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.llm = LLM(**kw)
+
+    def answer(self, texts, images_per_request, max_new_tokens, greedy=True, seed=0) -> list[str]:
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0, seed=seed,
+                                skip_special_tokens=True)
+        inputs = [{"prompt": t, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} if ims
+                  else {"prompt": t} for t, ims in zip(texts, images_per_request)]
+        outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
+        return [o.outputs[0].text.strip() for o in outs]
 
 
 # ---------------------------------------------------------------- generation
@@ -134,15 +208,19 @@ def _attention_backends(device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate"):
-    """Answers (str) to `requests` [(image_paths, prompt)], in input order."""
+def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate",
+             sort_by_length=True):
+    """Answers (str) to `requests` [(image_paths, prompt)], in input order. `model` is a transformers model or a
+    `VllmEngine`."""
     import torch
     from tqdm import tqdm
 
     requests = list(requests)
     texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
+    if isinstance(model, VllmEngine):
+        return model.answer(texts, [load_images(paths) for paths, _ in requests], max_new_tokens, greedy)
     lengths = [estimate_length(processor, paths, t) for (paths, _), t in zip(requests, texts)]
-    order = sorted(range(len(requests)), key=lambda i: -lengths[i])  # stable: ties keep input order
+    order = sorted(range(len(requests)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(requests)))
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, do_sample=not greedy)
