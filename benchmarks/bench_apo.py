@@ -274,10 +274,8 @@ def worker_apo(spec, variant: str):
         max_length=spec["max_length"], lora_r=8, lora_alpha=32, lora_dropout=0.05, logging_steps=1,
         save_strategy="no", report_to="none", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0,
         gradient_checkpointing=spec["grad_ckpt"], seed=0, attn_implementation=spec["attn"],
-        torch_dtype="bfloat16" if cuda else "float32", **_sequential(APOConfig))
-    packed = variant == "apo"
-    if hasattr(cfg, "packed"):
-        cfg.packed = packed
+        torch_dtype="bfloat16" if cuda else "float32", packed=variant == "apo", **_sequential(APOConfig))
+    packed = cfg.packed
     if not spec["build_in_worker"]:
         model, processor = T.build_model(cfg)
     else:
@@ -288,13 +286,7 @@ def worker_apo(spec, variant: str):
         model = random_model(spec, processor.tokenizer)
         model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
                                                  target_modules=T.lora_targets(model, "all-linear")))
-    if packed and not hasattr(cfg, "packed"):  # until the trainer has the flag: swap collator and log-prob function
-        from apo.trainer.packing import PackedGroupCollator, packed_logps
-
-        T.forward_logps = packed_logps
     trainer = T.APOTrainer(model=model, args=cfg, train_dataset=groups, processing_class=processor)
-    if packed and not hasattr(cfg, "packed"):
-        trainer.data_collator = PackedGroupCollator(processor, cfg.max_length)
     info = {"items_per_step": per_step, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if packed and spec.get("check"):
         info["check"] = check_packed(model, processor, groups[:per_step], cfg.max_length)

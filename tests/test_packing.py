@@ -147,11 +147,24 @@ def test_chunked_token_logps_matches_log_softmax():
     h = torch.randn(23, 16, requires_grad=True)
     ids = torch.randint(0, 50, (23,))
     ours = chunked_token_logps(h, ids, head, chunk_size=5, small=0)  # chunked + checkpointed
-    torch.testing.assert_close(chunked_token_logps(h, ids, head), ours)  # small: one piece
+    torch.testing.assert_close(chunked_token_logps(h, ids, head), ours)  # small: kept, one piece here
     full = torch.log_softmax(head(h), -1).gather(1, ids[:, None]).squeeze(1)
     torch.testing.assert_close(ours, full)
     w = torch.randn(23)
     g_ours = torch.autograd.grad((ours * w).sum(), [h, head.weight])
     g_full = torch.autograd.grad((full * w).sum(), [h, head.weight])
+    for a, b in zip(g_ours, g_full):
+        torch.testing.assert_close(a, b)
+
+
+def test_kept_logits_come_in_l2_sized_pieces_with_the_same_values_and_grads():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 12_000, bias=False)  # 2**18 // 12000 = 21 rows a piece: 23 rows -> 2 pieces
+    h = torch.randn(23, 16, requires_grad=True)
+    ids = torch.randint(0, 12_000, (23,))
+    ours = chunked_token_logps(h, ids, head)
+    full = torch.log_softmax(head(h), -1).gather(1, ids[:, None]).squeeze(1)
+    torch.testing.assert_close(ours, full)
+    g_ours, g_full = (torch.autograd.grad(x.sum(), [h, head.weight]) for x in (ours, full))
     for a, b in zip(g_ours, g_full):
         torch.testing.assert_close(a, b)

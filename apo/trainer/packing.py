@@ -162,12 +162,15 @@ def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_
                         small: int = 2**22) -> torch.Tensor:
     """log p(ids | hidden) per row in float32, `chunk_size` rows of logits alive at a time (forward and backward:
     each chunk is checkpointed and recomputed in the backward). Up to `small` logits in all (16 MB in float32, a
-    tiny vocabulary) they are simply kept: recomputing would cost more than it saves."""
-    if hidden.shape[0] * lm_head.weight.shape[0] <= small:
-        return _token_logps(hidden, ids, lm_head)
+    tiny vocabulary) they are simply kept (no checkpoint): recomputing would cost more than it saves."""
+    vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # ZeRO-3: weight is a 0-size stub
+    keep = hidden.shape[0] * vocab <= small
+    if keep:  # on CPU in cache-sized pieces (~1 MB of logits): a fresh multi-MB buffer costs page faults (its
+        # log-softmax ran 3-4x slower than in a loop on the same data, on a VM); on GPU one piece, one launch
+        chunk_size = max(16, 2**18 // vocab) if hidden.device.type == "cpu" else max(1, hidden.shape[0])
     parts = []
     for h, t in zip(hidden.split(chunk_size), ids.split(chunk_size)):
-        if torch.is_grad_enabled() and h.requires_grad:
+        if torch.is_grad_enabled() and h.requires_grad and not keep:
             parts.append(checkpoint(_token_logps, h, t, lm_head, use_reentrant=False))
         else:
             parts.append(_token_logps(h, t, lm_head))
@@ -236,12 +239,16 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
 
     def attend(qi, ki, mask, causal):
         Q, K, V = q[qi].transpose(1, 2), k[ki].transpose(1, 2), v[ki].transpose(1, 2)
-        if rep > 1:
+        # the causal kernels share K/V heads themselves (enable_gqa): no copy, ~10% of the tiny CPU step. CPU only
+        # until checked on a GPU, where lower-right causal goes to the raw flash op; a tensor mask never (CUDA's
+        # memory-efficient kernel takes masks but not GQA)
+        gqa = rep > 1 and mask is None and Q.device.type == "cpu"
+        if rep > 1 and not gqa:
             K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
         if mask is None and causal == "lower_right":
             mask = causal_lower_right(Q.shape[2], K.shape[2])
         o = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, dropout_p=p, scale=scaling,
-                                           is_causal=mask is None)
+                                           is_causal=mask is None, enable_gqa=gqa)
         return o.transpose(1, 2).flatten(0, 1)  # [B * L, heads, d]
 
     out = [attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"], "top_left")]
