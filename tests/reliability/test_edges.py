@@ -68,15 +68,14 @@ def test_a_dropped_group_is_left_out_of_the_loss_not_counted_as_zero(trainer):
 def test_extreme_log_probs_keep_loss_gradient_and_logged_metrics_finite(trainer, monkeypatch, loss, gap):
     """Sequence log-probs of -1e5 (long answers) against a reference far away: rewards up to |r| = beta * 1e5 = 1e4.
     The loss, its gradient and every metric the trainer logs stay finite."""
-    import apo.trainer.trainer as tt
     from apo.loss import LOSSES
 
     batch = trainer._prepare_inputs(trainer.data_collator(trainer.train_dataset[:2]))
-    n = batch["input_ids"].shape[0]
+    n = trainer.n_rows(batch)
     sign = torch.tensor([(-1.0) ** i for i in range(n)])
     policy = (-gap + sign * gap / 2).requires_grad_()  # rows alternately -gap/2 and -1.5 gap
     calls = iter([(policy, torch.full((n,), 50)), (-policy.detach().flip(0) * 0.5, torch.full((n,), 50))])
-    monkeypatch.setattr(tt, "forward_logps", lambda model, inputs, chunk_size=1024: next(calls))
+    monkeypatch.setattr(trainer, "logps", lambda model, inputs: next(calls))  # policy, then reference
     monkeypatch.setattr(trainer, "loss_fn", LOSSES[loss])
     trainer.model.train()
     trainer._acc.zero_()
