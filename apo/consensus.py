@@ -256,6 +256,14 @@ def summary(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def by_length(cases):
+    """Longest context first (question + trajectories, in characters: a cheap, monotone stand-in for tokens; the
+    image tokens are alike within a data set), ties in data set order. Generation then pads little in every batch,
+    and an out-of-memory shows on the first one. The output file keeps data set order (run_resumable's `order`)."""
+    size = {c.case_id: len(c.prompt) + sum(len(t.text) for t in c.trajectories) for c in cases}
+    return sorted(cases, key=lambda c: -size[c.case_id])
+
+
 def run(args) -> int:
     from apo.data import cases_from_args
     from apo.errors import ApoError
@@ -282,6 +290,7 @@ def run(args) -> int:
             return model_records(model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size,
                                  args.skip_bad)
         chunk_size = args.batch_size * 4  # a crash loses at most this many answers
+        usable = by_length(usable)  # batches of like lengths over the whole set, not only within a chunk
     results = run_resumable(args.out, usable, key=lambda c: c.case_id, process=process, chunk_size=chunk_size,
                             order=[c.case_id for c in cases], desc=f"consensus ({args.strategy})")
     if results is None:  # not rank 0: rank 0 merges and reports

@@ -150,3 +150,28 @@ def test_vote_counts_the_side():
     ]
     best, scores = vote(texts)
     assert best != 0 and scores[0] < min(scores[1:])  # without sides all four would agree on every label
+
+
+def test_model_strategy_generates_longest_cases_first_and_writes_in_dataset_order(tmp_path, tiny_model_dir,
+                                                                                    monkeypatch):
+    import apo.generation as G
+
+    data = write_dataset(tmp_path, n_cases=5, repeat=1)
+    rows = [json.loads(l) for l in data.read_text().splitlines()]
+    for r in rows:  # case c{i} gets i extra sentences on one teacher: c4 longest
+        i = int(r["case_id"][1:])
+        if r["model"] == "Grok-4":
+            r["response"] += " Mild cardiomegaly." * (3 * i)
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    seen, real = [], G.generate
+
+    def spy(model, processor, requests, **kw):
+        seen.extend(len(p) for _, p in requests)
+        return real(model, processor, requests, **kw)
+
+    monkeypatch.setattr(G, "generate", spy)
+    out = tmp_path / "c.jsonl"
+    assert main(["consensus", "--model", str(tiny_model_dir), "--dataset", str(data), "--out", str(out),
+                 "--max-new-tokens", "2", "--batch-size", "1"]) == 0  # chunks of 4: c4..c1, then c0
+    assert seen == sorted(seen, reverse=True) and len(seen) == 5
+    assert [json.loads(l)["case_id"] for l in out.read_text().splitlines()] == ["c0", "c1", "c2", "c3", "c4"]
