@@ -22,9 +22,12 @@ def groups_file(tmp_path_factory):
     return make_groups(tmp_path_factory.mktemp("apo_groups"), n_groups=4)
 
 
+LR = ("--learning_rate", "5e-3")  # faster than the demo's 1e-3: a 10-step run must show the loss falling
+
+
 def _config(tiny_model_dir, groups_file, out, *overrides):
     return parse_config(DEMO, ["--model_name_or_path", str(tiny_model_dir), "--groups_file", str(groups_file),
-                               "--output_dir", str(out), *map(str, overrides)])
+                               "--output_dir", str(out), *LR, *map(str, overrides)])
 
 
 def _trainer(config):
@@ -45,7 +48,7 @@ def _perturb_lora(model, seed=0):
 def _train(tiny_model_dir, groups_file, out, *overrides) -> list[dict]:
     args = argparse.Namespace(config=DEMO, help_config=False, rest=[
         "--model_name_or_path", str(tiny_model_dir), "--groups_file", str(groups_file), "--output_dir", str(out),
-        *map(str, overrides)])
+        *LR, *map(str, overrides)])
     assert cli.run(args) == 0
     return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 

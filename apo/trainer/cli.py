@@ -121,8 +121,10 @@ def summary(log_history: list[dict], output_dir: str) -> str:
     steps = [h for h in log_history if "loss" in h]
     if not steps:
         return f"apo train: no training step logged; output in {output_dir}"
-    first, last = steps[0], steps[-1]
-    margin = last.get("rewards/margins", float("nan"))
-    acc = last.get("rewards/accuracies", float("nan"))
-    return (f"apo train: loss {first['loss']:.4f} (step {first['step']}) -> {last['loss']:.4f} (step {last['step']}); "
-            f"final reward margin {margin:.4f}, accuracy {acc:.3f}; output in {output_dir}")
+    k = max(1, len(steps) // 10)  # one logged step is one batch: noisy; means over the first / last tenth
+    head, tail = steps[:k], steps[-k:]
+    mean = lambda part, key: sum(h.get(key, float("nan")) for h in part) / len(part)
+    span = lambda part: f"step {part[0]['step']}" if len(part) == 1 else f"steps {part[0]['step']}-{part[-1]['step']}"
+    return (f"apo train: loss {mean(head, 'loss'):.4f} ({span(head)}) -> {mean(tail, 'loss'):.4f} ({span(tail)}); "
+            f"reward margin {mean(tail, 'rewards/margins'):.4f}, accuracy {mean(tail, 'rewards/accuracies'):.3f} "
+            f"({span(tail)}); output in {output_dir}")
