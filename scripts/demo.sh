@@ -19,7 +19,8 @@ EVAL_LIMIT="${EVAL_LIMIT:-32}"
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 t0=$SECONDS
 step() { printf '\n== [%4ss] %s\n' "$((SECONDS - t0))" "$*"; }
-rm -rf "$RUN" "$RESULTS"
+# only what the demo writes: results/ also holds the seeded experiment (results/experiment, tracked)
+rm -rf "$RUN" "$RESULTS"/{base,sft,dpo,apo,drift} "$RESULTS"/tables.{md,tex} "$RESULTS"/curves_*.png
 mkdir -p "$RUN" "$RESULTS"
 
 step "synthetic CXR-MAX benchmark ($CASES cases, 7 drifting teachers)"
