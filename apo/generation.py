@@ -78,7 +78,7 @@ def add_model_arguments(parser, required=True) -> None:
     g.add_argument("--model", required=required, help="model folder (Qwen2.5-VL; base of --adapter)")
     g.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to load on top (e.g. the SFT output)")
     g.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (per GPU; with "
-                   "--backend vllm: requests handed to vLLM at a time, which batches them itself)")
+                   "--backend vllm, 4x this go to vLLM per call and it batches them itself)")
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK if CUDA is available, else cpu")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
@@ -107,8 +107,8 @@ class VllmEngine:
     """`--backend vllm`: vLLM's offline engine behind the same `generate()`: the prompts are the same chat-formatted
     texts (the processor's template; vLLM expands each image's placeholder into its patch tokens), the images the
     same PIL images, greedy decoding the same (temperature 0), answers in input order. vLLM schedules the requests
-    itself (continuous batching, paged KV cache), so it gets them `batch_size` at a time only to keep the
-    resumable output flushed. An adapter is served as a LoRA (vLLM's LoRA covers the language model's linear
+    itself (continuous batching, paged KV cache): it gets a whole resumable chunk (4 x --batch-size requests) per
+    call, and --batch-size only bounds what a crash can lose. An adapter is served as a LoRA (vLLM's LoRA covers the language model's linear
     layers - what `scripts/SFT-Qwen2.5.sh` trains by default); one that also trains embeddings or the head
     (MODULES_TO_SAVE) must be merged first (MERGE_LORA=true) and passed as --model.
 
