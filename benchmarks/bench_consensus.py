@@ -115,6 +115,14 @@ def main(argv=None):
 
     results, texts, prompt_tokens = {}, {}, [0]
     model = processor = None
+
+    def measure(name, run) -> list[int]:
+        """Time `run` (median of --repeat), keep its texts and figures; returns the prompt lengths it saw."""
+        sec, recs = timed(run, a.repeat)
+        texts[name] = [r["text"] for r in recs]
+        results[name] = {"seconds": round(sec, 3), "cases_per_s": round(len(cases) / sec, 3)}
+        print(f"{name:9s} {sec:8.2f} s  {len(cases) / sec:7.2f} cases/s", flush=True)
+        return [r["prompt_tokens"] for r in recs]
     if set(backends) - {"vllm"}:
         model, processor = load_model(model_dir, device=a.device, dtype=a.dtype)
         records = lambda cs, bs: model_records(model, processor, cs, a.max_length, a.max_new_tokens, bs)
@@ -134,11 +142,7 @@ def main(argv=None):
                         G.generate = original
             else:
                 run = lambda: records(cases, a.batch_size)
-            sec, recs = timed(run, a.repeat)
-            texts[name] = [r["text"] for r in recs]
-            results[name] = {"seconds": round(sec, 3), "cases_per_s": round(len(cases) / sec, 3)}
-            print(f"{name:9s} {sec:8.2f} s  {len(cases) / sec:7.2f} cases/s", flush=True)
-        prompt_tokens = [r["prompt_tokens"] for r in recs]
+            prompt_tokens = measure(name, run)
     if "vllm" in backends:
         from apo.generation import VllmEngine
 
@@ -146,11 +150,7 @@ def main(argv=None):
         engine = VllmEngine(model_dir, max_model_len=a.max_length, dtype=a.dtype)
         records = lambda cs: model_records(engine, engine.processor, cs, a.max_length, a.max_new_tokens, a.batch_size)
         records(cases[:2])
-        sec, recs = timed(lambda: records(cases), a.repeat)
-        texts["vllm"] = [r["text"] for r in recs]
-        results["vllm"] = {"seconds": round(sec, 3), "cases_per_s": round(len(cases) / sec, 3)}
-        print(f"{'vllm':9s} {sec:8.2f} s  {len(cases) / sec:7.2f} cases/s", flush=True)
-        prompt_tokens = [r["prompt_tokens"] for r in recs]
+        prompt_tokens = measure("vllm", lambda: records(cases))
 
     base = "loop" if "loop" in texts else next(iter(texts))
     for name in texts:
