@@ -209,11 +209,14 @@ def _attention_backends(device):
 
 
 def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate",
-             sort_by_length=True):
+             sort_by_length=True, fast=True):
     """Answers (str) to `requests` [(image_paths, prompt)], in input order. `model` is a transformers model or a
-    `VllmEngine`."""
+    `VllmEngine`. `fast`: the KV cache and (on CPU) the attention of `apo.decoding`; False gives transformers'
+    defaults (DynamicCache, the model's kernel) on a model not yet switched (a benchmark's reference)."""
     import torch
     from tqdm import tqdm
+
+    from apo.decoding import ReservedCache, use_generation_attention
 
     requests = list(requests)
     texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
@@ -227,6 +230,8 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
     if greedy:  # a chat model's generation_config may carry sampling settings; neutralise them
         gen_kw.update(temperature=None, top_p=None, top_k=None)
     device = next(model.parameters()).device
+    if fast and device.type == "cpu":  # on CUDA the SDPA kernels of _attention_backends (measured there; this not yet)
+        use_generation_attention(model)
     out: list[str | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
@@ -235,8 +240,11 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
+        # a KV cache reserved for the whole answer (no per-step copy of the cache); on CPU the decode steps'
+        # attention without K/V copies (apo.decoding)
+        cache = {"past_key_values": ReservedCache(batch["input_ids"].shape[1] + max_new_tokens)} if fast else {}
         with torch.inference_mode(), _attention_backends(device):
-            seqs = model.generate(**batch, **gen_kw)
+            seqs = model.generate(**batch, **gen_kw, **cache)
         new = seqs[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
         for i, ids in zip(idx, new):
             out[i] = tok.decode(ids, skip_special_tokens=True).strip()
