@@ -10,8 +10,12 @@ cases (image + question + the 7 teacher trajectories, fitted to --max-length), g
   loop      one case per generate() call (batch size 1, KV cache): what a per-case script does;
   unsorted  --batch-size cases per call in input order (left padding to the longest prompt of the batch);
   batched   --batch-size cases per call, longest prompts first (what `apo consensus` does): less padding;
+  defaults  as batched, with transformers' own KV cache and attention kernel instead of apo.decoding's
+            (on CPU; on CUDA only the cache differs): what apo.decoding adds;
   vllm      the same requests through `--backend vllm` (GPU, vLLM installed; continuous batching).
-Time: wall clock around each variant's calls, after one warm-up call; the model is loaded once, outside. The
+Every variant (loop, unsorted, batched) runs the same `apo.generation.generate` code, apo.decoding's fast path
+included. Time: wall clock around each variant's calls, after warm-up calls; with --repeat R the variants take
+turns R times (A B C A B C ...) and each keeps its median; the model is loaded once, outside. The
 cases are the synthetic CXR-MAX of `apo synth` (or --dataset), the model apo.tiny's random tiny Qwen2.5-VL (or
 --model-dir): generation then often runs to --max-new-tokens (a random model rarely says <|im_end|>), the same
 work for every variant. Outputs are compared with the loop's (greedy: the same text unless padding changes a
@@ -64,16 +68,6 @@ def prepare(a, work: Path):
     return cases, str(model_dir)
 
 
-def timed(fn, repeat: int):
-    """(median seconds, last result) over `repeat` calls."""
-    times, out = [], None
-    for _ in range(repeat):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times), out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -81,7 +75,8 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=256, help="per answer (consensus answers: hundreds)")
     ap.add_argument("--max-length", type=int, default=2048)
-    ap.add_argument("--backends", default="loop,unsorted,batched", help="comma list of loop,unsorted,batched,vllm")
+    ap.add_argument("--backends", default="loop,unsorted,batched,defaults",
+                    help="comma list of loop,unsorted,batched,defaults,vllm")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--model-dir", default=None, help="a local Qwen2.5-VL folder (default: built here, see --model-config)")
@@ -91,7 +86,7 @@ def main(argv=None):
                          "weight-bandwidth-bound like a real model)")
     ap.add_argument("--dataset", default=None, help="CXR-MAX-format cases (default: `apo synth` output, built here)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    ap.add_argument("--repeat", type=int, default=1, help="timed runs per variant; the median counts")
+    ap.add_argument("--repeat", type=int, default=1, help="rounds (each times every variant once); the median counts")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--work", default=None, help="keep the work folder here")
     a = ap.parse_args(argv)
@@ -104,7 +99,7 @@ def main(argv=None):
     if a.threads:
         torch.set_num_threads(a.threads)
     backends = [b.strip() for b in a.backends.split(",") if b.strip()]
-    unknown = set(backends) - {"loop", "unsorted", "batched", "vllm"}
+    unknown = set(backends) - {"loop", "unsorted", "batched", "defaults", "vllm"}
     if unknown:
         sys.exit(f"--backends: unknown {sorted(unknown)}")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_consensus_"))
@@ -113,59 +108,76 @@ def main(argv=None):
 
     import apo.generation as G
 
-    results, texts, prompt_tokens = {}, {}, [0]
-    model = processor = None
-
-    def measure(name, run) -> list[int]:
-        """Time `run` (median of --repeat), keep its texts and figures; returns the prompt lengths it saw."""
-        sec, recs = timed(run, a.repeat)
-        texts[name] = [r["text"] for r in recs]
-        results[name] = {"seconds": round(sec, 3), "cases_per_s": round(len(cases) / sec, 3)}
-        print(f"{name:9s} {sec:8.2f} s  {len(cases) / sec:7.2f} cases/s", flush=True)
-        return [r["prompt_tokens"] for r in recs]
+    results, texts, prompt_tokens = {}, {}, {}
+    runs = {}  # name -> callable giving the records
+    model = plain = None
     if set(backends) - {"vllm"}:
         model, processor = load_model(model_dir, device=a.device, dtype=a.dtype)
-        records = lambda cs, bs: model_records(model, processor, cs, a.max_length, a.max_new_tokens, bs)
-        records(cases[:2], 2)  # warm-up: kernels, allocator, tokenizer caches
+
+        def records(cs, bs, net=model, **kw):
+            original = G.generate  # model_records calls apo.generation.generate: pass the variant's options on
+            G.generate = lambda *x, **k: original(*x, **k, **kw)
+            try:
+                return model_records(net, processor, cs, a.max_length, a.max_new_tokens, bs)
+            finally:
+                G.generate = original
         for name in backends:
-            if name == "vllm":
-                continue
             if name == "loop":
-                run = lambda: [r for c in cases for r in records([c], 1)]
+                runs[name] = lambda: [r for c in cases for r in records([c], 1)]
             elif name == "unsorted":
-                def run():
-                    original = G.generate
-                    G.generate = lambda *x, **k: original(*x, **k, sort_by_length=False)
-                    try:
-                        return records(cases, a.batch_size)
-                    finally:
-                        G.generate = original
-            else:
-                run = lambda: records(cases, a.batch_size)
-            prompt_tokens = measure(name, run)
-    if "vllm" in backends:
+                runs[name] = lambda: records(cases, a.batch_size, sort_by_length=False)
+            elif name == "batched":
+                runs[name] = lambda: records(cases, a.batch_size)
+            elif name == "defaults":  # a model of its own: the fast path switches the model it runs on
+                plain, _ = load_model(model_dir, device=a.device, dtype=a.dtype)
+                runs[name] = lambda: records(cases, a.batch_size, net=plain, fast=False)
+        records(cases[:1], 1)  # warm-up: kernels, allocator, tokenizer caches
+        records(cases[:2], 2)
+        if "defaults" in runs:
+            records(cases[:2], 2, net=plain, fast=False)
+    times = {name: [] for name in runs}
+
+    def time_rounds(runs):
+        for _ in range(a.repeat):  # rounds: every variant once per round, so a noisy minute hits them all alike
+            for name, run in runs.items():
+                t = time.perf_counter()
+                recs = run()
+                times.setdefault(name, []).append(time.perf_counter() - t)
+                texts[name] = [r["text"] for r in recs]
+                prompt_tokens[name] = [r["prompt_tokens"] for r in recs]
+    time_rounds(runs)
+    if "vllm" in backends:  # after the others, their models freed: vLLM takes most of a GPU's memory
         from apo.generation import VllmEngine
 
-        del model
+        runs.clear()
+        model = plain = None
         engine = VllmEngine(model_dir, max_model_len=a.max_length, dtype=a.dtype)
-        records = lambda cs: model_records(engine, engine.processor, cs, a.max_length, a.max_new_tokens, a.batch_size)
-        records(cases[:2])
-        prompt_tokens = measure("vllm", lambda: records(cases))
+        vllm_records = lambda cs: model_records(engine, engine.processor, cs, a.max_length, a.max_new_tokens,
+                                                a.batch_size)
+        vllm_records(cases[:2])
+        time_rounds({"vllm": lambda: vllm_records(cases)})
+    for name, ts in times.items():
+        sec = statistics.median(ts)
+        results[name] = {"seconds": round(sec, 3), "cases_per_s": round(len(cases) / sec, 3),
+                         "all_seconds": [round(t, 3) for t in ts]}
+        print(f"{name:9s} {sec:8.2f} s  {len(cases) / sec:7.2f} cases/s", flush=True)
 
     base = "loop" if "loop" in texts else next(iter(texts))
     for name in texts:
         results[name]["same_text_as_" + base] = round(
             sum(x == y for x, y in zip(texts[name], texts[base])) / len(cases), 3)
+    lengths = next(iter(prompt_tokens.values()))
     summary = {"cases": len(cases), "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens,
-               "device": a.device, "threads": torch.get_num_threads(), "model": model_dir,
-               "prompt_tokens_median": statistics.median(prompt_tokens),
-               "prompt_tokens_range": [min(prompt_tokens), max(prompt_tokens)],
+               "device": a.device, "threads": torch.get_num_threads(), "model": model_dir, "repeat": a.repeat,
+               "prompt_tokens_median": statistics.median(lengths), "prompt_tokens_range": [min(lengths), max(lengths)],
                "torch": torch.__version__, "results": results}
-    for name in ("batched", "unsorted", "vllm"):
+    for name in ("batched", "unsorted", "defaults", "vllm"):
         if name in results and "loop" in results:
             summary[f"speedup_{name}_vs_loop"] = round(results["loop"]["seconds"] / results[name]["seconds"], 2)
     if "batched" in results and "unsorted" in results:
         summary["speedup_sorted_vs_unsorted"] = round(results["unsorted"]["seconds"] / results["batched"]["seconds"], 2)
+    if "batched" in results and "defaults" in results:
+        summary["speedup_batched_vs_defaults"] = round(results["defaults"]["seconds"] / results["batched"]["seconds"], 2)
     print(json.dumps(summary))
     return summary
 
