@@ -209,10 +209,11 @@ def _attention_backends(device):
 
 
 def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate",
-             sort_by_length=True, fast=True):
+             sort_by_length=True, fast=None):
     """Answers (str) to `requests` [(image_paths, prompt)], in input order. `model` is a transformers model or a
-    `VllmEngine`. `fast`: the KV cache and (on CPU) the attention of `apo.decoding`; False gives transformers'
-    defaults (DynamicCache, the model's kernel) on a model not yet switched (a benchmark's reference)."""
+    `VllmEngine`. `fast`: the KV cache and attention of `apo.decoding`; None (default) = on CPU, where they were
+    measured (on CUDA transformers' defaults, as measured on an H100); False gives transformers' defaults
+    (DynamicCache, the model's kernel) on a model not yet switched (a benchmark's reference)."""
     import torch
     from tqdm import tqdm
 
@@ -230,7 +231,8 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
     if greedy:  # a chat model's generation_config may carry sampling settings; neutralise them
         gen_kw.update(temperature=None, top_p=None, top_k=None)
     device = next(model.parameters()).device
-    if fast and device.type == "cpu":  # on CUDA the SDPA kernels of _attention_backends (measured there; this not yet)
+    fast = device.type == "cpu" if fast is None else fast
+    if fast:
         use_generation_attention(model)
     out: list[str | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)

@@ -85,6 +85,9 @@ def main(argv=None):
                          "random weights of bench_apo's sizes (small: 256 wide, 4 layers, Qwen's 152k vocabulary; "
                          "weight-bandwidth-bound like a real model)")
     ap.add_argument("--dataset", default=None, help="CXR-MAX-format cases (default: `apo synth` output, built here)")
+    ap.add_argument("--fast", choices=["auto", "on"], default="auto",
+                    help="apo.decoding in loop/unsorted/batched: auto = what `apo consensus` does (on CPU only), "
+                         "on = on any device (to check it on a GPU against `defaults`)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds (each times every variant once); the median counts")
     ap.add_argument("--seed", type=int, default=0)
@@ -115,6 +118,7 @@ def main(argv=None):
         model, processor = load_model(model_dir, device=a.device, dtype=a.dtype)
 
         def records(cs, bs, net=model, **kw):
+            kw.setdefault("fast", None if a.fast == "auto" else True)
             original = G.generate  # model_records calls apo.generation.generate: pass the variant's options on
             G.generate = lambda *x, **k: original(*x, **k, **kw)
             try:
