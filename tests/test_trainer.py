@@ -76,6 +76,12 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_dir, g
     assert torch.allclose(ref, want, atol=1e-4), (ref, want)
     assert (policy - want).abs().max() > 1.0  # the adapter does change the policy; the reference ignores it
     assert not trainer._reference_forward(trainer.model, batch).requires_grad
+    # afterwards the adapter is back, trainable as before (our context replaces PEFT's disable_adapter())
+    assert all(p.requires_grad == ("lora_" in n) for n, p in trainer.model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(trainer.logps(trainer.model, batch)[0], policy)
+        with trainer.model.disable_adapter():  # PEFT's own context gives the same reference
+            assert torch.equal(trainer.logps(trainer.model, batch)[0], ref)
 
 
 @pytest.mark.parametrize("reentrant", [False, True])
