@@ -14,18 +14,19 @@ On the tiny CPU model (batch 16, ~850-token prompts) those were ~60% of a decode
   the K/V heads as they are (the query heads of a K/V head form the rows of one matmul), the padding mask applied
   to the [B, kv_heads, group, L] scores; for the prefill of left-padded prompts, SDPA's causal kernel on each row's
   real tokens instead of a [B, 1, L, L] mask. Every other call (the vision tower, training, unusual masks) goes to
-  the model's own kernel unchanged. Registered with transformers like `apo.trainer.packing.segment_attention`.
+  the model's own kernel unchanged. Registered with transformers through `apo.attention`, like
+  `apo.trainer.packing.segment_attention`.
 Greedy outputs are the same tokens as with the defaults up to float rounding (tested on the tiny model: identical
 texts); the loop-vs-batched benchmark is `benchmarks/bench_consensus.py`.
 """
 
 from __future__ import annotations
 
-import sys
-
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
+
+from apo.attention import model_kernel, wrap_kernel
 
 PREFIX = "apo_decode_"  # + the model's own kernel name, which every other forward keeps using
 
@@ -85,7 +86,7 @@ def generation_attention(module, query, key, value, attention_mask, scaling=None
         starts = _left_padding(attention_mask, B)
         if starts is not None:
             return _prefill(query, key, value, starts, scaling), None
-    return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+    return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                    **kwargs)
 
 
@@ -127,27 +128,13 @@ def _prefill(query, key, value, starts, scaling):
     return out
 
 
-def _base_attention(module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    base = module.config._attn_implementation.removeprefix(PREFIX)
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    return eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-
-
 def use_generation_attention(model) -> bool:
     """Switch the language model of a transformers VLM/LM on sdpa or eager attention to `generation_attention`
     (every other forward keeps that kernel). Returns False, changing nothing, for any other model or kernel."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     config = getattr(decoder, "config", None)
     base = getattr(config, "_attn_implementation", None)
     if base is None or base.removeprefix(PREFIX) not in ("sdpa", "eager"):  # 4D masks; flash kernels take 2D
         return False
-    if not base.startswith(PREFIX):
-        AttentionInterface.register(PREFIX + base, generation_attention)
-        AttentionMaskInterface.register(PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])
-        config._attn_implementation = PREFIX + base
+    wrap_kernel(config, PREFIX, generation_attention)
     return True

@@ -121,3 +121,22 @@ def test_fast_generation_equals_transformers_defaults(tmp_path, tiny_model_dir, 
         torch.testing.assert_close(la, lb, rtol=1e-5, atol=1e-5)
     assert generate(fast, processor, requests, max_new_tokens=12, batch_size=4, progress=False) == \
         generate(plain, processor, requests, max_new_tokens=12, batch_size=4, progress=False, fast=False)
+
+
+def test_wrappers_stack_with_the_packed_training_attention(tiny_model_dir):
+    """A model switched to both our kernels (generation, then the packed step) still computes its plain forward."""
+    from apo.decoding import use_generation_attention
+    from apo.generation import _prompt_text, encode, load_model
+    from apo.trainer.packing import PREFIX as SEGMENTS, use_segment_attention
+
+    model, processor = load_model(tiny_model_dir)
+    plain, _ = load_model(tiny_model_dir)
+    use_generation_attention(model)
+    use_segment_attention(model)
+    assert model.get_decoder().config._attn_implementation == SEGMENTS + PREFIX + "sdpa"
+    batch = encode(processor, [_prompt_text(processor, 0, t) for t in ("short", "a much longer question here")],
+                   [[], []])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits[:, -1], plain(**batch).logits[:, -1], rtol=1e-5, atol=1e-5)
+        model.train(), plain.train()  # generation_attention hands training forwards on: through the whole stack
+        torch.testing.assert_close(model(**batch).logits[:, -1], plain(**batch).logits[:, -1], rtol=1e-5, atol=1e-5)

@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import sys
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from apo.attention import model_kernel, wrap_kernel
 from apo.trainer.collator import GroupCollator, candidate_key
 
 
@@ -229,7 +229,7 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa):
     one SDPA call for the prompts and one per candidate length bucket, whatever the number of groups."""
     if packed_layout is None:  # any other forward: the model's own kernel
-        return _base_attention(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+        return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                        **kwargs)
     from torch.nn.attention.bias import causal_lower_right
 
@@ -256,26 +256,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     return torch.cat(out)[lay["inv"]][None], None
 
 
-def _base_attention(module):
-    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-    base = module.config._attn_implementation.removeprefix(PREFIX)
-    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
-    return eager if base == "eager" else ALL_ATTENTION_FUNCTIONS[base]
-
-
 def use_segment_attention(model):
     """Register `segment_attention` for the language model's current kernel and switch its config to it."""
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
-    from transformers.modeling_utils import AttentionInterface
-
-    config = _inner(model).get_decoder().config
-    base = config._attn_implementation
-    if base.startswith(PREFIX):
-        return
-    AttentionInterface.register(PREFIX + base, segment_attention)
-    AttentionMaskInterface.register(PREFIX + base, ALL_MASK_ATTENTION_FUNCTIONS[base])  # plain forwards: usual masks
-    config._attn_implementation = PREFIX + base
+    wrap_kernel(_inner(model).get_decoder().config, PREFIX, segment_attention)
 
 
 @functools.cache
