@@ -86,8 +86,8 @@ def generation_attention(module, query, key, value, attention_mask, scaling=None
         starts = _left_padding(attention_mask, B)
         if starts is not None:
             return _prefill(query, key, value, starts, scaling), None
-    return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                   **kwargs)
+    return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling,
+                                        dropout=dropout, **kwargs)
 
 
 def _decode(query, key, value, attention_mask, scaling):

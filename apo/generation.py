@@ -232,6 +232,9 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
         gen_kw.update(temperature=None, top_p=None, top_k=None)
     device = next(model.parameters()).device
     fast = device.type == "cpu" if fast is None else fast
+    text_cfg = model.config.get_text_config(decoder=True)
+    if any(t != "full_attention" for t in getattr(text_cfg, "layer_types", None) or []):
+        fast = False  # sliding-window layers: transformers' cache knows them, ReservedCache does not
     if fast:
         use_generation_attention(model)
     out: list[str | None] = [None] * len(requests)

@@ -21,7 +21,8 @@ def test_reserved_layer_equals_concatenation_and_writes_in_place():
     assert layer._kbuf.shape[-2] == 16  # grown by doubling
     layer.batch_select_indices(torch.tensor([2, 0]))  # a reorder replaces the tensors: the next update copes
     keys, _ = layer.update(torch.ones(2, 2, 1, 4), torch.ones(2, 2, 1, 4))
-    assert torch.equal(keys[:, :, :11], torch.cat(chunks, dim=-2)[[2, 0]]) and torch.equal(keys[:, :, 11], torch.ones(2, 2, 4))
+    assert torch.equal(keys[:, :, :11], torch.cat(chunks, dim=-2)[[2, 0]])
+    assert torch.equal(keys[:, :, 11], torch.ones(2, 2, 4))
 
 
 class _Attn(torch.nn.Module):  # what transformers hands an attention function: a module with a config
@@ -140,3 +141,17 @@ def test_wrappers_stack_with_the_packed_training_attention(tiny_model_dir):
         torch.testing.assert_close(model(**batch).logits[:, -1], plain(**batch).logits[:, -1], rtol=1e-5, atol=1e-5)
         model.train(), plain.train()  # generation_attention hands training forwards on: through the whole stack
         torch.testing.assert_close(model(**batch).logits[:, -1], plain(**batch).logits[:, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_models_with_sliding_window_layers_keep_transformers_defaults(tiny_model_dir, monkeypatch):
+    from types import SimpleNamespace
+
+    import apo.decoding as D
+    from apo.generation import generate, load_model
+
+    model, processor = load_model(tiny_model_dir)
+    monkeypatch.setattr(model.config, "get_text_config", lambda decoder=False: SimpleNamespace(
+        layer_types=["sliding_attention", "full_attention"]))  # what such a model's config says
+    monkeypatch.setattr(D, "ReservedCache", lambda reserve: pytest.fail("ReservedCache for a sliding-window model"))
+    assert generate(model, processor, [([], "Findings?")], max_new_tokens=3, progress=False)
+    assert model.get_decoder().config._attn_implementation == "sdpa"

@@ -229,8 +229,8 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
     """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa):
     one SDPA call for the prompts and one per candidate length bucket, whatever the number of groups."""
     if packed_layout is None:  # any other forward: the model's own kernel
-        return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                       **kwargs)
+        return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling,
+                                            dropout=dropout, **kwargs)
     from torch.nn.attention.bias import causal_lower_right
 
     lay, p = packed_layout, (dropout if module.training else 0.0)

@@ -202,7 +202,8 @@ class APOTrainer(Trainer):
             from peft.utils.other import AuxiliaryTrainingWrapper
 
             base = self.accelerator.unwrap_model(model).base_model.model
-            self._tuner_layers = [m for m in base.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+            self._tuner_layers = [m for m in base.modules()
+                                  if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
         for m in self._tuner_layers:
             m.enable_adapters(False)
         try:
