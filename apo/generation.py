@@ -208,6 +208,11 @@ def _attention_backends(device):
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
+def _full_attention_only(config) -> bool:
+    types = getattr(config.get_text_config(decoder=True), "layer_types", None) or []
+    return all(t == "full_attention" for t in types)
+
+
 def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate",
              sort_by_length=True, fast=None):
     """Answers (str) to `requests` [(image_paths, prompt)], in input order. `model` is a transformers model or a
@@ -232,9 +237,7 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
         gen_kw.update(temperature=None, top_p=None, top_k=None)
     device = next(model.parameters()).device
     fast = device.type == "cpu" if fast is None else fast
-    text_cfg = model.config.get_text_config(decoder=True)
-    if any(t != "full_attention" for t in getattr(text_cfg, "layer_types", None) or []):
-        fast = False  # sliding-window layers: transformers' cache knows them, ReservedCache does not
+    fast = fast and _full_attention_only(model.config)  # ReservedCache has no sliding-window layers
     if fast:
         use_generation_attention(model)
     out: list[str | None] = [None] * len(requests)

@@ -144,14 +144,17 @@ def test_wrappers_stack_with_the_packed_training_attention(tiny_model_dir):
 
 
 def test_models_with_sliding_window_layers_keep_transformers_defaults(tiny_model_dir, monkeypatch):
-    from types import SimpleNamespace
+    from transformers import Qwen2_5_VLConfig
 
     import apo.decoding as D
-    from apo.generation import generate, load_model
+    import apo.generation as G
 
-    model, processor = load_model(tiny_model_dir)
-    monkeypatch.setattr(model.config, "get_text_config", lambda decoder=False: SimpleNamespace(
-        layer_types=["sliding_attention", "full_attention"]))  # what such a model's config says
+    sliding = Qwen2_5_VLConfig(text_config=dict(
+        hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+        use_sliding_window=True, sliding_window=16, max_window_layers=1))
+    model, processor = G.load_model(tiny_model_dir)
+    assert G._full_attention_only(model.config) and not G._full_attention_only(sliding)
+    monkeypatch.setattr(G, "_full_attention_only", lambda config: False)  # as for such a model
     monkeypatch.setattr(D, "ReservedCache", lambda reserve: pytest.fail("ReservedCache for a sliding-window model"))
-    assert generate(model, processor, [([], "Findings?")], max_new_tokens=3, progress=False)
+    assert G.generate(model, processor, [([], "Findings?")], max_new_tokens=3, progress=False)
     assert model.get_decoder().config._attn_implementation == "sdpa"
