@@ -248,8 +248,8 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        # a KV cache reserved for the whole answer (no per-step copy of the cache); on CPU the decode steps'
-        # attention without K/V copies (apo.decoding)
+        # apo.decoding: a KV cache reserved for the whole answer (no per-step copy of the cache), and attention
+        # without K/V copies (switched on above)
         cache = {"past_key_values": ReservedCache(batch["input_ids"].shape[1] + max_new_tokens)} if fast else {}
         with torch.inference_mode(), _attention_backends(device):
             seqs = model.generate(**batch, **gen_kw, **cache)

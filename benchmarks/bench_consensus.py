@@ -10,8 +10,8 @@ cases (image + question + the 7 teacher trajectories, fitted to --max-length), g
   loop      one case per generate() call (batch size 1, KV cache): what a per-case script does;
   unsorted  --batch-size cases per call in input order (left padding to the longest prompt of the batch);
   batched   --batch-size cases per call, longest prompts first (what `apo consensus` does): less padding;
-  defaults  as batched, with transformers' own KV cache and attention kernel instead of apo.decoding's
-            (on CPU; on CUDA only the cache differs): what apo.decoding adds;
+  defaults  as batched, with transformers' own KV cache and attention kernel instead of apo.decoding's:
+            what apo.decoding adds (on CUDA it is off unless --fast on, so there batched == defaults);
   vllm      the same requests through `--backend vllm` (GPU, vLLM installed; continuous batching).
 Every variant (loop, unsorted, batched) runs the same `apo.generation.generate` code, apo.decoding's fast path
 included. Time: wall clock around each variant's calls, after warm-up calls; with --repeat R the variants take
@@ -111,7 +111,7 @@ def main(argv=None):
 
     import apo.generation as G
 
-    results, texts, prompt_tokens = {}, {}, {}
+    results, texts, times, prompt_tokens = {}, {}, {}, []
     runs = {}  # name -> callable giving the records
     model = plain = None
     if set(backends) - {"vllm"}:
@@ -139,16 +139,16 @@ def main(argv=None):
         records(cases[:2], 2)
         if "defaults" in runs:
             records(cases[:2], 2, net=plain, fast=False)
-    times = {name: [] for name in runs}
 
     def time_rounds(runs):
+        nonlocal prompt_tokens
         for _ in range(a.repeat):  # rounds: every variant once per round, so a noisy minute hits them all alike
             for name, run in runs.items():
                 t = time.perf_counter()
                 recs = run()
                 times.setdefault(name, []).append(time.perf_counter() - t)
                 texts[name] = [r["text"] for r in recs]
-                prompt_tokens[name] = [r["prompt_tokens"] for r in recs]
+                prompt_tokens = [r["prompt_tokens"] for r in recs]
     time_rounds(runs)
     if "vllm" in backends:  # after the others, their models freed: vLLM takes most of a GPU's memory
         from apo.generation import VllmEngine
@@ -170,10 +170,10 @@ def main(argv=None):
     for name in texts:
         results[name]["same_text_as_" + base] = round(
             sum(x == y for x, y in zip(texts[name], texts[base])) / len(cases), 3)
-    lengths = next(iter(prompt_tokens.values()))
     summary = {"cases": len(cases), "batch_size": a.batch_size, "max_new_tokens": a.max_new_tokens,
                "device": a.device, "threads": torch.get_num_threads(), "model": model_dir, "repeat": a.repeat,
-               "prompt_tokens_median": statistics.median(lengths), "prompt_tokens_range": [min(lengths), max(lengths)],
+               "prompt_tokens_median": statistics.median(prompt_tokens),
+               "prompt_tokens_range": [min(prompt_tokens), max(prompt_tokens)],
                "torch": torch.__version__, "results": results}
     for name in ("batched", "unsorted", "defaults", "vllm"):
         if name in results and "loop" in results:
