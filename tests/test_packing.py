@@ -157,6 +157,29 @@ def test_chunked_token_logps_matches_log_softmax():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_logps_form_the_gradient_in_the_forward(dtype):
+    """LoRA's frozen lm_head: values and d/d hidden equal log_softmax + gather's (fp32: 1e-6; bf16: the same math
+    from the same bf16 logits), over several chunks, and what the backward keeps is [T, H], never [T, V]."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 3000, bias=False).to(dtype).requires_grad_(False)  # CPU pieces: 87 rows
+    h = torch.randn(200, 16, dtype=dtype, requires_grad=True)
+    ids = torch.randint(0, 3000, (200,))
+    ours = chunked_token_logps(h, ids, head)
+    assert type(ours.grad_fn).__name__ == "_FrozenHeadLogpsBackward"
+    assert [tuple(t.shape) for t in ours.grad_fn.saved_tensors] == [(200, 16)]
+    full = torch.log_softmax(head(h).float(), -1).gather(1, ids[:, None]).squeeze(1)
+    tol = dict(rtol=1e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(ours, full, **tol)
+    w = torch.randn(200)
+    (g_ours,), (g_full,) = (torch.autograd.grad((x * w).sum(), [h]) for x in (ours, full))
+    torch.testing.assert_close(g_ours, g_full, **tol)
+    with torch.no_grad():  # the reference pass: plain log-softmax, same values
+        torch.testing.assert_close(chunked_token_logps(h, ids, head), ours.detach(), **tol)
+    head.requires_grad_(True)  # a trainable head goes the module way (its weight needs a gradient too)
+    assert type(chunked_token_logps(h, ids, head).grad_fn).__name__ != "_FrozenHeadLogpsBackward"
+
+
 def test_kept_logits_come_in_l2_sized_pieces_with_the_same_values_and_grads():
     torch.manual_seed(0)
     head = torch.nn.Linear(16, 12_000, bias=False)  # 2**18 // 12000 = 21 rows a piece: 23 rows -> 2 pieces

@@ -243,4 +243,6 @@ def test_packed_and_plain_steps_train_the_same(tiny_model_dir, groups_file, tmp_
     assert runs["true"][-1]["rewards/margins"] > 0  # it trained
     w = {p: load_file(tmp_path / p / "adapter_model.safetensors") for p in runs}
     for k in w["true"]:
-        torch.testing.assert_close(w["true"][k], w["false"][k], rtol=1e-3, atol=1e-4)  # Adam: ~1e-5 steps
+        # Adam divides by sqrt(v): a coordinate whose gradient is near 0 turns fp32 rounding (the two paths' gradients
+        # agree to ~1e-6 relative) into a visible part of a step, so a few weights may differ by a few % of lr (1e-2)
+        torch.testing.assert_close(w["true"][k], w["false"][k], rtol=1e-3, atol=3e-4)

@@ -158,16 +158,55 @@ def _token_logps(h, ids, lm_head):
     return torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
 
 
+class _FrozenHeadLogps(torch.autograd.Function):
+    """log p(ids | hidden) through a frozen lm_head weight W [V, H], with its gradient computed in the forward.
+
+    d logp_t / d h_t = (onehot(id_t) - softmax(h_t W^T)) W is known as soon as the softmax is (the upstream
+    gradient of a token log-prob is one number per token), so each chunk's logits are used once and dropped: the
+    backward is `g[:, None] * D` with D [T, H] saved - no [T, V] logits kept, no recompute of the lm_head matmul
+    and no second pass over the vocabulary (Liger's fused-linear-cross-entropy idea, in plain torch ops). One exp
+    pass per chunk serves both the log-normaliser and the softmax."""
+
+    @staticmethod
+    def forward(ctx, hidden, ids, weight, chunk_size):
+        outs, grads = [], []
+        for h, t in zip(hidden.split(chunk_size), ids.split(chunk_size)):
+            logits = (h.to(weight.dtype) @ weight.t()).float()
+            picked = logits.gather(1, t[:, None]).squeeze(1)
+            top = logits.amax(-1, keepdim=True)
+            e = logits.sub_(top).exp_()  # in place: this chunk's logits are not needed again
+            total = e.sum(-1, keepdim=True)
+            outs.append(picked - top.squeeze(1) - total.log().squeeze(1))
+            e.div_(total).neg_().scatter_add_(1, t[:, None], torch.ones_like(total))  # onehot - softmax
+            grads.append((e.to(weight.dtype) @ weight).to(hidden.dtype))
+        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(hidden.shape))
+        return torch.cat(outs) if outs else hidden.new_zeros(0, dtype=torch.float32)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        return grad[:, None].to(d.dtype) * d, None, None, None
+
+
 def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_size: int = 1024,
                         small: int = 2**22) -> torch.Tensor:
-    """log p(ids | hidden) per row in float32, `chunk_size` rows of logits alive at a time (forward and backward:
-    each chunk is checkpointed and recomputed in the backward). Up to `small` logits in all (16 MB in float32, a
-    tiny vocabulary) they are simply kept (no checkpoint): recomputing would cost more than it saves."""
+    """log p(ids | hidden) per row in float32, `chunk_size` rows of logits alive at a time.
+
+    Gradient to `hidden` through a frozen lm_head (LoRA; the usual case): `_FrozenHeadLogps`, the gradient formed in
+    the forward, [T, H] kept. Otherwise (a trainable or ZeRO-3-partitioned lm_head, which must run as a module):
+    each chunk is checkpointed and recomputed in the backward; up to `small` logits in all (16 MB in float32, a tiny
+    vocabulary) they are simply kept (no checkpoint): recomputing would cost more than it saves."""
     vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # ZeRO-3: weight is a 0-size stub
+    cpu = hidden.device.type == "cpu"  # on CPU cache-sized pieces (~1 MB of logits): a fresh multi-MB buffer costs
+    # page faults (its log-softmax ran 3-4x slower than in a loop on the same data, on a VM)
+    piece = max(16, 2**18 // vocab)
+    weight = lm_head.weight
+    if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and weight.numel() \
+            and type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+        return _FrozenHeadLogps.apply(hidden, ids, weight, min(chunk_size, piece) if cpu else chunk_size)
     keep = hidden.shape[0] * vocab <= small
-    if keep:  # on CPU in cache-sized pieces (~1 MB of logits): a fresh multi-MB buffer costs page faults (its
-        # log-softmax ran 3-4x slower than in a loop on the same data, on a VM); on GPU one piece, one launch
-        chunk_size = max(16, 2**18 // vocab) if hidden.device.type == "cpu" else max(1, hidden.shape[0])
+    if keep:  # on GPU one piece, one launch
+        chunk_size = piece if cpu else max(1, hidden.shape[0])
     parts = []
     for h, t in zip(hidden.split(chunk_size), ids.split(chunk_size)):
         if torch.is_grad_enabled() and h.requires_grad and not keep:
