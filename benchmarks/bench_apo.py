@@ -12,14 +12,18 @@ The same G groups {t+, t_1..t_N} are trained by
   swift  `swift rlhf --rlhf_type dpo` (the published recipe) on the N pairwise rows of each group, LoRA, ref = the
          adapter disabled as ms-swift does with LoRA;
   trl    trl.DPOTrainer on the same pairs.
-Fairness: each method in its own subprocess, one after the other; the same LoRA (r 8, alpha 32, dropout 0.05, the
+Fairness: each method in its own subprocess; the same LoRA (r 8, alpha 32, dropout 0.05, the
 language model's linear layers), max length, dtype, gradient checkpointing, beta, learning rate, data order
 (sequential), no data-loader workers; one optimizer step = the same preferences (one group for APO, its N pairs for
 DPO; `--dpo-batch` changes that). Time: a Trainer callback (the same one in every process) stamps each step's end;
 time per step = the gap between consecutive step ends (data loading, forward, backward, optimizer, logging), median
-after `--warmup` steps; start-up, model loading and saving are outside. Memory: on CPU the peak RSS during the steps
-(VmHWM reset at train begin) minus the RSS at train begin = what training adds (activations, grads, optimizer,
-logits); the absolute peaks are reported too. On CUDA, torch.cuda.max_memory_allocated over the steps.
+after `--warmup` steps; start-up, model loading and saving are outside. Turns (`--lockstep`, on by default on CPU):
+the processes start together, then take turns, one block of steps each, for `--rounds` rounds (A B A B ...; the
+step after each pause is not measured); round k is the same groups for every method, so the speedup is the
+median of the per-round ratios - a slow minute on a shared machine hits both sides of a ratio. On cuda the
+methods run one after the other (`--repeat`: alternating runs, the fastest counts). Memory: on CPU the peak RSS
+during the steps (VmHWM reset at train begin) minus the RSS at train begin = what training adds (activations, grads,
+optimizer, logits); the absolute peaks are reported too. On CUDA, torch.cuda.max_memory_allocated over the steps.
 
 The last line printed is one JSON object (speedup_vs_swift_dpo, peak_mem_ratio_vs_swift_dpo, ...).
 """
@@ -153,8 +157,21 @@ def prepare_model_dir(a, work: Path, methods) -> tuple[str, bool]:
 
 # ------------------------------------------------------------------------------------------------ measuring
 
-def install_step_timer(path: str, device: str, warmup: int, profile: bool = False):
-    """Every Trainer built in this process gets the same timing callback (patched into CallbackHandler)."""
+def hold_for_turn(what: bytes):
+    """Lockstep, in a worker: report `what` to the parent (b"r" start-up done, b"d" block done) and block until it
+    writes b"g" (b"": the parent is gone, go on). No-op outside lockstep."""
+    if "BENCH_GO_FD" not in os.environ:
+        return
+    os.write(int(os.environ["BENCH_DONE_FD"]), what)
+    os.read(int(os.environ["BENCH_GO_FD"]), 1)
+
+
+def install_step_timer(path: str, device: str, warmup: int, profile: bool = False, pauses=()):
+    """Every Trainer built in this process gets the same timing callback (patched into CallbackHandler).
+
+    Lockstep (the parent passes BENCH_GO_FD / BENCH_DONE_FD): the callback reports b"r" at train begin (start-up
+    done) and b"d" after each global step in `pauses`, then blocks until the parent writes b"g" - a blocked read
+    costs no CPU time, so the CPU clock of the steps is untouched; the wall time of each resume is recorded."""
     import torch
     from transformers import TrainerCallback
     from transformers.trainer_callback import CallbackHandler
@@ -165,7 +182,7 @@ def install_step_timer(path: str, device: str, warmup: int, profile: bool = Fals
 
     class StepTimer(TrainerCallback):
         def __init__(self):
-            self.r = {"step_end": [], "step_begin": [], "cpu_end": [], "loss": []}
+            self.r = {"step_end": [], "step_begin": [], "cpu_end": [], "loss": [], "resume": {}}
 
         def on_train_begin(self, args, state, control, **kw):
             self.r["rss_begin_kb"] = rss_kb()
@@ -175,6 +192,7 @@ def install_step_timer(path: str, device: str, warmup: int, profile: bool = Fals
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
                 self.r["cuda_begin"] = torch.cuda.memory_allocated()
+            hold_for_turn(b"r")
 
         def on_step_begin(self, args, state, control, **kw):
             self.r["step_begin"].append(time.perf_counter())
@@ -198,6 +216,9 @@ def install_step_timer(path: str, device: str, warmup: int, profile: bool = Fals
                 self.r["rss_steady_kb"] = rss_kb()
                 with open("/proc/self/clear_refs", "w") as fh:
                     fh.write("5")
+            if state.global_step in pauses:
+                hold_for_turn(b"d")
+                self.r["resume"][state.global_step] = (time.perf_counter(), time.process_time())
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -367,7 +388,8 @@ def worker_trl(spec):
 def run_worker(method: str, spec_path: str):
     spec = json.loads(Path(spec_path).read_text())
     timer_path = spec["work"] + f"/timer_{method}.json"
-    install_step_timer(timer_path, spec["device"], spec["warmup"], spec.get("profile", False))
+    install_step_timer(timer_path, spec["device"], spec["warmup"], spec.get("profile", False),
+                       set(spec.get("pauses", ())))
     t0 = time.perf_counter()
     info = {"apo": lambda: worker_apo(spec, "apo"), "plain": lambda: worker_apo(spec, "plain"),
             "pairs": lambda: worker_apo(spec, "pairs"), "swift": lambda: worker_swift(spec),
@@ -379,36 +401,116 @@ def run_worker(method: str, spec_path: str):
 
 # ------------------------------------------------------------------------------------------------ driver
 
-def measure(method: str, spec: dict, spec_path: str, timeout: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", MODELSCOPE_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run([sys.executable, __file__, "--worker", method, "--spec", spec_path], env=env,
-                           capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout}s"}
-    res_path = Path(spec["work"], f"result_{method}.json")
-    if p.returncode != 0 or not res_path.exists():
-        log = Path(spec["work"], f"error_{method}.log")
-        log.write_text(p.stdout + "\n" + p.stderr)
-        lines = (p.stderr or p.stdout).strip().splitlines()
-        why = [ln for ln in lines if "Error" in ln or "error" in ln][-2:] or lines[-2:]
-        return {"error": f"exit {p.returncode}: " + " | ".join(why) + f" (full log: {log})"}
-    r = json.loads(res_path.read_text())
-    r["process_s"] = time.perf_counter() - t0
-    ends, begins, w = r["step_end"], r["step_begin"], spec["warmup"]
-    gaps = [b - a for a, b in zip(ends[w - 1:], ends[w:])] if w >= 1 else []
-    inside = [e - b for b, e in zip(begins[w:], ends[w:])]
+def schedule(warmup: int, steps: int, rounds: int) -> dict:
+    """One method's steps as `rounds` blocks, which the methods take in turn (lockstep): block 0 = the warm-up steps
+    + its share of the `steps` measured ones; every later block starts with one unmeasured step (the caches are cold
+    after the other methods' block), then its share. -> n_steps (the worker's max_steps), pauses (global steps after
+    which the worker waits for its next turn), measured [[global step, round], ...] (1-based steps)."""
+    rounds = max(1, min(rounds, steps))
+    measured, pauses, g = [], [], warmup
+    for r in range(rounds):
+        if r:
+            pauses.append(g)
+            g += 1  # the re-warm step
+        for _ in range(steps // rounds + (r < steps % rounds)):
+            g += 1
+            measured.append([g, r])
+    return {"n_steps": g, "pauses": pauses, "measured": measured}
+
+
+class Worker:
+    """One method's process (`--worker`). Lockstep: every method's process starts at once (the start-ups overlap);
+    then `turn()` lets one of them run its next block while the others wait, blocked, at their pause."""
+
+    def __init__(self, method: str, spec: dict, spec_path: str, lockstep: bool, argv=None):
+        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
+                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", MODELSCOPE_OFFLINE="1",
+                   TOKENIZERS_PARALLELISM="false",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        self.method, self.spec, self.error, self.go, self.done = method, spec, None, None, None
+        self.log = Path(spec["work"], f"log_{method}.txt")
+        Path(spec["work"], f"result_{method}.json").unlink(missing_ok=True)
+        fds = ()
+        if lockstep:
+            go_r, self.go = os.pipe()
+            self.done, done_w = os.pipe()
+            env.update(BENCH_GO_FD=str(go_r), BENCH_DONE_FD=str(done_w))
+            fds = (go_r, done_w)
+        self.t0 = time.perf_counter()
+        with open(self.log, "w") as fh:
+            self.p = subprocess.Popen(argv or [sys.executable, __file__, "--worker", method, "--spec", spec_path],
+                                      env=env, stdout=fh, stderr=subprocess.STDOUT, pass_fds=fds)
+        for fd in fds:
+            os.close(fd)  # the child's ends: EOF here once it exits
+
+    def wait(self, timeout: float) -> bool:
+        """The next report (start-up done, block done); False if the process ended instead or timed out."""
+        import select
+
+        if self.error or self.done is None:
+            return False
+        if not select.select([self.done], [], [], timeout)[0]:
+            self.error = f"timed out after {timeout:.0f}s"
+            self.p.kill()
+            return False
+        return bool(os.read(self.done, 1))
+
+    def turn(self, timeout: float) -> bool:
+        """Run the next block: True once it is done and the worker waits again."""
+        if self.error or self.go is None:
+            return False
+        try:
+            os.write(self.go, b"g")
+        except BrokenPipeError:
+            return False
+        return self.wait(timeout)
+
+    def finish(self, timeout: float) -> dict:
+        """Let the worker run to its end; its timings and memory (or {"error": why})."""
+        if self.go is not None and not self.error:
+            try:
+                os.write(self.go, b"g")
+            except BrokenPipeError:
+                pass
+        try:
+            self.p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.p.kill()
+            self.p.wait()
+            self.error = self.error or f"timed out after {timeout:.0f}s"
+        for fd in (self.go, self.done):
+            if fd is not None:
+                os.close(fd)
+        res_path = Path(self.spec["work"], f"result_{self.method}.json")
+        if self.error or self.p.returncode != 0 or not res_path.exists():
+            lines = self.log.read_text(errors="replace").strip().splitlines()
+            why = [ln for ln in lines if "Error" in ln or "error" in ln][-2:] or lines[-2:]
+            return {"error": (self.error or f"exit {self.p.returncode}") + ": " + " | ".join(why)
+                    + f" (full log: {self.log})"}
+        r = json.loads(res_path.read_text())
+        r["process_s"] = time.perf_counter() - self.t0
+        return timings(self.method, self.spec, r)
+
+
+def timings(method: str, spec: dict, r: dict) -> dict:
+    """Per measured step: the gap since the previous step's end (wall and process CPU; never across a pause: the
+    step after one is not measured) and the time inside the step; medians overall and per round."""
+    ends, begins, cpu = r["step_end"], r["step_begin"], r["cpu_end"]
+    steps = [(g, rnd) for g, rnd in spec["measured"] if g <= len(ends)]
+    gap = {g: ends[g - 1] - ends[g - 2] for g, _ in steps}
+    cpu_gap = {g: cpu[g - 1] - cpu[g - 2] for g, _ in steps}
+    med = lambda xs: statistics.median(xs) if xs else float("nan")
     groups_per_step = r["items_per_step"] / (spec["n_neg"] if method in ("swift", "trl", "pairs") else 1)
-    cpu = [b - a for a, b in zip(r["cpu_end"][w - 1:], r["cpu_end"][w:])]
-    r["step_s"] = statistics.median(gaps) if gaps else float("nan")
-    r["in_step_s"] = statistics.median(inside) if inside else float("nan")
-    r["cpu_step_s"] = statistics.median(cpu) if cpu else float("nan")
+    r["step_s"] = med(list(gap.values()))
+    r["in_step_s"] = med([ends[g - 1] - begins[g - 1] for g, _ in steps])
+    r["cpu_step_s"] = med(list(cpu_gap.values()))
     r["wall_s_per_group"] = r["step_s"] / groups_per_step
     r["cpu_s_per_group"] = r["cpu_step_s"] / groups_per_step
     r["s_per_group"] = r["cpu_s_per_group" if spec["clock"] == "cpu" else "wall_s_per_group"]
+    clock = cpu_gap if spec["clock"] == "cpu" else gap
+    n_rounds = 1 + max((rnd for _, rnd in spec["measured"]), default=0)
+    r["rounds_s_per_group"] = [med([clock[g] for g, rnd in steps if rnd == k]) / groups_per_step
+                               for k in range(n_rounds)]
     if spec["device"] == "cuda":
         r["peak_mem_mb"] = r["abs_peak_mb"] = r["cuda_peak"] / 2**20
     else:  # what training adds to the loaded process; the absolute peak has the libraries' ~0.9 GB in it
@@ -416,6 +518,21 @@ def measure(method: str, spec: dict, spec_path: str, timeout: int) -> dict:
         r["peak_mem_mb"], r["abs_peak_mb"] = (hwm - r["rss_begin_kb"]) / 1024, hwm / 1024
         r["steady_step_mem_mb"] = (r["hwm_steps_kb"] - r["rss_steady_kb"]) / 1024
     return r
+
+
+def run_lockstep(methods, spec: dict, spec_path: str, timeout: int, argv=None) -> dict:
+    """All methods' processes at once; then round by round, each method runs its block while the others wait:
+    A B C A B C ..., so a slow minute of a shared machine hits every method, and the rounds pair up (round k =
+    the same groups for every method)."""
+    workers = {m: Worker(m, spec, spec_path, lockstep=True, argv=argv and argv(m)) for m in methods}
+    up = [m for m in methods if workers[m].wait(timeout)]
+    print(f"[bench] started together: {', '.join(up)}", file=sys.stderr, flush=True)
+    for k in range(len(spec["pauses"])):
+        for m in up:
+            if not workers[m].error:
+                workers[m].turn(timeout)
+        print(f"[bench] round {k + 1}/{len(spec['pauses']) + 1} done", file=sys.stderr, flush=True)
+    return {m: workers[m].finish(timeout) for m in methods}
 
 
 def flops_per_group(spec, tok) -> dict:
@@ -476,8 +593,13 @@ def main(argv=None):
                          "cuda, after a synchronize); both are reported")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per method (1: robust on a shared CPU)")
     ap.add_argument("--timeout", type=int, default=600)
-    ap.add_argument("--repeat", type=int, default=None, help="runs per method, alternating; the fastest run counts "
-                                                            "(default 2 with --quick, else 1)")
+    ap.add_argument("--lockstep", choices=["auto", "on", "off"], default="auto",
+                    help="start every method's process at once and let them take turns, a block of steps each, "
+                         "for --rounds rounds (auto: on CPU; off on cuda, where the methods would share the GPU's "
+                         "memory): the speedup is the median of the per-round ratios (same groups, adjacent minutes)")
+    ap.add_argument("--rounds", type=int, default=None, help="lockstep rounds (default 4, 6 with --quick)")
+    ap.add_argument("--repeat", type=int, default=None, help="without lockstep: runs per method, alternating; the "
+                                                            "fastest run counts (default 1)")
     ap.add_argument("--work", default=None, help="keep the work folder here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -485,17 +607,21 @@ def main(argv=None):
     if a.worker:
         return run_worker(a.worker, a.spec)
 
-    if a.quick:
-        a.steps, a.warmup = min(a.steps, 8), 2
+    lockstep = a.lockstep == "on" or (a.lockstep == "auto" and a.device == "cpu")
+    if a.quick:  # 24 measured steps per method in 6 rounds: ~75 s of wall time with the start-ups overlapping
+        a.steps, a.warmup = (24 if lockstep else min(a.steps, 8)), 2
+        a.rounds = a.rounds or 6
         a.methods = a.methods or "apo,swift"
-        a.repeat = a.repeat or 2
+    if lockstep and (a.repeat or 1) > 1:
+        ap.error("--repeat is for --lockstep off (in lockstep the rounds are the repeats)")
     methods = (a.methods or ("apo,plain,pairs" if a.device == "cuda" else "apo,plain,swift,trl")).split(",")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_apo_"))
     work.mkdir(parents=True, exist_ok=True)
     model_dir, in_worker = prepare_model_dir(a, work, methods)
     a.warmup = max(a.warmup, 1)  # the first step's gap has no previous step end
     a.repeat = a.repeat or 1
-    n_steps = a.warmup + a.steps
+    plan = schedule(a.warmup, a.steps, (a.rounds or 4) if lockstep else 1)
+    n_steps = plan["n_steps"]
     dpo_batch = a.dpo_batch or a.n_negatives
     n_groups = max(a.groups_per_step * n_steps, -(-dpo_batch * n_steps // a.n_negatives))
     spec = {"work": str(work), "model_dir": model_dir, "build_in_worker": in_worker, "model_config": a.model_config,
@@ -504,7 +630,7 @@ def main(argv=None):
             "dpo_batch": dpo_batch, "max_length": a.max_length, "image_size": a.image_size,
             "attn": a.attn or "sdpa", "grad_ckpt": not a.no_grad_ckpt, "threads": a.threads, "check": a.check,
             "clock": a.clock or ("cpu" if a.device == "cpu" else "wall"),
-            "profile": a.profile,
+            "profile": a.profile, "lockstep": lockstep, **plan,
             "data": make_data(work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112,
                               a.response_scale)}
     spec_path = str(work / "spec.json")
@@ -512,10 +638,12 @@ def main(argv=None):
     tok = token_counts(spec)
 
     results = {}
-    for rep in range(a.repeat):  # A B A B: a load change on a shared machine hits every method alike
+    if lockstep:
+        results = run_lockstep(methods, spec, spec_path, a.timeout)
+    for rep in range(0 if lockstep else a.repeat):  # A B A B: a load change on a shared machine hits all alike
         for m in methods:
             print(f"[bench] {m} (run {rep + 1}/{a.repeat}) ...", file=sys.stderr, flush=True)
-            r = measure(m, spec, spec_path, a.timeout)
+            r = Worker(m, spec, spec_path, lockstep=False).finish(a.timeout)
             r["runs_ms_per_group"] = results.get(m, {}).get("runs_ms_per_group", []) + [
                 round(r.get("s_per_group", float("nan")) * 1e3, 1)]
             if m not in results or "error" in results[m] or r.get("s_per_group", 1e9) < results[m]["s_per_group"]:
@@ -562,8 +690,9 @@ def summarise(a, spec, tok, results) -> dict:
                        if "mfu" in r else ""))
     where = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"{spec['threads']} threads"
     print(f"# device {spec['device']} ({platform.processor() or platform.machine()}, {where}), clock {spec['clock']}, "
-          f"model {spec['model_config']}, N={spec['n_neg']}, {a.steps} steps after warm-up, "
-          f"grad ckpt {spec['grad_ckpt']}, attn {spec['attn']}", file=sys.stderr)
+          f"model {spec['model_config']}, N={spec['n_neg']}, {a.steps} steps after warm-up"
+          + (f" in {len(spec['pauses']) + 1} lockstep rounds, " if spec["lockstep"] else ", ")
+          + f"grad ckpt {spec['grad_ckpt']}, attn {spec['attn']}", file=sys.stderr)
     print(f"# tokens/group: prompt {tok['prompt_tokens']:.0f}, mean response {tok['mean_response_tokens']:.0f}, "
           f"as N pairs {tok['pair_tokens_per_group']:.0f}, packed {tok['packed_tokens_per_group']:.0f}",
           file=sys.stderr)
@@ -581,8 +710,10 @@ def summarise(a, spec, tok, results) -> dict:
         out[f"{m}_peak_mem_mb"] = round(r["peak_mem_mb"], 1)
         out[f"{m}_abs_peak_mb"] = round(r["abs_peak_mb"], 1)
         out[f"{m}_tokens_per_s"] = round(r["tokens_per_s"], 1)
-        if len(r["runs_ms_per_group"]) > 1:
+        if len(r.get("runs_ms_per_group", ())) > 1:
             out[f"{m}_runs_ms_per_group"] = r["runs_ms_per_group"]
+        if len(r["rounds_s_per_group"]) > 1:
+            out[f"{m}_rounds_ms_per_group"] = [round(x * 1e3, 1) for x in r["rounds_s_per_group"]]
         if "check" in r:
             out["packed_vs_plain_check"] = r["check"]
         if "mfu" in r:
@@ -596,6 +727,11 @@ def summarise(a, spec, tok, results) -> dict:
         for m, key in (("swift", "swift_dpo"), ("trl", "trl_dpo"), ("plain", "plain"), ("pairs", "pairs_dpo")):
             if m in ok:
                 out[f"speedup_vs_{key}"] = round(ok[m]["s_per_group"] / apo["s_per_group"], 3)
+                if spec["lockstep"]:  # paired: the same groups in adjacent time, round by round
+                    per_round = [o / x for o, x in zip(ok[m]["rounds_s_per_group"], apo["rounds_s_per_group"])]
+                    out[f"pooled_speedup_vs_{key}"] = out[f"speedup_vs_{key}"]
+                    out[f"speedup_vs_{key}"] = round(statistics.median(per_round), 3)
+                    out[f"round_speedups_vs_{key}"] = [round(x, 2) for x in per_round]
                 out[f"wall_speedup_vs_{key}"] = round(ok[m]["wall_s_per_group"] / apo["wall_s_per_group"], 3)
                 out[f"peak_mem_ratio_vs_{key}"] = round(apo["peak_mem_mb"] / ok[m]["peak_mem_mb"], 3)
                 out[f"abs_peak_mem_ratio_vs_{key}"] = round(apo["abs_peak_mb"] / ok[m]["abs_peak_mb"], 3)
