@@ -45,11 +45,16 @@ def single(tiny_model_dir, tmp_path_factory):
     "ddp",
     pytest.param("zero2", marks=pytest.mark.slow),
     pytest.param("zero3", marks=pytest.mark.slow),
+    # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's rule)
+    pytest.param("ddp+ckpt", marks=pytest.mark.slow),
+    pytest.param("zero3+ckpt", marks=pytest.mark.slow),
 ])
 def test_two_processes_match_one(tiny_model_dir, single, tmp_path, launcher):
     groups_file, single_out = single
     out = tmp_path / launcher
+    launcher, _, ckpt = launcher.partition("+")
     extra = [] if launcher == "ddp" else ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{launcher}.json")]
+    extra += ["--gradient_checkpointing", "true"] if ckpt else []  # no LoRA dropout: the same numbers
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "apo.cli",
            "train", "--config", "configs/apo/demo.yaml", *_overrides(tiny_model_dir, groups_file, out, 2), *extra]

@@ -106,6 +106,19 @@ def test_gradient_checkpointing_passes_lora_grads(tiny_model_dir, groups_file, t
         assert torch.allclose(g, grads[False][n], atol=1e-5, rtol=1e-4), n
 
 
+def test_checkpointing_is_reentrant_except_under_plain_ddp(tiny_model_dir, groups_file, tmp_path):
+    """ms-swift's rule: reentrant (no autograd graph in the first forward) alone and under DeepSpeed; non-reentrant
+    under DDP. An explicit --gradient_checkpointing_kwargs wins."""
+    reentrant = lambda *o: _config(tiny_model_dir, groups_file, tmp_path, *o).gradient_checkpointing_kwargs[
+        "use_reentrant"]
+    from apo.trainer.config import default_reentrant
+
+    assert reentrant() is True
+    assert reentrant("--gradient_checkpointing_kwargs", '{"use_reentrant": false}') is False
+    assert default_reentrant(1, False, False) and default_reentrant(4, True, False) and default_reentrant(4, False, True)
+    assert not default_reentrant(2, False, False)  # torchrun without DeepSpeed/FSDP
+
+
 def test_end_to_end_apo_run(tiny_model_dir, groups_file, tmp_path, capsys):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText

@@ -331,10 +331,19 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
     inputs = {k: batch[k] for k in ("input_ids", "position_ids", "pixel_values", "image_grid_thw") if k in batch}
     if "pixel_values" in batch and _frozen_vision(inner):  # policy and reference passes share one encoding
         owner, feats = batch.get("_image_features", (None, None))
-        if owner is not inner.model.visual:  # encoded by this vision tower, not another model's
-            with torch.no_grad():
-                feats = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
-            batch["_image_features"] = (inner.model.visual, feats)
+        visual = inner.model.visual
+        if owner is not visual:  # encoded by this vision tower, not another model's
+            # no grad and no backward through it: eval mode for the call, so gradient checkpointing does not wrap
+            # its blocks for nothing (reentrant checkpointing warns about it); its attention dropout is fixed at 0
+            was_training = visual.training
+            visual.eval()
+            try:
+                with torch.no_grad():
+                    feats = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
+                                                     return_dict=True)
+            finally:
+                visual.train(was_training)
+            batch["_image_features"] = (visual, feats)
         inputs.pop("pixel_values")
         inputs["mm_encoder_outputs"] = {"image": feats}
     if attention == "segments":

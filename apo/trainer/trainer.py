@@ -214,10 +214,17 @@ class APOTrainer(Trainer):
 
     @torch.no_grad()
     def _reference_forward(self, model, inputs):
-        if self.is_peft:
-            with self.adapter_disabled(model):
-                return self.logps(model, inputs)[0]
-        return self.logps(self.ref_model if self.ref_model is not None else model, inputs)[0]
+        """pi_ref's log-probs, in eval mode: a fixed policy (no dropout anywhere, should a config set attention
+        dropout), and no gradient-checkpointing wrappers around a pass with no backward (reentrant ones warn)."""
+        was_training = model.training
+        model.eval()
+        try:
+            if self.is_peft:
+                with self.adapter_disabled(model):
+                    return self.logps(model, inputs)[0]
+            return self.logps(self.ref_model if self.ref_model is not None else model, inputs)[0]
+        finally:
+            model.train(was_training)
 
     def _reference_logps(self, model, inputs):
         if self.ref_cache is None:
