@@ -1,4 +1,5 @@
-"""The consensus benchmark runs end to end at a toy size (its figures are read from the run, never asserted)."""
+"""The benchmarks' machinery: the consensus benchmark end to end at a toy size, bench_apo's lockstep driver with fake
+workers (their figures are read from the runs or synthetic, never a clock asserted)."""
 
 
 def test_bench_consensus_runs_every_variant_on_the_same_cases(tmp_path, tiny_model_dir, synth_dir):
@@ -69,3 +70,23 @@ def test_lockstep_runs_the_methods_in_turns_and_pairs_their_rounds(tmp_path):
     assert apo["rounds_s_per_group"] == [4.0, 8.0, 12.0] and apo["s_per_group"] == 8.0
     assert swift["rounds_s_per_group"] == [12.0, 24.0, 36.0]  # 7 pairs a step = one group a step
     assert apo["peak_mem_mb"] == 2.0 and swift["peak_mem_mb"] == 6.0
+
+
+def test_lockstep_reports_a_worker_that_dies_and_finishes_the_others(tmp_path):
+    import json
+    import sys
+    from pathlib import Path
+
+    from benchmarks.bench_apo import run_lockstep, schedule
+
+    bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
+    (tmp_path / "fake.py").write_text(FAKE_WORKER.format(bench=bench))
+    (tmp_path / "dies.py").write_text("import sys; print('ValueError: no such model'); sys.exit(3)\n")
+    spec = {"work": str(tmp_path), "threads": 1, "n_neg": 7, "clock": "cpu", "device": "cpu", "warmup": 1,
+            **schedule(warmup=1, steps=4, rounds=2)}
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    script = {"apo": "fake.py", "swift": "dies.py"}
+    results = run_lockstep(["swift", "apo"], spec, str(tmp_path / "spec.json"), timeout=60,
+                           argv=lambda m: [sys.executable, str(tmp_path / script[m]), m, str(tmp_path / "spec.json")])
+    assert "exit 3" in results["swift"]["error"] and "no such model" in results["swift"]["error"]
+    assert results["apo"]["rounds_s_per_group"] == [2.5, 5.5]  # steps 2,3 | (4 cold) 5,6
