@@ -6,9 +6,23 @@ is then taken in float32 over `chunk_size` tokens at a time (logsumexp + gather)
 [tokens, vocab] tensor.
 """
 
+import contextlib
+
 import torch
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values", "image_grid_thw")
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """`module` in eval mode for a pass with no backward (no dropout, no gradient-checkpointing wrappers), then
+    back to the mode it had."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
 
 
 def keep_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from apo.attention import model_kernel, wrap_kernel
 from apo.trainer.collator import GroupCollator, candidate_key
+from apo.trainer.logps import eval_mode
 
 
 def mrope_positions(mm_types: list[int], image_grid_thw, merge: int) -> torch.Tensor:
@@ -335,14 +336,8 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
         if owner is not visual:  # encoded by this vision tower, not another model's
             # no grad and no backward through it: eval mode for the call, so gradient checkpointing does not wrap
             # its blocks for nothing (reentrant checkpointing warns about it); its attention dropout is fixed at 0
-            was_training = visual.training
-            visual.eval()
-            try:
-                with torch.no_grad():
-                    feats = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"],
-                                                     return_dict=True)
-            finally:
-                visual.train(was_training)
+            with eval_mode(visual), torch.no_grad():
+                feats = inner.get_image_features(batch["pixel_values"], batch["image_grid_thw"], return_dict=True)
             batch["_image_features"] = (visual, feats)
         inputs.pop("pixel_values")
         inputs["mm_encoder_outputs"] = {"image": feats}

@@ -29,7 +29,7 @@ from apo.errors import ApoError
 from apo.loss import LOSSES
 from apo.resumable import ResumableJsonl, write_json_atomic
 from apo.trainer.collator import GroupCollator, candidate_key
-from apo.trainer.logps import forward_logps
+from apo.trainer.logps import eval_mode, forward_logps
 from apo.trainer.packing import PackedGroupCollator, packed_logps
 
 log = logging.getLogger(__name__)
@@ -216,15 +216,11 @@ class APOTrainer(Trainer):
     def _reference_forward(self, model, inputs):
         """pi_ref's log-probs, in eval mode: a fixed policy (no dropout anywhere, should a config set attention
         dropout), and no gradient-checkpointing wrappers around a pass with no backward (reentrant ones warn)."""
-        was_training = model.training
-        model.eval()
-        try:
+        with eval_mode(model):
             if self.is_peft:
                 with self.adapter_disabled(model):
                     return self.logps(model, inputs)[0]
             return self.logps(self.ref_model if self.ref_model is not None else model, inputs)[0]
-        finally:
-            model.train(was_training)
 
     def _reference_logps(self, model, inputs):
         if self.ref_cache is None:
@@ -256,9 +252,7 @@ class APOTrainer(Trainer):
         n_batches = math.ceil(len(todo) / (bs * world))
         mine = todo[acc.process_index::world]
         mine += [todo[-1]] * (n_batches * bs - len(mine))  # equal forwards on every rank (ZeRO-3 gathers)
-        model = self.model_wrapped
-        was_training = model.training
-        model.eval()
+        model = self.model_wrapped  # _reference_forward runs it in eval mode
         for n in range(n_batches):
             idx = mine[n * bs:(n + 1) * bs]
             batch = self._prepare_inputs(self.data_collator([data[i] for i in idx]))
@@ -267,7 +261,6 @@ class APOTrainer(Trainer):
             for i in idx:
                 for k in keys[i]:
                     self.ref_cache.put(k, got.get(k))  # None: dropped for length, never asked for
-        model.train(was_training)
         acc.wait_for_everyone()
         self.ref_cache.reload()
         log.info("reference log-probs: %d candidates cached in %s (%d computed here)", len(self.ref_cache.values),
