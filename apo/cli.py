@@ -16,21 +16,29 @@ from apo.errors import ApoError
 
 # name -> (module, one-line help). Order = the order of the pipeline.
 COMMANDS = {
-    "synth": ("apo.synth", "write the synthetic CXR-MAX-format benchmark (images, 7 drifting teachers, MS-CXR-T pairs)"),
-    "tiny-model": ("apo.tiny", "build a tiny randomly initialised Qwen2.5-VL (model + processor) for CPU runs"),
+    "synth": (
+        "apo.world.synth",
+        "write the synthetic CXR-MAX-format benchmark (images, 7 drifting teachers, MS-CXR-T pairs)",
+    ),
+    "tiny-model": ("apo.world.tiny", "build a tiny randomly initialised Qwen2.5-VL (model + processor) for CPU runs"),
     "prepare-sft": ("apo.sft", "stage 1 data: one ms-swift SFT row per teacher trajectory"),
     "consensus": ("apo.consensus", "stage 2: the SFT model writes the consensus trajectory t+ for each case"),
     "build-pairs": ("apo.pairs", "stage 3 data: groups {t+, teacher negatives} (+ pairwise DPO rows)"),
     "train": ("apo.trainer.cli", "stage 3: APO training (Plackett-Luce over t+ and the teachers)"),
-    "eval-report": ("apo.evaluate", "report generation: predictions + NLG and clinical-efficacy metrics"),
-    "eval-mscxrt": ("apo.mscxrt", "MS-CXR-T temporal classification: Top-1 per finding and average"),
-    "drift": ("apo.drift", "teacher-drift analysis: agreement, side errors, hallucination, refusal, divergence"),
-    "tables": ("apo.tables", "the paper's tables (markdown + LaTeX) and training-curve plots from results"),
+    "eval-report": ("apo.evaluation.report", "report generation: predictions + NLG and clinical-efficacy metrics"),
+    "eval-mscxrt": ("apo.evaluation.mscxrt", "MS-CXR-T temporal classification: Top-1 per finding and average"),
+    "drift": (
+        "apo.evaluation.drift",
+        "teacher-drift analysis: agreement, side errors, hallucination, refusal, divergence",
+    ),
+    "tables": ("apo.evaluation.tables", "the paper's tables (markdown + LaTeX) and training-curve plots from results"),
 }
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="apo", description="Autonomous Preference Optimization (learn -> compare -> critique)")
+    parser = argparse.ArgumentParser(
+        prog="apo", description="Autonomous Preference Optimization (learn -> compare -> critique)"
+    )
     parser.add_argument("--log-level", default=os.environ.get("APO_LOG_LEVEL", "INFO"))
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, help_) in COMMANDS.items():
@@ -48,8 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"
+    )
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         rc = module.run(args)

@@ -15,7 +15,7 @@ Strategies:
          synthesise anything meaningful).
 
 Output: JSONL, one record per case {"case_id", "strategy", "text", "truncated", ...}, no timestamps. Resumable: a rerun
-skips finished cases and the final file is byte-identical to an uninterrupted run. Multi-GPU: see apo.generation.
+skips finished cases and the final file is byte-identical to an uninterrupted run. Multi-GPU: see apo.model.generation.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def consensus_prompt(question: str, texts: list[str]) -> str:
 
 # ---------------------------------------------------------------- vote
 
+
 def agreement(labels_a: dict, labels_b: dict) -> float:
     """Fraction of the 14 observations on which two readings agree (None == None counts as agreement). A reading maps
     an observation to its label, or to (label, side) when sides are compared."""
@@ -58,14 +59,16 @@ def is_refusal(labels: dict) -> bool:
 def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
     """Index of the medoid trajectory and every trajectory's agreement score (labels and sides)."""
     if label is None:
-        from apo.labeler import label
+        from apo.evaluation.labeler import label
     if side is None:
-        from apo.labeler import laterality as side
+        from apo.evaluation.labeler import laterality as side
     labels = [label(t) for t in texts]
     readings = [{o: (lab.get(o), sides.get(o)) for o in OBSERVATIONS} for lab, sides in zip(labels, map(side, texts))]
     n = len(texts)
-    scores = [sum(agreement(readings[i], readings[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
-              for i in range(n)]
+    scores = [
+        sum(agreement(readings[i], readings[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
+        for i in range(n)
+    ]
     candidates = [i for i in range(n) if not is_refusal(labels[i])] or list(range(n))
     best = max(candidates, key=lambda i: (scores[i], -i))  # ties: the earlier teacher
     return best, scores
@@ -73,12 +76,18 @@ def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
 
 def vote_record(case, label=None) -> dict:
     best, scores = vote([t.text for t in case.trajectories], label)
-    return {"case_id": case.case_id, "strategy": "vote", "text": case.trajectories[best].text,
-            "source_teacher": case.trajectories[best].teacher, "truncated": {},
-            "agreement": {t.teacher: round(s, 6) for t, s in zip(case.trajectories, scores)}}
+    return {
+        "case_id": case.case_id,
+        "strategy": "vote",
+        "text": case.trajectories[best].text,
+        "source_teacher": case.trajectories[best].teacher,
+        "truncated": {},
+        "agreement": {t.teacher: round(s, 6) for t, s in zip(case.trajectories, scores)},
+    }
 
 
 # ---------------------------------------------------------------- model
+
 
 def _water_fill(lengths: list[int], budget: int) -> list[int]:
     """Per-teacher token allowance: short trajectories keep everything, the rest share what is left equally
@@ -103,26 +112,31 @@ def fit_trajectories(processor, image_paths, question, texts, max_length, max_ne
     """-> (prompt, tokens cut per trajectory, prompt tokens). Cuts the ends of the longest trajectories until the
     chat-formatted prompt with its image tokens fits max_length - max_new_tokens."""
     from apo.errors import ApoError
-    from apo.generation import _prompt_text, estimate_length
+    from apo.model.generation import _prompt_text, estimate_length
 
     tok = processor.tokenizer
     limit = max_length - max_new_tokens
 
     def length(ts):
-        return estimate_length(processor, image_paths, _prompt_text(processor, len(image_paths), consensus_prompt(question, ts)))
+        return estimate_length(
+            processor, image_paths, _prompt_text(processor, len(image_paths), consensus_prompt(question, ts))
+        )
 
     fixed = length([""] * len(texts))
     if fixed >= limit:
-        raise ApoError(f"--max-length {max_length}: the image(s), question and instructions alone take {fixed} tokens "
-                       f"and --max-new-tokens {max_new_tokens} more; raise --max-length")
+        raise ApoError(
+            f"--max-length {max_length}: the image(s), question and instructions alone take {fixed} tokens "
+            f"and --max-new-tokens {max_new_tokens} more; raise --max-length"
+        )
     ids = [tok(t.strip(), add_special_tokens=False)["input_ids"] for t in texts]
     mark = len(tok(CUT_MARK, add_special_tokens=False)["input_ids"])
     budget = limit - fixed
     for _ in range(8):  # re-tokenising a cut text can merge differently at the seam; shrink until it fits
         alloc = _water_fill([len(x) for x in ids], budget)
         kept = [a if a >= len(x) else max(0, a - mark) for a, x in zip(alloc, ids)]
-        cut_texts = [t.strip() if k >= len(x) else tok.decode(x[:k]).rstrip() + CUT_MARK
-                     for t, x, k in zip(texts, ids, kept)]
+        cut_texts = [
+            t.strip() if k >= len(x) else tok.decode(x[:k]).rstrip() + CUT_MARK for t, x, k in zip(texts, ids, kept)
+        ]
         n = length(cut_texts)
         if n <= limit:
             prompt = consensus_prompt(question, cut_texts)
@@ -135,27 +149,62 @@ def model_records(model, processor, cases, max_length, max_new_tokens, batch_siz
     """One record per case. A case whose image(s) and question alone do not fit --max-length stops the run naming
     it, or with skip_bad gets an empty text and a "skipped" reason (build-pairs drops it: empty_positive)."""
     from apo.errors import ApoError
-    from apo.generation import generate
+    from apo.model.generation import generate
 
     fits, skipped = [], {}
     for c in cases:
         try:
-            fits.append((c, *fit_trajectories(processor, c.images, c.prompt, [t.text for t in c.trajectories],
-                                              max_length, max_new_tokens)))
+            fits.append(
+                (
+                    c,
+                    *fit_trajectories(
+                        processor, c.images, c.prompt, [t.text for t in c.trajectories], max_length, max_new_tokens
+                    ),
+                )
+            )
         except ApoError as e:
             if not skip_bad:
                 raise ApoError(f"case {c.case_id}: {e} (or pass --skip-bad to skip such cases)") from None
             skipped[c.case_id] = str(e)
-    texts = generate(model, processor, [(c.images, p) for c, p, _, _ in fits], max_new_tokens=max_new_tokens,
-                     batch_size=batch_size, progress=False) if fits else []
-    done = {c.case_id: {"case_id": c.case_id, "strategy": "model", "text": text, "teachers": c.teachers,
-                        "prompt_tokens": n, "truncated": {t.teacher: k for t, k in zip(c.trajectories, cut) if k}}
-            for (c, _, cut, n), text in zip(fits, texts)}
-    return [done.get(c.case_id) or {"case_id": c.case_id, "strategy": "model", "text": "", "teachers": c.teachers,
-                                    "skipped": skipped[c.case_id], "truncated": {}} for c in cases]
+    texts = (
+        generate(
+            model,
+            processor,
+            [(c.images, p) for c, p, _, _ in fits],
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            progress=False,
+        )
+        if fits
+        else []
+    )
+    done = {
+        c.case_id: {
+            "case_id": c.case_id,
+            "strategy": "model",
+            "text": text,
+            "teachers": c.teachers,
+            "prompt_tokens": n,
+            "truncated": {t.teacher: k for t, k in zip(c.trajectories, cut) if k},
+        }
+        for (c, _, cut, n), text in zip(fits, texts)
+    }
+    return [
+        done.get(c.case_id)
+        or {
+            "case_id": c.case_id,
+            "strategy": "model",
+            "text": "",
+            "teachers": c.teachers,
+            "skipped": skipped[c.case_id],
+            "truncated": {},
+        }
+        for c in cases
+    ]
 
 
 # ---------------------------------------------------------------- reading it back (build-pairs, drift)
+
 
 def _record_problem(rec) -> str | None:
     from apo.data import MAX_TEXT_CHARS
@@ -206,8 +255,9 @@ def read_consensus(path, skip_bad: bool = False) -> tuple[dict, list[dict]]:
         if reason:
             if not skip_bad:
                 raise DataError(path, i, reason)
-            rejects.append({"file": str(path), "record": i, "reason": reason,
-                            "raw": raw[:2000].decode("utf-8", "replace")})
+            rejects.append(
+                {"file": str(path), "record": i, "reason": reason, "raw": raw[:2000].decode("utf-8", "replace")}
+            )
             continue
         records[str(rec["case_id"])], first[str(rec["case_id"])] = rec, i
     if rejects:
@@ -217,17 +267,26 @@ def read_consensus(path, skip_bad: bool = False) -> tuple[dict, list[dict]]:
 
 # ---------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
     from apo.data import add_data_arguments
-    from apo.generation import add_model_arguments
+    from apo.model.generation import add_model_arguments
 
     add_data_arguments(parser)
     add_model_arguments(parser, required=False)
     parser.add_argument("--out", required=True, help="consensus JSONL (resumable: a rerun skips finished cases)")
-    parser.add_argument("--strategy", choices=("model", "vote"), default="model",
-                        help="model: the SFT model writes t+ in context (the paper's); vote: medoid teacher by labels")
-    parser.add_argument("--max-length", type=int, default=4096,
-                        help="prompt + answer token limit; trajectories are cut per teacher to fit")
+    parser.add_argument(
+        "--strategy",
+        choices=("model", "vote"),
+        default="model",
+        help="model: the SFT model writes t+ in context (the paper's); vote: medoid teacher by labels",
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=4096,
+        help="prompt + answer token limit; trajectories are cut per teacher to fit",
+    )
 
 
 def summary(records: list[dict]) -> str:
@@ -248,8 +307,10 @@ def summary(records: list[dict]) -> str:
             lines.append(f"    {t}: cut in {hits[t]} cases, {per[t]} tokens ({per[t] / hits[t]:.0f} per cut case)")
     skipped = sum("skipped" in r for r in records)
     if skipped:
-        lines.append(f"  skipped: {skipped} case(s) whose image(s) and question alone exceed --max-length "
-                     "(\"skipped\" in their records)")
+        lines.append(
+            f"  skipped: {skipped} case(s) whose image(s) and question alone exceed --max-length "
+            '("skipped" in their records)'
+        )
     empty = sum(not r["text"].strip() for r in records)
     if empty:
         lines.append(f"  empty answers: {empty} (build-pairs drops these cases)")
@@ -267,32 +328,45 @@ def by_length(cases):
 def run(args) -> int:
     from apo.data import cases_from_args
     from apo.errors import ApoError
-    from apo.generation import model_from_args, run_resumable
+    from apo.io.jobs import run_resumable
+    from apo.model.generation import model_from_args
 
     if args.strategy == "model" and not args.model:
         raise ApoError("--strategy model needs --model (the SFT model); --strategy vote needs none")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
     usable = [c for c in cases if c.trajectories]
     if len(usable) < len(cases):
-        print(f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists them)")
+        print(
+            f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists them)"
+        )
     if not usable:
         raise ApoError(f"{args.dataset}: no case with teacher trajectories")
     if args.strategy == "vote":
-        from apo.labeler import label
+        from apo.evaluation.labeler import label
 
         def process(chunk):
             return [vote_record(c, label) for c in chunk]
+
         chunk_size = 256
     else:
         model, processor = model_from_args(args)
 
         def process(chunk):
-            return model_records(model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size,
-                                 args.skip_bad)
+            return model_records(
+                model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size, args.skip_bad
+            )
+
         chunk_size = args.batch_size * 4  # a crash loses at most this many answers
         usable = by_length(usable)  # batches of like lengths over the whole set, not only within a chunk
-    results = run_resumable(args.out, usable, key=lambda c: c.case_id, process=process, chunk_size=chunk_size,
-                            order=[c.case_id for c in cases], desc=f"consensus ({args.strategy})")
+    results = run_resumable(
+        args.out,
+        usable,
+        key=lambda c: c.case_id,
+        process=process,
+        chunk_size=chunk_size,
+        order=[c.case_id for c in cases],
+        desc=f"consensus ({args.strategy})",
+    )
     if results is None:  # not rank 0: rank 0 merges and reports
         return 0
     print(summary(list(results.values())))

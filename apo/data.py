@@ -70,7 +70,9 @@ class Case:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Case":
-        trajs = [t if isinstance(t, Trajectory) else Trajectory(t["teacher"], t["text"]) for t in d.get("trajectories", [])]
+        trajs = [
+            t if isinstance(t, Trajectory) else Trajectory(t["teacher"], t["text"]) for t in d.get("trajectories", [])
+        ]
         return cls(str(d["case_id"]), list(d["images"]), d["prompt"], trajs, d.get("labels"), dict(d.get("meta") or {}))
 
     @property
@@ -80,7 +82,7 @@ class Case:
 
 def write_cases(cases, path) -> None:
     """Canonical JSONL, atomically (tmp + fsync + rename)."""
-    from apo.resumable import write_jsonl_atomic
+    from apo.io.resumable import write_jsonl_atomic
 
     write_jsonl_atomic(path, (c.to_dict() for c in cases))
 
@@ -94,6 +96,7 @@ def mimic_image_path(root, subject_id, study_id, dicom_id, ext=".jpg") -> Path:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Reading containers: every row comes with the name of its place ("line 7", "row 12").
+
 
 def _iter_rows(path: Path, split: str | None) -> Iterator[tuple[object, object]]:
     if path.is_dir():
@@ -117,7 +120,7 @@ def _iter_rows(path: Path, split: str | None) -> Iterator[tuple[object, object]]
         if isinstance(data, dict) and isinstance(data.get("data"), list):
             data = data["data"]
         if not isinstance(data, list):
-            raise DataError(path, None, "a .json data file must hold a list of records (or {\"data\": [...]})")
+            raise DataError(path, None, 'a .json data file must hold a list of records (or {"data": [...]})')
         for i, row in enumerate(data, 1):
             yield f"item {i}", row
     elif path.suffix == ".parquet":
@@ -154,6 +157,7 @@ def _iter_hf_folder(path: Path, split: str | None):
 
 # ----------------------------------------------------------------------------------------------------------------
 # Row -> partial case. Each function raises ValueError(reason) for a bad row; the caller adds file and record.
+
 
 def _first(row: dict, keys, what=None):
     for k in keys:
@@ -255,11 +259,21 @@ def _swift_row(row: dict) -> dict:
     prompt = prompt.replace("<image>", "").strip()
     trajs = []
     if answers:
-        trajs.append(Trajectory(str(_first(row, TEACHER_KEYS) or "unknown"), _text(answers[-1].get("content"), "assistant content")))
+        trajs.append(
+            Trajectory(
+                str(_first(row, TEACHER_KEYS) or "unknown"), _text(answers[-1].get("content"), "assistant content")
+            )
+        )
     images = _raw_images(row)
     cid = _first(row, CASE_ID_KEYS) or "swift-" + _digest(json.dumps([images, prompt]))
-    return {"case_id": str(cid), "images": images, "prompt": _text(prompt, "prompt"), "trajectories": trajs,
-            "labels": _labels(row), "meta": _meta(row)}
+    return {
+        "case_id": str(cid),
+        "images": images,
+        "prompt": _text(prompt, "prompt"),
+        "trajectories": trajs,
+        "labels": _labels(row),
+        "meta": _meta(row),
+    }
 
 
 def _digest(s: str) -> str:
@@ -274,8 +288,13 @@ def _parse_row(row) -> tuple[str, dict]:
         raise ValueError(f"record must be an object, got {type(row).__name__}")
     if "messages" in row:
         return "part", _swift_row(row)
-    base = {"case_id": _case_id(row), "images": _raw_images(row),
-            "prompt": _text(_first(row, PROMPT_KEYS, "prompt"), "prompt"), "labels": _labels(row), "meta": _meta(row)}
+    base = {
+        "case_id": _case_id(row),
+        "images": _raw_images(row),
+        "prompt": _text(_first(row, PROMPT_KEYS, "prompt"), "prompt"),
+        "labels": _labels(row),
+        "meta": _meta(row),
+    }
     wide = _first(row, WIDE_KEYS)
     if wide is not None:
         if isinstance(wide, dict):
@@ -308,6 +327,7 @@ def _parse_row(row) -> tuple[str, dict]:
 # ----------------------------------------------------------------------------------------------------------------
 # Images
 
+
 class ImageResolver:
     def __init__(self, image_root, allow_absolute: bool, verify: str):
         self.root = Path(image_root).resolve()
@@ -325,7 +345,9 @@ class ImageResolver:
                 p = p.with_suffix(".jpg")
         p = p.resolve()
         if not self.allow_absolute and not p.is_relative_to(self.root):
-            raise ValueError(f"image path {raw!r} leaves the image root {self.root} (pass --allow-absolute-paths to allow)")
+            raise ValueError(
+                f"image path {raw!r} leaves the image root {self.root} (pass --allow-absolute-paths to allow)"
+            )
         return str(p)
 
     def check_all(self, paths) -> None:
@@ -365,8 +387,17 @@ class ImageResolver:
 
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_cases(path, image_root=None, teachers=None, skip_bad=False, split=None, allow_absolute=None,
-               verify_images="full", check_images=True) -> tuple[list[Case], list[dict]]:
+
+def read_cases(
+    path,
+    image_root=None,
+    teachers=None,
+    skip_bad=False,
+    split=None,
+    allow_absolute=None,
+    verify_images="full",
+    check_images=True,
+) -> tuple[list[Case], list[dict]]:
     """-> (cases in first-appearance order, rejected records). Raises DataError on the first bad record
     unless skip_bad."""
     path = Path(path)
@@ -412,7 +443,11 @@ def read_cases(path, image_root=None, teachers=None, skip_bad=False, split=None,
         elif part["prompt"] != have["prompt"] or part["images"] != have["images"]:
             bad(record, f"case {cid!r} has a different prompt or image than at {first}", row)
         elif part["trajectories"] and part["trajectories"][0].teacher in [t.teacher for t in have["trajectories"]]:
-            bad(record, f"duplicate answer of teacher {part['trajectories'][0].teacher!r} for case {cid!r} (first at {first})", row)
+            bad(
+                record,
+                f"duplicate answer of teacher {part['trajectories'][0].teacher!r} for case {cid!r} (first at {first})",
+                row,
+            )
         else:
             have["trajectories"] += part["trajectories"]
             origin[cid] += [(record, row, len(have["trajectories"]) - 1)]
@@ -445,8 +480,10 @@ def load_cases(path, image_root=None, teachers=None, skip_bad=False, rejects_pat
     if rejects:
         rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
         write_rejects(rejects, rejects_path)
-        print(f"{path}: skipped {len(rejects)} bad record(s), kept {len(cases)} case(s); reasons in {rejects_path}",
-              flush=True)
+        print(
+            f"{path}: skipped {len(rejects)} bad record(s), kept {len(cases)} case(s); reasons in {rejects_path}",
+            flush=True,
+        )
     return cases
 
 
@@ -471,24 +508,43 @@ def _clip(raw, limit=2000):
 # ----------------------------------------------------------------------------------------------------------------
 # CLI plumbing shared by every command that reads data.
 
+
 def add_data_arguments(parser, required=True) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--dataset", required=required, help="data file (.jsonl/.json/.parquet) or dataset folder")
-    g.add_argument("--image-root", default=None,
-                   help="folder image paths are relative to (MIMIC-CXR-JPG root); default: the data file's folder")
+    g.add_argument(
+        "--image-root",
+        default=None,
+        help="folder image paths are relative to (MIMIC-CXR-JPG root); default: the data file's folder",
+    )
     g.add_argument("--split", default=None, help="split of a dataset folder with several")
     g.add_argument("--teachers", default=None, help="comma-separated teachers to keep (default: all)")
-    g.add_argument("--skip-bad", action="store_true",
-                   help="skip malformed records (listed with reasons in the rejects file) instead of stopping")
-    g.add_argument("--rejects", default=None, help="where --skip-bad lists rejected records (default: next to the output)")
-    g.add_argument("--allow-absolute-paths", action="store_true",
-                   help="allow image paths outside --image-root")
-    g.add_argument("--verify-images", choices=("full", "header", "none"), default="full",
-                   help="check images up front: full decode (default), header only, or existence only")
+    g.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="skip malformed records (listed with reasons in the rejects file) instead of stopping",
+    )
+    g.add_argument(
+        "--rejects", default=None, help="where --skip-bad lists rejected records (default: next to the output)"
+    )
+    g.add_argument("--allow-absolute-paths", action="store_true", help="allow image paths outside --image-root")
+    g.add_argument(
+        "--verify-images",
+        choices=("full", "header", "none"),
+        default="full",
+        help="check images up front: full decode (default), header only, or existence only",
+    )
 
 
 def cases_from_args(args, rejects_default=None) -> list[Case]:
     teachers = [t.strip() for t in args.teachers.split(",") if t.strip()] if getattr(args, "teachers", None) else None
-    return load_cases(args.dataset, image_root=args.image_root, teachers=teachers, skip_bad=args.skip_bad,
-                      rejects_path=args.rejects or rejects_default, split=args.split,
-                      allow_absolute=True if args.allow_absolute_paths else None, verify_images=args.verify_images)
+    return load_cases(
+        args.dataset,
+        image_root=args.image_root,
+        teachers=teachers,
+        skip_bad=args.skip_bad,
+        rejects_path=args.rejects or rejects_default,
+        split=args.split,
+        allow_absolute=True if args.allow_absolute_paths else None,
+        verify_images=args.verify_images,
+    )

@@ -38,7 +38,7 @@ def build_groups(cases, consensus: dict, negatives: str = "all", max_negatives: 
     if negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
     if negatives == "conflicting" and label is None:
-        from apo.labeler import label
+        from apo.evaluation.labeler import label
     groups, dropped = [], []
     for case in cases:
         rec = consensus.get(case.case_id)
@@ -78,34 +78,54 @@ def build_groups(cases, consensus: dict, negatives: str = "all", max_negatives: 
         if not kept:
             dropped.append({"case_id": case.case_id, "what": "case", "reason": "no_negatives"})
             continue
-        groups.append({"case_id": case.case_id, "prompt": case.prompt, "images": list(case.images),
-                       "positive": positive, "negatives": kept, "teachers": teachers})
+        groups.append(
+            {
+                "case_id": case.case_id,
+                "prompt": case.prompt,
+                "images": list(case.images),
+                "positive": positive,
+                "negatives": kept,
+                "teachers": teachers,
+            }
+        )
     return groups, dropped
 
 
 def dpo_rows(groups) -> list[dict]:
     """ms-swift DPO rows: one per (positive, negative)."""
-    from apo.chat import swift_user_content
+    from apo.model.chat import swift_user_content
 
-    return [{"messages": [{"role": "user", "content": swift_user_content(len(g["images"]), g["prompt"])},
-                          {"role": "assistant", "content": g["positive"]}],
-             "images": list(g["images"]), "rejected_response": neg}
-            for g in groups for neg in g["negatives"]]
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": swift_user_content(len(g["images"]), g["prompt"])},
+                {"role": "assistant", "content": g["positive"]},
+            ],
+            "images": list(g["images"]),
+            "rejected_response": neg,
+        }
+        for g in groups
+        for neg in g["negatives"]
+    ]
 
 
 def statistics(groups, dropped, n_cases, extra_consensus=0) -> dict:
     sizes = [len(g["negatives"]) for g in groups]
-    return {"cases": n_cases, "groups": len(groups),
-            "mean_negatives": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
-            "negatives": sum(sizes),
-            "negatives_per_group": dict(sorted(Counter(sizes).items())),
-            "dropped_cases": dict(Counter(d["reason"] for d in dropped if d["what"] == "case")),
-            "dropped_negatives": dict(Counter(d["reason"] for d in dropped if d["what"] == "negative")),
-            "teachers": dict(Counter(t for g in groups for t in g["teachers"])),
-            "consensus_not_in_dataset": extra_consensus}
+    return {
+        "cases": n_cases,
+        "groups": len(groups),
+        "mean_negatives": round(sum(sizes) / len(sizes), 3) if sizes else 0.0,
+        "negatives": sum(sizes),
+        "negatives_per_group": dict(sorted(Counter(sizes).items())),
+        "dropped_cases": dict(Counter(d["reason"] for d in dropped if d["what"] == "case")),
+        "dropped_negatives": dict(Counter(d["reason"] for d in dropped if d["what"] == "negative")),
+        "teachers": dict(Counter(t for g in groups for t in g["teachers"])),
+        "consensus_not_in_dataset": extra_consensus,
+    }
 
 
 # ---------------------------------------------------------------- I/O
+
 
 def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
     """{case_id: consensus record}; with skip_bad, bad lines are listed in rejects_path (see apo.consensus)."""
@@ -124,8 +144,12 @@ def add_arguments(parser) -> None:
     add_data_arguments(parser)
     parser.add_argument("--consensus", required=True, help="output of `apo consensus`")
     parser.add_argument("--out", required=True, help="groups JSONL (one group per case)")
-    parser.add_argument("--negatives", choices=NEGATIVE_MODES, default="all",
-                        help="all teacher trajectories, or only those whose labels conflict with t+")
+    parser.add_argument(
+        "--negatives",
+        choices=NEGATIVE_MODES,
+        default="all",
+        help="all teacher trajectories, or only those whose labels conflict with t+",
+    )
     parser.add_argument("--max-negatives", type=int, default=None, help="keep at most K negatives per group")
     parser.add_argument("--dpo-out", default=None, help="also write ms-swift DPO rows (one per positive/negative)")
 
@@ -133,7 +157,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from apo.data import cases_from_args
     from apo.errors import ApoError
-    from apo.resumable import write_json_atomic, write_jsonl_atomic
+    from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 
     if args.max_negatives is not None and args.max_negatives < 1:
         raise ApoError("--max-negatives must be at least 1")
@@ -151,8 +175,10 @@ def run(args) -> int:
         rows = dpo_rows(groups)
         write_jsonl_atomic(args.dpo_out, rows)
         print(f"wrote {len(rows)} DPO rows to {args.dpo_out}")
-    print(f"build-pairs: {stats['groups']} groups from {stats['cases']} cases, mean {stats['mean_negatives']} "
-          f"negatives (N distribution {stats['negatives_per_group']})")
+    print(
+        f"build-pairs: {stats['groups']} groups from {stats['cases']} cases, mean {stats['mean_negatives']} "
+        f"negatives (N distribution {stats['negatives_per_group']})"
+    )
     if stats["dropped_cases"]:
         print(f"  cases dropped: {stats['dropped_cases']}")
     if stats["dropped_negatives"]:

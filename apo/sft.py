@@ -15,8 +15,8 @@ import json
 import os
 from pathlib import Path
 
-from apo.chat import swift_user_content
 from apo.data import add_data_arguments, cases_from_args
+from apo.model.chat import swift_user_content
 
 
 def sft_rows(cases):

@@ -5,7 +5,7 @@
     python benchmarks/bench_apo.py --device cuda --model-config 7b --methods apo,plain,pairs   # GPU, random 7B
 
 The same G groups {t+, t_1..t_N} are trained by
-  apo    APOTrainer, packed path (apo.trainer.packing): one row per group, image + prompt once, ref = adapter off;
+  apo    APOTrainer, packed path (apo.model.packing): one row per group, image + prompt once, ref = adapter off;
   plain  APOTrainer, plain path: 1+N padded rows per group, each with the image;
   pairs  the pairwise DPO computation in-repo (N groups of 1+1 through the plain path, dpo loss): what the recipe
          computes, for machines without ms-swift (the GPU image);
@@ -44,39 +44,71 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SENTENCES = [
-    "the heart size is normal.", "there is a small left pleural effusion.", "no pneumothorax is seen.",
-    "the lungs are clear.", "there is patchy opacity at the right base, likely atelectasis.",
-    "mild pulmonary edema with vascular congestion.", "the cardiomediastinal silhouette is enlarged.",
-    "a support device projects over the right atrium.", "blunting of the left costophrenic angle supports effusion.",
-    "no focal consolidation to suggest pneumonia.", "findings support the diagnosis of atelectasis.",
-    "there is no acute osseous abnormality.", "the right hemidiaphragm is elevated.",
+    "the heart size is normal.",
+    "there is a small left pleural effusion.",
+    "no pneumothorax is seen.",
+    "the lungs are clear.",
+    "there is patchy opacity at the right base, likely atelectasis.",
+    "mild pulmonary edema with vascular congestion.",
+    "the cardiomediastinal silhouette is enlarged.",
+    "a support device projects over the right atrium.",
+    "blunting of the left costophrenic angle supports effusion.",
+    "no focal consolidation to suggest pneumonia.",
+    "findings support the diagnosis of atelectasis.",
+    "there is no acute osseous abnormality.",
+    "the right hemidiaphragm is elevated.",
 ]
 # sentences per candidate: the consensus, then the teachers (terse .. verbose), like CXR-MAX's spread of lengths;
-# x --response-scale (default 2.5: ~150 tokens per answer with apo.tiny's tokenizer, a reasoning trajectory;
+# x --response-scale (default 2.5: ~150 tokens per answer with apo.world.tiny's tokenizer, a reasoning trajectory;
 # 1.0 ~ the demo benchmark's short synthetic answers, ~60 tokens)
 LENGTHS = [5, 2, 9, 4, 12, 3, 7, 6, 10, 8]
 SIZES = {  # Qwen2.5-VL text / vision sizes (config.json of the released checkpoints); "small" = a CPU-sized check
-    "small": dict(text=dict(hidden_size=256, intermediate_size=704, num_hidden_layers=4, num_attention_heads=4,
-                            num_key_value_heads=2, vocab_size=152064),
-                  vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256)),
-    "7b": dict(text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                         num_key_value_heads=4, vocab_size=152064),
-               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)),
-    "3b": dict(text=dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-                         num_key_value_heads=2, vocab_size=151936),
-               vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048)),
+    "small": dict(
+        text=dict(
+            hidden_size=256,
+            intermediate_size=704,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=152064,
+        ),
+        vision=dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=2, out_hidden_size=256),
+    ),
+    "7b": dict(
+        text=dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584),
+    ),
+    "3b": dict(
+        text=dict(
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            vocab_size=151936,
+        ),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048),
+    ),
 }
 H100_BF16_DENSE = 989e12
 
 
 # ------------------------------------------------------------------------------------------------ data
 
+
 def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, scale: float = 2.5, seed: int = 0) -> dict:
     """groups.jsonl (apo build-pairs format) and the same preferences as pairwise rows (ms-swift DPO format)."""
     import numpy as np
     from PIL import Image
 
-    from apo.chat import swift_user_content
+    from apo.model.chat import swift_user_content
 
     rng = np.random.default_rng(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -88,16 +120,29 @@ def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, scale: floa
         lungs = 200 - lung(0.3) - lung(0.7)
         px = np.clip(lungs + rng.normal(0, 12, lungs.shape), 0, 255).astype(np.uint8)
         Image.fromarray(px).convert("RGB").save(img)
-        text = lambda k: " ".join(rng.choice(SENTENCES, size=max(1, round(scale * LENGTHS[k % len(LENGTHS)]))
-                                             + int(rng.integers(0, 2))))
-        g = {"case_id": f"b{i}", "prompt": "What findings support the diagnosis of atelectasis and pleural effusion?",
-             "images": [str(img)], "positive": text(0), "negatives": [text(k + 1) for k in range(n_neg)],
-             "teachers": [f"teacher{k}" for k in range(n_neg)]}
+        text = lambda k: " ".join(
+            rng.choice(SENTENCES, size=max(1, round(scale * LENGTHS[k % len(LENGTHS)])) + int(rng.integers(0, 2)))
+        )
+        g = {
+            "case_id": f"b{i}",
+            "prompt": "What findings support the diagnosis of atelectasis and pleural effusion?",
+            "images": [str(img)],
+            "positive": text(0),
+            "negatives": [text(k + 1) for k in range(n_neg)],
+            "teachers": [f"teacher{k}" for k in range(n_neg)],
+        }
         groups.append(g)
         for neg in g["negatives"]:
-            pairs.append({"messages": [{"role": "user", "content": swift_user_content(1, g["prompt"])},
-                                       {"role": "assistant", "content": g["positive"]}],
-                          "rejected_response": neg, "images": g["images"]})
+            pairs.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": swift_user_content(1, g["prompt"])},
+                        {"role": "assistant", "content": g["positive"]},
+                    ],
+                    "rejected_response": neg,
+                    "images": g["images"],
+                }
+            )
     for name, rows in (("groups.jsonl", groups), ("pairs.jsonl", pairs)):
         with open(out / name, "w") as fh:
             fh.writelines(json.dumps(r) + "\n" for r in rows)
@@ -117,11 +162,17 @@ def token_counts(spec: dict) -> dict:
     for g in load_groups(spec["data"]["groups"]):
         enc, resp = col.encode_group(g)
         P, C = enc["input_ids"].shape[1], [len(r) for r in resp]
-        rows.append({"pair_tokens_per_group": sum(2 * P + C[0] + c for c in C[1:]),
-                     "packed_tokens_per_group": P + sum(C), "prompt_tokens": P,
-                     "mean_response_tokens": sum(C) / len(C), "response_tokens_per_group": sum(C),
-                     "attn_pairs_per_group": P * P / 2 + sum(c * P + c * c / 2 for c in C),
-                     "image_tokens": int((enc["input_ids"] == image_id).sum())})
+        rows.append(
+            {
+                "pair_tokens_per_group": sum(2 * P + C[0] + c for c in C[1:]),
+                "packed_tokens_per_group": P + sum(C),
+                "prompt_tokens": P,
+                "mean_response_tokens": sum(C) / len(C),
+                "response_tokens_per_group": sum(C),
+                "attn_pairs_per_group": P * P / 2 + sum(c * P + c * c / 2 for c in C),
+                "image_tokens": int((enc["input_ids"] == image_id).sum()),
+            }
+        )
     return {k: statistics.mean(r[k] for r in rows) for k in rows[0]}
 
 
@@ -130,32 +181,34 @@ def _processor(spec, auto):
 
 
 def prepare_model_dir(a, work: Path, methods) -> tuple[str, bool]:
-    """(folder with the processor, and the weights unless the worker builds them): tiny = apo.tiny's model;
+    """(folder with the processor, and the weights unless the worker builds them): tiny = apo.world.tiny's model;
     3b/7b/small = random weights with those sizes, the tiny tokenizer, images of --image-size pixels."""
     from transformers import AutoProcessor
 
     src = a.model_dir
     if src is None:
-        from apo.tiny import build_tiny_model
+        from apo.world.tiny import build_tiny_model
 
         src = build_tiny_model(work / "tiny", seed=0)
     if a.model_config == "tiny":
         return str(src), False
     out = work / f"model_{a.model_config}"
     proc = AutoProcessor.from_pretrained(src)
-    ip, px = proc.image_processor, a.image_size ** 2  # ~ (image_size / 28)^2 image tokens
+    ip, px = proc.image_processor, a.image_size**2  # ~ (image_size / 28)^2 image tokens
     ip.min_pixels = ip.max_pixels = px
     if isinstance(getattr(ip, "size", None), dict):
         ip.size = {"shortest_edge": px, "longest_edge": px}
     proc.save_pretrained(out)
     in_worker = a.device == "cuda" and not {"swift", "trl"} & set(methods)  # no 15 GB write + read on the GPU box
     if not in_worker:
-        random_model({"model_config": a.model_config, "device": "cpu", "attn": a.attn or "sdpa"},
-                     proc.tokenizer).save_pretrained(out)
+        random_model(
+            {"model_config": a.model_config, "device": "cpu", "attn": a.attn or "sdpa"}, proc.tokenizer
+        ).save_pretrained(out)
     return str(out), in_worker
 
 
 # ------------------------------------------------------------------------------------------------ measuring
+
 
 def hold_for_turn(what: bytes):
     """Lockstep, in a worker: report `what` to the parent (b"r" start-up done, b"d" block done) and block until it
@@ -209,7 +262,8 @@ def install_step_timer(path: str, device: str, warmup: int, profile: bool = Fals
                 self.prof.__exit__(None, None, None)
                 key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
                 Path(path).with_suffix(".profile.txt").write_text(
-                    self.prof.key_averages().table(sort_by=key, row_limit=40))
+                    self.prof.key_averages().table(sort_by=key, row_limit=40)
+                )
                 self.prof = None
             if state.global_step == warmup:  # also the peak of the steady-state steps alone
                 self.r["hwm_warmup_kb"] = rss_kb("VmHWM")
@@ -248,18 +302,38 @@ def random_model(spec, tokenizer):
     s = SIZES[spec["model_config"]]
     hd = s["text"]["hidden_size"] // s["text"]["num_attention_heads"]
     vd = s["vision"]["depth"]
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in
-           ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")}
+    ids = {
+        t: tokenizer.convert_tokens_to_ids(t)
+        for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>", "<|im_end|>")
+    }
     cfg = Qwen2_5_VLConfig(
-        text_config=dict(**s["text"], max_position_embeddings=32768, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                          "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16]}),
-        vision_config=dict(**s["vision"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                           window_size=112, fullatt_block_indexes=[i for i in range(vd) if i % 8 == 7 or i == vd - 1]),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False)
+        text_config=dict(
+            **s["text"],
+            max_position_embeddings=32768,
+            rms_norm_eps=1e-6,
+            rope_parameters={
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": [hd // 8, 3 * hd // 16, 3 * hd // 16],
+            },
+        ),
+        vision_config=dict(
+            **s["vision"],
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[i for i in range(vd) if i % 8 == 7 or i == vd - 1],
+        ),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        tie_word_embeddings=False,
+    )
     torch.manual_seed(0)
     dtype = torch.bfloat16 if spec["device"] == "cuda" else torch.float32
     with torch.device(spec["device"]):
@@ -270,13 +344,15 @@ def _sequential(config_cls) -> dict:
     """Same data order for every method (older transformers lack the field: then the Trainer's default)."""
     import dataclasses
 
-    return {"train_sampling_strategy": "sequential"} if any(
-        f.name == "train_sampling_strategy" for f in dataclasses.fields(config_cls)) else {}
+    return (
+        {"train_sampling_strategy": "sequential"}
+        if any(f.name == "train_sampling_strategy" for f in dataclasses.fields(config_cls))
+        else {}
+    )
 
 
 def worker_apo(spec, variant: str):
     """APOTrainer steps: variant apo (packed), plain (1+N rows), pairs (N groups of 1+1, dpo loss)."""
-    import torch
 
     from apo.trainer import trainer as T
     from apo.trainer.collator import load_groups
@@ -284,18 +360,40 @@ def worker_apo(spec, variant: str):
 
     groups = load_groups(spec["data"]["groups"])
     if variant == "pairs":
-        groups = [dict(g, case_id=f"{g['case_id']}/{k}", negatives=[n], teachers=[t])
-                  for g in groups for k, (n, t) in enumerate(zip(g["negatives"], g["teachers"]))]
+        groups = [
+            dict(g, case_id=f"{g['case_id']}/{k}", negatives=[n], teachers=[t])
+            for g in groups
+            for k, (n, t) in enumerate(zip(g["negatives"], g["teachers"]))
+        ]
     per_step = spec["dpo_batch"] if variant == "pairs" else spec["groups_per_step"]
     cuda = spec["device"] == "cuda"
     cfg = APOConfig(
-        output_dir=spec["work"] + f"/out_{variant}", model_name_or_path=spec["model_dir"], loss=
-        "dpo" if variant == "pairs" else "apo", beta=0.1, learning_rate=5e-7, lr_scheduler_type="constant",
-        per_device_train_batch_size=per_step, gradient_accumulation_steps=1, max_steps=spec["n_steps"],
-        max_length=spec["max_length"], lora_r=8, lora_alpha=32, lora_dropout=0.05, logging_steps=1,
-        save_strategy="no", report_to="none", use_cpu=not cuda, bf16=cuda, dataloader_num_workers=0,
-        gradient_checkpointing=spec["grad_ckpt"], seed=0, attn_implementation=spec["attn"],
-        torch_dtype="bfloat16" if cuda else "float32", packed=variant == "apo", **_sequential(APOConfig))
+        output_dir=spec["work"] + f"/out_{variant}",
+        model_name_or_path=spec["model_dir"],
+        loss="dpo" if variant == "pairs" else "apo",
+        beta=0.1,
+        learning_rate=5e-7,
+        lr_scheduler_type="constant",
+        per_device_train_batch_size=per_step,
+        gradient_accumulation_steps=1,
+        max_steps=spec["n_steps"],
+        max_length=spec["max_length"],
+        lora_r=8,
+        lora_alpha=32,
+        lora_dropout=0.05,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=not cuda,
+        bf16=cuda,
+        dataloader_num_workers=0,
+        gradient_checkpointing=spec["grad_ckpt"],
+        seed=0,
+        attn_implementation=spec["attn"],
+        torch_dtype="bfloat16" if cuda else "float32",
+        packed=variant == "apo",
+        **_sequential(APOConfig),
+    )
     packed = cfg.packed
     if not spec["build_in_worker"]:
         model, processor = T.build_model(cfg)
@@ -305,8 +403,16 @@ def worker_apo(spec, variant: str):
 
         processor = _processor(spec, AutoProcessor)
         model = random_model(spec, processor.tokenizer)
-        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                                                 target_modules=T.lora_targets(model, "all-linear")))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=8,
+                lora_alpha=32,
+                lora_dropout=0.05,
+                task_type="CAUSAL_LM",
+                target_modules=T.lora_targets(model, "all-linear"),
+            ),
+        )
     trainer = T.APOTrainer(model=model, args=cfg, train_dataset=groups, processing_class=processor)
     info = {"items_per_step": per_step, "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if packed and spec.get("check"):
@@ -319,17 +425,20 @@ def check_packed(model, processor, groups, max_length):
     """Packed vs plain log-probs on one batch, in the run's dtype (a bf16 run differs by bf16 rounding only)."""
     import torch
 
+    from apo.model.logps import forward_logps
+    from apo.model.packing import PackedGroupCollator, packed_logps
     from apo.trainer.collator import GroupCollator
-    from apo.trainer.logps import forward_logps
-    from apo.trainer.packing import PackedGroupCollator, packed_logps
 
     dev = next(model.parameters()).device
     move = lambda b: {k: v.to(dev) if torch.is_tensor(v) else v for k, v in b.items()}
     with torch.no_grad():
         a = forward_logps(model, move(GroupCollator(processor, max_length)(groups)))[0]
         b = packed_logps(model, move(PackedGroupCollator(processor, max_length)(groups)))[0]
-    return {"max_abs_diff": (a - b).abs().max().item(), "max_rel_diff": ((a - b).abs() / a.abs()).max().item(),
-            "mean_logp": a.mean().item()}
+    return {
+        "max_abs_diff": (a - b).abs().max().item(),
+        "max_rel_diff": ((a - b).abs() / a.abs()).max().item(),
+        "mean_logp": a.mean().item(),
+    }
 
 
 def worker_swift(spec):
@@ -339,19 +448,75 @@ def worker_swift(spec):
     try_use_single_device_mode()
     from swift.pipelines import rlhf_main
 
-    argv = ["--rlhf_type", "dpo", "--model", spec["model_dir"], "--model_type", "qwen2_5_vl", "--template",
-            "qwen2_5_vl", "--use_hf", "true", "--dataset", spec["data"]["pairs"], "--split_dataset_ratio", "0",
-            "--tuner_type", "lora", "--lora_rank", "8", "--lora_alpha", "32", "--lora_dropout", "0.05",
-            "--target_modules", "all-linear", "--torch_dtype", "float32", "--beta", "0.1",
-            "--learning_rate", "5e-7", "--lr_scheduler_type", "constant",
-            "--per_device_train_batch_size", str(spec["dpo_batch"]), "--gradient_accumulation_steps", "1",
-            "--max_steps", str(spec["n_steps"]), "--max_length", str(spec["max_length"]),
-            "--gradient_checkpointing", str(spec["grad_ckpt"]).lower(), "--logging_steps", "1",
-            "--save_strategy", "no", "--eval_strategy", "no", "--report_to", "none", "--seed", "0",
-            "--dataloader_num_workers", "0", "--train_dataloader_shuffle", "false",
-            "--output_dir", spec["work"] + "/out_swift", "--attn_impl", spec["attn"], "--freeze_vit", "true",
-            "--check_model", "false", "--add_version", "false"]
-    plugin = Path(spec["model_dir"]) / "swift_plugin.py"  # apo.tiny's: ms-swift must expand images in its vocab
+    argv = [
+        "--rlhf_type",
+        "dpo",
+        "--model",
+        spec["model_dir"],
+        "--model_type",
+        "qwen2_5_vl",
+        "--template",
+        "qwen2_5_vl",
+        "--use_hf",
+        "true",
+        "--dataset",
+        spec["data"]["pairs"],
+        "--split_dataset_ratio",
+        "0",
+        "--tuner_type",
+        "lora",
+        "--lora_rank",
+        "8",
+        "--lora_alpha",
+        "32",
+        "--lora_dropout",
+        "0.05",
+        "--target_modules",
+        "all-linear",
+        "--torch_dtype",
+        "float32",
+        "--beta",
+        "0.1",
+        "--learning_rate",
+        "5e-7",
+        "--lr_scheduler_type",
+        "constant",
+        "--per_device_train_batch_size",
+        str(spec["dpo_batch"]),
+        "--gradient_accumulation_steps",
+        "1",
+        "--max_steps",
+        str(spec["n_steps"]),
+        "--max_length",
+        str(spec["max_length"]),
+        "--gradient_checkpointing",
+        str(spec["grad_ckpt"]).lower(),
+        "--logging_steps",
+        "1",
+        "--save_strategy",
+        "no",
+        "--eval_strategy",
+        "no",
+        "--report_to",
+        "none",
+        "--seed",
+        "0",
+        "--dataloader_num_workers",
+        "0",
+        "--train_dataloader_shuffle",
+        "false",
+        "--output_dir",
+        spec["work"] + "/out_swift",
+        "--attn_impl",
+        spec["attn"],
+        "--freeze_vit",
+        "true",
+        "--check_model",
+        "false",
+        "--add_version",
+        "false",
+    ]
+    plugin = Path(spec["model_dir"]) / "swift_plugin.py"  # apo.world.tiny's: ms-swift must expand images in its vocab
     if plugin.exists():
         argv += ["--external_plugins", str(plugin)]
     rlhf_main(argv)
@@ -364,23 +529,44 @@ def worker_trl(spec):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
     from trl import DPOConfig, DPOTrainer
 
-    from apo.chat import assistant_message, user_message
+    from apo.model.chat import assistant_message, user_message
     from apo.trainer.collator import load_groups
     from apo.trainer.trainer import lora_targets
 
-    rows = [{"images": g["images"], "prompt": user_message(1, g["prompt"]),
-             "chosen": [assistant_message(g["positive"])], "rejected": [assistant_message(n)]}
-            for g in load_groups(spec["data"]["groups"]) for n in g["negatives"]]
+    rows = [
+        {
+            "images": g["images"],
+            "prompt": user_message(1, g["prompt"]),
+            "chosen": [assistant_message(g["positive"])],
+            "rejected": [assistant_message(n)],
+        }
+        for g in load_groups(spec["data"]["groups"])
+        for n in g["negatives"]
+    ]
     ds = Dataset.from_list(rows).cast_column("images", Sequence(Image()))
     processor = AutoProcessor.from_pretrained(spec["model_dir"])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(spec["model_dir"], attn_implementation=spec["attn"])
-    cfg = DPOConfig(output_dir=spec["work"] + "/out_trl", per_device_train_batch_size=spec["dpo_batch"],
-                    gradient_accumulation_steps=1, learning_rate=5e-7, lr_scheduler_type="constant",
-                    max_steps=spec["n_steps"], max_length=spec["max_length"], beta=0.1, logging_steps=1,
-                    save_strategy="no", report_to="none", use_cpu=True, dataloader_num_workers=0,
-                    gradient_checkpointing=spec["grad_ckpt"], seed=0, **_sequential(DPOConfig))
-    peft = LoraConfig(r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM",
-                      target_modules=lora_targets(model, "all-linear"))
+    cfg = DPOConfig(
+        output_dir=spec["work"] + "/out_trl",
+        per_device_train_batch_size=spec["dpo_batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=5e-7,
+        lr_scheduler_type="constant",
+        max_steps=spec["n_steps"],
+        max_length=spec["max_length"],
+        beta=0.1,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        dataloader_num_workers=0,
+        gradient_checkpointing=spec["grad_ckpt"],
+        seed=0,
+        **_sequential(DPOConfig),
+    )
+    peft = LoraConfig(
+        r=8, lora_alpha=32, lora_dropout=0.05, task_type="CAUSAL_LM", target_modules=lora_targets(model, "all-linear")
+    )
     DPOTrainer(model=model, args=cfg, train_dataset=ds, processing_class=processor, peft_config=peft).train()
     return {"items_per_step": spec["dpo_batch"]}
 
@@ -388,18 +574,24 @@ def worker_trl(spec):
 def run_worker(method: str, spec_path: str):
     spec = json.loads(Path(spec_path).read_text())
     timer_path = spec["work"] + f"/timer_{method}.json"
-    install_step_timer(timer_path, spec["device"], spec["warmup"], spec.get("profile", False),
-                       set(spec.get("pauses", ())))
+    install_step_timer(
+        timer_path, spec["device"], spec["warmup"], spec.get("profile", False), set(spec.get("pauses", ()))
+    )
     t0 = time.perf_counter()
-    info = {"apo": lambda: worker_apo(spec, "apo"), "plain": lambda: worker_apo(spec, "plain"),
-            "pairs": lambda: worker_apo(spec, "pairs"), "swift": lambda: worker_swift(spec),
-            "trl": lambda: worker_trl(spec)}[method]()
+    info = {
+        "apo": lambda: worker_apo(spec, "apo"),
+        "plain": lambda: worker_apo(spec, "plain"),
+        "pairs": lambda: worker_apo(spec, "pairs"),
+        "swift": lambda: worker_swift(spec),
+        "trl": lambda: worker_trl(spec),
+    }[method]()
     info["wall_s"] = time.perf_counter() - t0
     info.update(json.loads(Path(timer_path).read_text()))
     Path(spec["work"], f"result_{method}.json").write_text(json.dumps(info))
 
 
 # ------------------------------------------------------------------------------------------------ driver
+
 
 def schedule(warmup: int, steps: int, rounds: int) -> dict:
     """One method's steps as `rounds` blocks, which the methods take in turn (lockstep): block 0 = the warm-up steps
@@ -423,10 +615,17 @@ class Worker:
     then `turn()` lets one of them run its next block while the others wait, blocked, at their pause."""
 
     def __init__(self, method: str, spec: dict, spec_path: str, lockstep: bool, argv=None):
-        env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]), MKL_NUM_THREADS=str(spec["threads"]),
-                   HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", MODELSCOPE_OFFLINE="1",
-                   TOKENIZERS_PARALLELISM="false",
-                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS=str(spec["threads"]),
+            MKL_NUM_THREADS=str(spec["threads"]),
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            MODELSCOPE_OFFLINE="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
         self.method, self.spec, self.error, self.go, self.done = method, spec, None, None, None
         self.log = Path(spec["work"], f"log_{method}.txt")
         Path(spec["work"], f"result_{method}.json").unlink(missing_ok=True)
@@ -438,8 +637,13 @@ class Worker:
             fds = (go_r, done_w)
         self.t0 = time.perf_counter()
         with open(self.log, "w") as fh:
-            self.p = subprocess.Popen(argv or [sys.executable, __file__, "--worker", method, "--spec", spec_path],
-                                      env=env, stdout=fh, stderr=subprocess.STDOUT, pass_fds=fds)
+            self.p = subprocess.Popen(
+                argv or [sys.executable, __file__, "--worker", method, "--spec", spec_path],
+                env=env,
+                stdout=fh,
+                stderr=subprocess.STDOUT,
+                pass_fds=fds,
+            )
         for fd in fds:
             os.close(fd)  # the child's ends: EOF here once it exits
 
@@ -485,8 +689,12 @@ class Worker:
         if self.error or self.p.returncode != 0 or not res_path.exists():
             lines = self.log.read_text(errors="replace").strip().splitlines()
             why = [ln for ln in lines if "Error" in ln or "error" in ln][-2:] or lines[-2:]
-            return {"error": (self.error or f"exit {self.p.returncode}") + ": " + " | ".join(why)
-                    + f" (full log: {self.log})"}
+            return {
+                "error": (self.error or f"exit {self.p.returncode}")
+                + ": "
+                + " | ".join(why)
+                + f" (full log: {self.log})"
+            }
         r = json.loads(res_path.read_text())
         r["process_s"] = time.perf_counter() - self.t0
         return timings(self.method, self.spec, r)
@@ -509,8 +717,9 @@ def timings(method: str, spec: dict, r: dict) -> dict:
     r["s_per_group"] = r["cpu_s_per_group" if spec["clock"] == "cpu" else "wall_s_per_group"]
     clock = cpu_gap if spec["clock"] == "cpu" else gap
     n_rounds = 1 + max((rnd for _, rnd in spec["measured"]), default=0)
-    r["rounds_s_per_group"] = [med([clock[g] for g, rnd in steps if rnd == k]) / groups_per_step
-                               for k in range(n_rounds)]
+    r["rounds_s_per_group"] = [
+        med([clock[g] for g, rnd in steps if rnd == k]) / groups_per_step for k in range(n_rounds)
+    ]
     if spec["device"] == "cuda":
         r["peak_mem_mb"] = r["abs_peak_mb"] = r["cuda_peak"] / 2**20
     else:  # what training adds to the loaded process; the absolute peak has the libraries' ~0.9 GB in it
@@ -544,7 +753,8 @@ def run_sequential(methods, spec: dict, spec_path: str, timeout: int, repeat: in
             print(f"[bench] {m} (run {rep + 1}/{repeat}) ...", file=sys.stderr, flush=True)
             r = Worker(m, spec, spec_path, lockstep=False).finish(timeout)
             r["runs_ms_per_group"] = results.get(m, {}).get("runs_ms_per_group", []) + [
-                round(r.get("s_per_group", float("nan")) * 1e3, 1)]
+                round(r.get("s_per_group", float("nan")) * 1e3, 1)
+            ]
             if m not in results or "error" in results[m] or r.get("s_per_group", 1e9) < results[m]["s_per_group"]:
                 results[m] = r  # the run least disturbed by others' load
             else:
@@ -573,8 +783,9 @@ def flops_per_group(spec, tok) -> dict:
     patches = 4 * tok["image_tokens"]
     full = sum(1 for i in range(D) if i % 8 == 7 or i == D - 1)
     merger = (16 * Hv * Hv + 4 * Hv * v["out_hidden_size"]) / 4  # per patch: 4 patches merge into one token
-    vision = (2 * patches * (1176 * Hv + D * (4 * Hv * Hv + 3 * Hv * Iv) + merger)
-              + 4 * Hv * patches * (full * patches + (D - full) * 64))  # windows of 64 patches, a few full layers
+    vision = 2 * patches * (1176 * Hv + D * (4 * Hv * Hv + 3 * Hv * Iv) + merger) + 4 * Hv * patches * (
+        full * patches + (D - full) * 64
+    )  # windows of 64 patches, a few full layers
     fwd = 2 * N * T + 2 * H * V * C + 4 * L * H * A
     required = fwd + (2 * N * T + 2 * H * V * C + 8 * L * H * A) + fwd + vision
     conventional = 8 * N * T + 8 * H * V * C + 16 * L * H * A + vision
@@ -582,15 +793,22 @@ def flops_per_group(spec, tok) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: apo + swift, few steps (< 2 min)")
-    ap.add_argument("--methods", default=None, help="comma list of apo,plain,pairs,swift,trl (default: all on CPU; "
-                                                    "apo,plain,pairs on cuda)")
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help="comma list of apo,plain,pairs,swift,trl (default: all on CPU; apo,plain,pairs on cuda)",
+    )
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--model-config", default="tiny", choices=["tiny", "small", "3b", "7b"])
-    ap.add_argument("--model-dir", default=None, help="a local Qwen2.5-VL folder (default: apo.tiny's, built here); "
-                                                      "for 3b/7b only its processor is used")
+    ap.add_argument(
+        "--model-dir",
+        default=None,
+        help="a local Qwen2.5-VL folder (default: apo.world.tiny's, built here); for 3b/7b only its processor is used",
+    )
     ap.add_argument("--n-negatives", type=int, default=7)
     ap.add_argument("--steps", type=int, default=8, help="measured steps per method")
     ap.add_argument("--warmup", type=int, default=2)
@@ -600,23 +818,36 @@ def main(argv=None):
     ap.add_argument("--response-scale", type=float, default=2.5, help="answer length multiplier (see LENGTHS)")
     ap.add_argument("--image-size", type=int, default=448, help="3b/7b: image side in pixels (tokens ~ (s/28)^2)")
     ap.add_argument("--attn", default=None, help="attention kernel (default sdpa)")
-    ap.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off (on by default, as "
-                                                                "ms-swift's default)")
+    ap.add_argument(
+        "--no-grad-ckpt", action="store_true", help="gradient checkpointing off (on by default, as ms-swift's default)"
+    )
     ap.add_argument("--profile", action="store_true", help="write a torch.profiler table of one step per method")
     ap.add_argument("--check", action="store_true", help="apo: first compare packed and plain log-probs on a batch")
-    ap.add_argument("--clock", choices=["cpu", "wall"], default=None,
-                    help="time per step: process CPU time (default on CPU: with one thread per method it is the "
-                         "compute time, unmoved by other users' load on a shared machine) or wall time (default on "
-                         "cuda, after a synchronize); both are reported")
+    ap.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default=None,
+        help="time per step: process CPU time (default on CPU: with one thread per method it is the "
+        "compute time, unmoved by other users' load on a shared machine) or wall time (default on "
+        "cuda, after a synchronize); both are reported",
+    )
     ap.add_argument("--threads", type=int, default=1, help="torch threads per method (1: robust on a shared CPU)")
     ap.add_argument("--timeout", type=int, default=600)
-    ap.add_argument("--lockstep", choices=["auto", "on", "off"], default="auto",
-                    help="start every method's process at once and let them take turns, a block of steps each, "
-                         "for --rounds rounds (auto: on CPU; off on cuda, where the methods would share the GPU's "
-                         "memory): the speedup is the median of the per-round ratios (same groups, adjacent minutes)")
+    ap.add_argument(
+        "--lockstep",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="start every method's process at once and let them take turns, a block of steps each, "
+        "for --rounds rounds (auto: on CPU; off on cuda, where the methods would share the GPU's "
+        "memory): the speedup is the median of the per-round ratios (same groups, adjacent minutes)",
+    )
     ap.add_argument("--rounds", type=int, default=None, help="lockstep rounds (default 4, 6 with --quick)")
-    ap.add_argument("--repeat", type=int, default=None, help="without lockstep: runs per method, alternating; the "
-                                                            "fastest run counts (default 1)")
+    ap.add_argument(
+        "--repeat",
+        type=int,
+        default=None,
+        help="without lockstep: runs per method, alternating; the fastest run counts (default 1)",
+    )
     ap.add_argument("--work", default=None, help="keep the work folder here")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
@@ -641,15 +872,31 @@ def main(argv=None):
     n_steps = plan["n_steps"]
     dpo_batch = a.dpo_batch or a.n_negatives
     n_groups = max(a.groups_per_step * n_steps, -(-dpo_batch * n_steps // a.n_negatives))
-    spec = {"work": str(work), "model_dir": model_dir, "build_in_worker": in_worker, "model_config": a.model_config,
-            "device": a.device,
-            "n_neg": a.n_negatives, "n_steps": n_steps, "warmup": a.warmup, "groups_per_step": a.groups_per_step,
-            "dpo_batch": dpo_batch, "max_length": a.max_length, "image_size": a.image_size,
-            "attn": a.attn or "sdpa", "grad_ckpt": not a.no_grad_ckpt, "threads": a.threads, "check": a.check,
-            "clock": a.clock or ("cpu" if a.device == "cpu" else "wall"),
-            "profile": a.profile, "lockstep": lockstep, **plan,
-            "data": make_data(work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112,
-                              a.response_scale)}
+    spec = {
+        "work": str(work),
+        "model_dir": model_dir,
+        "build_in_worker": in_worker,
+        "model_config": a.model_config,
+        "device": a.device,
+        "n_neg": a.n_negatives,
+        "n_steps": n_steps,
+        "warmup": a.warmup,
+        "groups_per_step": a.groups_per_step,
+        "dpo_batch": dpo_batch,
+        "max_length": a.max_length,
+        "image_size": a.image_size,
+        "attn": a.attn or "sdpa",
+        "grad_ckpt": not a.no_grad_ckpt,
+        "threads": a.threads,
+        "check": a.check,
+        "clock": a.clock or ("cpu" if a.device == "cpu" else "wall"),
+        "profile": a.profile,
+        "lockstep": lockstep,
+        **plan,
+        "data": make_data(
+            work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112, a.response_scale
+        ),
+    }
     spec_path = str(work / "spec.json")
     Path(spec_path).write_text(json.dumps(spec, indent=1))
     tok = token_counts(spec)
@@ -672,6 +919,7 @@ def summarise(a, spec, tok, results) -> dict:
     def version(name):
         try:
             from importlib.metadata import version as v
+
             return v(name)
         except Exception:
             return None
@@ -688,29 +936,43 @@ def summarise(a, spec, tok, results) -> dict:
             r["mfu"] = flops["required"] / r["s_per_group"] / peak
             r["mfu_6n"] = flops["6N"] / r["s_per_group"] / peak
             r["tflops"] = flops["required"] / r["s_per_group"] / 1e12
-        rows.append(f"{m:6s} {r['s_per_group'] * 1e3:8.1f} ms/group ({spec['clock']})  "
-                    f"wall {r['wall_s_per_group'] * 1e3:8.1f}  cpu {r['cpu_s_per_group'] * 1e3:8.1f}  "
-                    f"(wall in-step {r['in_step_s'] * 1e3:7.1f}/step)  "
-                    f"{r['tokens_per_s']:8.0f} pair-tok/s  "
-                    f"train mem +{r['peak_mem_mb']:7.1f} MB (abs peak {r['abs_peak_mb']:7.1f} MB)  "
-                    f"loss {r['loss'][:1]} -> {r['loss'][-1:]}  proc {r['process_s']:.0f}s"
-                    + (f"  {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%} (6N count: {r['mfu_6n']:.1%})"
-                       if "mfu" in r else ""))
+        rows.append(
+            f"{m:6s} {r['s_per_group'] * 1e3:8.1f} ms/group ({spec['clock']})  "
+            f"wall {r['wall_s_per_group'] * 1e3:8.1f}  cpu {r['cpu_s_per_group'] * 1e3:8.1f}  "
+            f"(wall in-step {r['in_step_s'] * 1e3:7.1f}/step)  "
+            f"{r['tokens_per_s']:8.0f} pair-tok/s  "
+            f"train mem +{r['peak_mem_mb']:7.1f} MB (abs peak {r['abs_peak_mb']:7.1f} MB)  "
+            f"loss {r['loss'][:1]} -> {r['loss'][-1:]}  proc {r['process_s']:.0f}s"
+            + (f"  {r['tflops']:.0f} TFLOP/s, MFU {r['mfu']:.1%} (6N count: {r['mfu_6n']:.1%})" if "mfu" in r else "")
+        )
     where = torch.cuda.get_device_name() if spec["device"] == "cuda" else f"{spec['threads']} threads"
-    print(f"# device {spec['device']} ({platform.processor() or platform.machine()}, {where}), clock {spec['clock']}, "
-          f"model {spec['model_config']}, N={spec['n_neg']}, {a.steps} steps after warm-up"
-          + (f" in {len(spec['pauses']) + 1} lockstep rounds, " if spec["lockstep"] else ", ")
-          + f"grad ckpt {spec['grad_ckpt']}, attn {spec['attn']}", file=sys.stderr)
-    print(f"# tokens/group: prompt {tok['prompt_tokens']:.0f}, mean response {tok['mean_response_tokens']:.0f}, "
-          f"as N pairs {tok['pair_tokens_per_group']:.0f}, packed {tok['packed_tokens_per_group']:.0f}",
-          file=sys.stderr)
+    print(
+        f"# device {spec['device']} ({platform.processor() or platform.machine()}, {where}), clock {spec['clock']}, "
+        f"model {spec['model_config']}, N={spec['n_neg']}, {a.steps} steps after warm-up"
+        + (f" in {len(spec['pauses']) + 1} lockstep rounds, " if spec["lockstep"] else ", ")
+        + f"grad ckpt {spec['grad_ckpt']}, attn {spec['attn']}",
+        file=sys.stderr,
+    )
+    print(
+        f"# tokens/group: prompt {tok['prompt_tokens']:.0f}, mean response {tok['mean_response_tokens']:.0f}, "
+        f"as N pairs {tok['pair_tokens_per_group']:.0f}, packed {tok['packed_tokens_per_group']:.0f}",
+        file=sys.stderr,
+    )
     for row in rows:
         print(row, file=sys.stderr)
     ok = {m: r for m, r in results.items() if "error" not in r}
-    out = {"device": spec["device"], "clock": spec["clock"], "model_config": spec["model_config"],
-           "n_negatives": spec["n_neg"],
-           "steps": a.steps, "torch": torch.__version__, "transformers": transformers.__version__,
-           "ms_swift": version("ms-swift"), "trl": version("trl"), **{k: round(v, 1) for k, v in tok.items()}}
+    out = {
+        "device": spec["device"],
+        "clock": spec["clock"],
+        "model_config": spec["model_config"],
+        "n_negatives": spec["n_neg"],
+        "steps": a.steps,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "ms_swift": version("ms-swift"),
+        "trl": version("trl"),
+        **{k: round(v, 1) for k, v in tok.items()},
+    }
     for m, r in ok.items():
         out[f"{m}_ms_per_group"] = round(r["s_per_group"] * 1e3, 2)
         out[f"{m}_wall_ms_per_group"] = round(r["wall_s_per_group"] * 1e3, 2)
@@ -725,8 +987,12 @@ def summarise(a, spec, tok, results) -> dict:
         if "check" in r:
             out["packed_vs_plain_check"] = r["check"]
         if "mfu" in r:
-            out.update(apo_mfu=round(r["mfu"], 4), apo_mfu_6n=round(r["mfu_6n"], 4), apo_tflops=round(r["tflops"], 1),
-                       mfu_peak_flops=peak)
+            out.update(
+                apo_mfu=round(r["mfu"], 4),
+                apo_mfu_6n=round(r["mfu_6n"], 4),
+                apo_tflops=round(r["tflops"], 1),
+                mfu_peak_flops=peak,
+            )
     for m, r in results.items():
         if "error" in r:
             out[f"{m}_error"] = r["error"][:300]

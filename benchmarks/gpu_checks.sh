@@ -84,7 +84,7 @@ EOF
     || echo "rc=$?" >> "$OUT/zero2.txt"
   grep -E "apo train:|rc=|Error" "$OUT/zero2.txt" | tail -3
 
-  # 3. consensus generation: batched (sorted) vs unsorted vs a per-case loop, tiny model; apo.decoding (CPU-only by
+  # 3. consensus generation: batched (sorted) vs unsorted vs a per-case loop, tiny model; apo.model.decoding (CPU-only by
   # default) forced on, against transformers' defaults: same texts and its speed on a GPU
   $PY benchmarks/bench_consensus.py --device "$DEVICE" --model-dir "$W/tiny" --dataset "$W/data/cases.jsonl" --fast on \
     --cases 32 --max-new-tokens "$([ "$DEVICE" = cuda ] && echo 256 || echo 16)" --work "$W/c" \

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import shutil
 import statistics
@@ -39,10 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("base", "sft", "dpo", "apo", "pairwise")
 # (key in metrics.json, label, better direction) of the table; drift-sensitive first.
 METRICS = (
-    ("drift.f1", "labeler F1", +1), ("drift.side_accuracy", "side acc.", +1),
-    ("drift.hallucination_rate", "hallucination", -1), ("drift.omission_rate", "omission", -1),
-    ("drift.hedge_rate", "hedge", -1), ("drift.refusal_rate", "refusal", -1), ("drift.mean_words", "words", 0),
-    ("nlg.BLEU-1", "BLEU-1", +1), ("nlg.ROUGE-L", "ROUGE-L", +1), ("clinical.micro.f1", "CE F1 (vs report)", +1),
+    ("drift.f1", "labeler F1", +1),
+    ("drift.side_accuracy", "side acc.", +1),
+    ("drift.hallucination_rate", "hallucination", -1),
+    ("drift.omission_rate", "omission", -1),
+    ("drift.hedge_rate", "hedge", -1),
+    ("drift.refusal_rate", "refusal", -1),
+    ("drift.mean_words", "words", 0),
+    ("nlg.BLEU-1", "BLEU-1", +1),
+    ("nlg.ROUGE-L", "ROUGE-L", +1),
+    ("clinical.micro.f1", "CE F1 (vs report)", +1),
     ("diag.modal_opener", "modal opener", 0),
 )
 
@@ -51,11 +56,20 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "results" / "experiment"))
-    p.add_argument("--arms", nargs="+", default=["sft", "dpo", "apo", "pairwise"], choices=ARMS,
-                   help="students evaluated (sft, dpo, apo always trained; pairwise = apo train --loss dpo, our\n"
-                        "trainer with DPO's loss on the same groups: separates the objective from the implementation)")
-    p.add_argument("--jobs", type=int, default=2,
-                   help="seeds run side by side; every process is single-threaded, so results do not depend on it")
+    p.add_argument(
+        "--arms",
+        nargs="+",
+        default=["sft", "dpo", "apo", "pairwise"],
+        choices=ARMS,
+        help="students evaluated (sft, dpo, apo always trained; pairwise = apo train --loss dpo, our\n"
+        "trainer with DPO's loss on the same groups: separates the objective from the implementation)",
+    )
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=2,
+        help="seeds run side by side; every process is single-threaded, so results do not depend on it",
+    )
     g = p.add_argument_group("data")
     g.add_argument("--cases", type=int, default=240)
     g.add_argument("--test-fraction", type=float, default=0.25)
@@ -69,8 +83,12 @@ def parse_args(argv=None):
     g.add_argument("--pref-lr", type=float, default=2e-3, help="APO and DPO learning rate (cosine, 5%% warmup)")
     g.add_argument("--dpo-lr", type=float, default=None, help="DPO's own learning rate (default: --pref-lr)")
     g.add_argument("--beta", type=float, default=0.5)
-    g.add_argument("--sft-weight", type=float, default=0.0,
-                   help="NLL on t+ beside the preference loss: APO --sft_weight, ms-swift DPO --rpo_alpha")
+    g.add_argument(
+        "--sft-weight",
+        type=float,
+        default=0.0,
+        help="NLL on t+ beside the preference loss: APO --sft_weight, ms-swift DPO --rpo_alpha",
+    )
     g.add_argument("--epochs", type=float, default=1.0, help="epochs over the groups / pairs (same for both)")
     g.add_argument("--groups-per-step", type=int, default=2)
     g.add_argument("--pref-lora", type=int, nargs=2, default=[8, 32], metavar=("R", "ALPHA"))
@@ -82,6 +100,7 @@ def parse_args(argv=None):
 
 
 # ---------------------------------------------------------------- running stages
+
 
 class Seed:
     """One seed's run folder, its stages (each cached by a fingerprint of its settings) and their wall times."""
@@ -97,17 +116,28 @@ class Seed:
 
     def env(self, extra=None):
         env = dict(os.environ)
-        env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", MODELSCOPE_OFFLINE="1",
-                   USE_HF="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                   MKL_NUM_THREADS="1", PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}")
+        env.update(
+            HF_HUB_OFFLINE="1",
+            TRANSFORMERS_OFFLINE="1",
+            HF_DATASETS_OFFLINE="1",
+            MODELSCOPE_OFFLINE="1",
+            USE_HF="1",
+            TOKENIZERS_PARALLELISM="false",
+            PYTHONUNBUFFERED="1",
+            OMP_NUM_THREADS="1",
+            MKL_NUM_THREADS="1",
+            PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}",
+        )
         env.update({k: str(v) for k, v in (extra or {}).items()})
         return env
 
     def stage(self, name: str, outputs: list[Path], cmd: list[str], env=None, after=()):
         """Run `cmd` unless a finished run with the same settings (and the same upstream stages) is recorded."""
-        settings = {"cmd": [str(c).replace(str(self.dir), "$SEED_DIR") for c in cmd],
-                    "env": {k: str(v).replace(str(self.dir), "$SEED_DIR") for k, v in sorted((env or {}).items())},
-                    "after": [self.keys[a] for a in after]}
+        settings = {
+            "cmd": [str(c).replace(str(self.dir), "$SEED_DIR") for c in cmd],
+            "env": {k: str(v).replace(str(self.dir), "$SEED_DIR") for k, v in sorted((env or {}).items())},
+            "after": [self.keys[a] for a in after],
+        }
         key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
         self.keys[name] = key
         mark = self.marks / f"{name}.json"
@@ -128,8 +158,9 @@ class Seed:
         with open(log, "w") as fh:
             fh.write("$ " + " ".join(map(str, cmd)) + "\n" + "".join(f"  {k}={v}\n" for k, v in (env or {}).items()))
             fh.flush()
-            rc = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=self.env(env), stdout=fh,
-                                stderr=subprocess.STDOUT).returncode
+            rc = subprocess.run(
+                [str(c) for c in cmd], cwd=ROOT, env=self.env(env), stdout=fh, stderr=subprocess.STDOUT
+            ).returncode
         seconds = round(time.time() - t0, 1)
         if rc != 0:
             tail = "".join(log.read_text(errors="replace").splitlines(True)[-15:])
@@ -146,60 +177,197 @@ class Seed:
         a, s, d = self.args, self.seed, self.dir
         data, base, sft = d / "data", d / "base", d / "sft"
         train, test = data / "cxrmax_train.jsonl", data / "cxrmax_test.jsonl"
-        self.stage("synth", [data], ["apo", "synth", "--out", data, "--cases", a.cases, "--seed", s,
-                                     "--test-fraction", a.test_fraction])
+        self.stage(
+            "synth",
+            [data],
+            ["apo", "synth", "--out", data, "--cases", a.cases, "--seed", s, "--test-fraction", a.test_fraction],
+        )
         self.stage("tiny", [base], ["apo", "tiny-model", "--out", base, "--seed", s])
-        self.stage("prepare_sft", [d / "sft.jsonl"], ["apo", "prepare-sft", "--dataset", train, "--out", d / "sft.jsonl"],
-                   after=["synth"])
+        self.stage(
+            "prepare_sft",
+            [d / "sft.jsonl"],
+            ["apo", "prepare-sft", "--dataset", train, "--out", d / "sft.jsonl"],
+            after=["synth"],
+        )
         # The tiny model is random: LoRA alone cannot give it a vocabulary, so embeddings and head train in full.
-        self.stage("sft", [sft], ["bash", ROOT / "scripts" / "SFT-Qwen2.5.sh"], after=["tiny", "prepare_sft"], env=dict(
-            MODEL=base, DATASET=d / "sft.jsonl", OUTPUT_DIR=sft, TORCH_DTYPE="float32", BATCH_SIZE=a.sft_batch,
-            GRAD_ACC=1, LEARNING_RATE=a.sft_lr, LORA_RANK=a.sft_lora[0], LORA_ALPHA=a.sft_lora[1],
-            MODULES_TO_SAVE="embed_tokens lm_head", MAX_STEPS=a.sft_steps, SAVE_STEPS=a.sft_steps, LOGGING_STEPS=20,
-            MAX_LENGTH=1024, WARMUP_RATIO=0.05, GRADIENT_CHECKPOINTING="false", DATALOADER_WORKERS=0, REPORT_TO="none",
-            MERGE_LORA="true", SEED=s))
+        self.stage(
+            "sft",
+            [sft],
+            ["bash", ROOT / "scripts" / "SFT-Qwen2.5.sh"],
+            after=["tiny", "prepare_sft"],
+            env=dict(
+                MODEL=base,
+                DATASET=d / "sft.jsonl",
+                OUTPUT_DIR=sft,
+                TORCH_DTYPE="float32",
+                BATCH_SIZE=a.sft_batch,
+                GRAD_ACC=1,
+                LEARNING_RATE=a.sft_lr,
+                LORA_RANK=a.sft_lora[0],
+                LORA_ALPHA=a.sft_lora[1],
+                MODULES_TO_SAVE="embed_tokens lm_head",
+                MAX_STEPS=a.sft_steps,
+                SAVE_STEPS=a.sft_steps,
+                LOGGING_STEPS=20,
+                MAX_LENGTH=1024,
+                WARMUP_RATIO=0.05,
+                GRADIENT_CHECKPOINTING="false",
+                DATALOADER_WORKERS=0,
+                REPORT_TO="none",
+                MERGE_LORA="true",
+                SEED=s,
+            ),
+        )
         pi_st = sft / "merged"
         # Shared preference settings: same LoRA, LR schedule, beta, NLL weight, epochs, seed for APO and DPO.
         lr_dpo = a.dpo_lr if a.dpo_lr is not None else a.pref_lr
-        common = ["--num_train_epochs", a.epochs, "--max_steps", -1, "--per_device_train_batch_size",
-                  a.groups_per_step, "--gradient_accumulation_steps", 1, "--learning_rate", a.pref_lr,
-                  "--lr_scheduler_type", "cosine", "--warmup_steps", 0.05, "--beta", a.beta, "--sft_weight",
-                  a.sft_weight, "--lora_r", a.pref_lora[0], "--lora_alpha", a.pref_lora[1], "--lora_dropout", 0.05,
-                  "--max_length", 1024, "--logging_steps", 5, "--seed", s, "--merge_on_save", "false"]
+        common = [
+            "--num_train_epochs",
+            a.epochs,
+            "--max_steps",
+            -1,
+            "--per_device_train_batch_size",
+            a.groups_per_step,
+            "--gradient_accumulation_steps",
+            1,
+            "--learning_rate",
+            a.pref_lr,
+            "--lr_scheduler_type",
+            "cosine",
+            "--warmup_steps",
+            0.05,
+            "--beta",
+            a.beta,
+            "--sft_weight",
+            a.sft_weight,
+            "--lora_r",
+            a.pref_lora[0],
+            "--lora_alpha",
+            a.pref_lora[1],
+            "--lora_dropout",
+            0.05,
+            "--max_length",
+            1024,
+            "--logging_steps",
+            5,
+            "--seed",
+            s,
+            "--merge_on_save",
+            "false",
+        ]
         apo_dir = d / "apo"
-        self.stage("apo", [apo_dir], ["bash", ROOT / "scripts" / "APO-Qwen2.5.sh", *common], after=["sft"], env=dict(
-            MODEL=pi_st, SFT_ADAPTER="", DATASET=train, WORK_DIR=apo_dir, STRATEGY="vote", NEGATIVES=a.negatives,
-            DEEPSPEED="", CONFIG=ROOT / "configs" / "apo" / "demo.yaml"))
+        self.stage(
+            "apo",
+            [apo_dir],
+            ["bash", ROOT / "scripts" / "APO-Qwen2.5.sh", *common],
+            after=["sft"],
+            env=dict(
+                MODEL=pi_st,
+                SFT_ADAPTER="",
+                DATASET=train,
+                WORK_DIR=apo_dir,
+                STRATEGY="vote",
+                NEGATIVES=a.negatives,
+                DEEPSPEED="",
+                CONFIG=ROOT / "configs" / "apo" / "demo.yaml",
+            ),
+        )
         stats = json.loads((apo_dir / "groups.jsonl.stats.json").read_text())
         groups, negs = stats["groups"], stats["negatives"]
         pairs_per_step = max(1, round(a.groups_per_step * negs / groups))
         dpo_extra = ["--lr_scheduler_type", "cosine", "--lora_dropout", "0.05"]
         if a.sft_weight > 0:
             dpo_extra += ["--rpo_alpha", a.sft_weight]
-        self.stage("dpo", [d / "dpo"], ["bash", ROOT / "scripts" / "DPO-Qwen2.5.sh", *dpo_extra], after=["apo"], env=dict(
-            MODEL=pi_st, DATASET=apo_dir / "dpo_pairs.jsonl", OUTPUT_DIR=d / "dpo", NPROC_PER_NODE=1, DEEPSPEED="",
-            TORCH_DTYPE="float32", BATCH_SIZE=pairs_per_step, GRAD_ACC=1, LEARNING_RATE=lr_dpo, BETA=a.beta,
-            NUM_TRAIN_EPOCHS=a.epochs, LORA_RANK=a.pref_lora[0], LORA_ALPHA=a.pref_lora[1], MAX_STEPS=-1,
-            SAVE_STEPS=100000, LOGGING_STEPS=5, MAX_LENGTH=1024, DATALOADER_WORKERS=0, REPORT_TO="none", SEED=s))
+        self.stage(
+            "dpo",
+            [d / "dpo"],
+            ["bash", ROOT / "scripts" / "DPO-Qwen2.5.sh", *dpo_extra],
+            after=["apo"],
+            env=dict(
+                MODEL=pi_st,
+                DATASET=apo_dir / "dpo_pairs.jsonl",
+                OUTPUT_DIR=d / "dpo",
+                NPROC_PER_NODE=1,
+                DEEPSPEED="",
+                TORCH_DTYPE="float32",
+                BATCH_SIZE=pairs_per_step,
+                GRAD_ACC=1,
+                LEARNING_RATE=lr_dpo,
+                BETA=a.beta,
+                NUM_TRAIN_EPOCHS=a.epochs,
+                LORA_RANK=a.pref_lora[0],
+                LORA_ALPHA=a.pref_lora[1],
+                MAX_STEPS=-1,
+                SAVE_STEPS=100000,
+                LOGGING_STEPS=5,
+                MAX_LENGTH=1024,
+                DATALOADER_WORKERS=0,
+                REPORT_TO="none",
+                SEED=s,
+            ),
+        )
         if "pairwise" in a.arms:
-            self.stage("pairwise", [d / "pairwise"], [
-                "apo", "train", "--config", ROOT / "configs" / "apo" / "demo.yaml", "--model_name_or_path", pi_st,
-                "--groups_file", apo_dir / "groups.jsonl", "--output_dir", d / "pairwise", "--loss", "dpo", *common],
-                after=["apo"])
-        models = {"base": (base, None), "sft": (pi_st, None), "dpo": (pi_st, d / "dpo" / "last"),
-                  "apo": (pi_st, apo_dir / "model"), "pairwise": (pi_st, d / "pairwise")}
+            self.stage(
+                "pairwise",
+                [d / "pairwise"],
+                [
+                    "apo",
+                    "train",
+                    "--config",
+                    ROOT / "configs" / "apo" / "demo.yaml",
+                    "--model_name_or_path",
+                    pi_st,
+                    "--groups_file",
+                    apo_dir / "groups.jsonl",
+                    "--output_dir",
+                    d / "pairwise",
+                    "--loss",
+                    "dpo",
+                    *common,
+                ],
+                after=["apo"],
+            )
+        models = {
+            "base": (base, None),
+            "sft": (pi_st, None),
+            "dpo": (pi_st, d / "dpo" / "last"),
+            "apo": (pi_st, apo_dir / "model"),
+            "pairwise": (pi_st, d / "pairwise"),
+        }
         for arm in a.arms:
             model, adapter = models[arm]
-            cmd = ["apo", "eval-report", "--model", model, "--dataset", test, "--out", d / "eval" / arm,
-                   "--max-new-tokens", a.max_new_tokens, "--batch-size", 16]
+            cmd = [
+                "apo",
+                "eval-report",
+                "--model",
+                model,
+                "--dataset",
+                test,
+                "--out",
+                d / "eval" / arm,
+                "--max-new-tokens",
+                a.max_new_tokens,
+                "--batch-size",
+                16,
+            ]
             cmd += ["--adapter", adapter] if adapter else []
             cmd += ["--limit", a.eval_limit] if a.eval_limit else []
             self.stage(f"eval_{arm}", [d / "eval" / arm], cmd, after=[{"base": "tiny", "sft": "sft"}.get(arm, arm)])
         # The teachers and the vote consensus scored on the same test split (what "inheriting drift" is measured against).
-        self.stage("teachers", [d / "teachers"], ["bash", "-c",
-                   'apo consensus --strategy vote --dataset "$1" --out "$2/consensus.jsonl" && '
-                   'apo drift --dataset "$1" --consensus "$2/consensus.jsonl" --out "$2"', "_", test, d / "teachers"],
-                   after=["synth"])
+        self.stage(
+            "teachers",
+            [d / "teachers"],
+            [
+                "bash",
+                "-c",
+                'apo consensus --strategy vote --dataset "$1" --out "$2/consensus.jsonl" && '
+                'apo drift --dataset "$1" --consensus "$2/consensus.jsonl" --out "$2"',
+                "_",
+                test,
+                d / "teachers",
+            ],
+            after=["synth"],
+        )
         (d / "timings.json").write_text(json.dumps(self.times, indent=1))
         return self.collect(groups, negs, pairs_per_step)
 
@@ -212,17 +380,24 @@ class Seed:
             f = d / "eval" / arm / "metrics.json"
             if f.is_file():
                 out["arms"][arm] = flat(json.loads(f.read_text()))
-                preds = [json.loads(x)["prediction"] for x in (d / "eval" / arm / "predictions.jsonl").read_text()
-                         .splitlines() if x.strip()]
-                out["arms"][arm]["diag.modal_opener"] = (sum(first_sentence(p) == opener for p in preds) /
-                                                         len(preds)) if preds and opener else None
+                preds = [
+                    json.loads(x)["prediction"]
+                    for x in (d / "eval" / arm / "predictions.jsonl").read_text().splitlines()
+                    if x.strip()
+                ]
+                out["arms"][arm]["diag.modal_opener"] = (
+                    (sum(first_sentence(p) == opener for p in preds) / len(preds)) if preds and opener else None
+                )
         f = d / "teachers" / "drift.json"
         if f.is_file():
             for name, st in json.loads(f.read_text())["per_teacher"].items():
                 st = dict(st, side_accuracy=None if st.get("side_error_rate") is None else 1 - st["side_error_rate"])
                 out["teachers"][name] = {f"drift.{k}": v for k, v in st.items() if isinstance(v, (int, float))}
-        out["curves"] = {"apo": curve(d / "apo" / "model" / "trainer_state.json"),
-                         "dpo": curve(d / "dpo" / "logging.jsonl"), "sft": curve(d / "sft" / "logging.jsonl")}
+        out["curves"] = {
+            "apo": curve(d / "apo" / "model" / "trainer_state.json"),
+            "dpo": curve(d / "dpo" / "logging.jsonl"),
+            "sft": curve(d / "sft" / "logging.jsonl"),
+        }
         if (d / "pairwise" / "trainer_state.json").is_file():
             out["curves"]["pairwise"] = curve(d / "pairwise" / "trainer_state.json")
         st = d / "apo" / "groups.jsonl.stats.json"
@@ -230,9 +405,14 @@ class Seed:
             s = json.loads(st.read_text())
             groups, negs = s["groups"], s["negatives"]
             pairs_per_step = max(1, round(self.args.groups_per_step * negs / groups))
-        out["budget"] = {"groups": groups, "comparisons": negs, "groups_per_step": self.args.groups_per_step,
-                         "pairs_per_step": pairs_per_step,
-                         "apo_steps": out["curves"]["apo"].get("steps"), "dpo_steps": out["curves"]["dpo"].get("steps")}
+        out["budget"] = {
+            "groups": groups,
+            "comparisons": negs,
+            "groups_per_step": self.args.groups_per_step,
+            "pairs_per_step": pairs_per_step,
+            "apo_steps": out["curves"]["apo"].get("steps"),
+            "dpo_steps": out["curves"]["dpo"].get("steps"),
+        }
         return out
 
 
@@ -246,6 +426,7 @@ def modal_opener(train: Path):
     if not train.is_file():
         return None, None, None
     from collections import Counter
+
     firsts, by = Counter(), {}
     rows = [json.loads(x) for x in train.read_text().splitlines() if x.strip()]
     for r in rows:
@@ -272,8 +453,10 @@ def curve(path: Path) -> dict:
         return {}
     if path.suffix == ".jsonl":
         rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-        steps = max((int(str(r["global_step/max_steps"]).split("/")[1]) for r in rows if "global_step/max_steps" in r),
-                    default=None)
+        steps = max(
+            (int(str(r["global_step/max_steps"]).split("/")[1]) for r in rows if "global_step/max_steps" in r),
+            default=None,
+        )
     else:
         state = json.loads(path.read_text())
         rows, steps = state["log_history"], state.get("global_step")
@@ -286,8 +469,14 @@ def curve(path: Path) -> dict:
         xs = [r[key] for r in part if isinstance(r.get(key), (int, float))]
         return round(sum(xs) / len(xs), 4) if xs else None
 
-    return {"steps": steps, **{f"{key.split('/')[-1]}_{w}": avg(part, key) for w, part in (("first", rows[:k]),
-            ("last", rows[-k:])) for key in ("loss", "rewards/margins", "rewards/accuracies")}}
+    return {
+        "steps": steps,
+        **{
+            f"{key.split('/')[-1]}_{w}": avg(part, key)
+            for w, part in (("first", rows[:k]), ("last", rows[-k:]))
+            for key in ("loss", "rewards/margins", "rewards/accuracies")
+        },
+    }
 
 
 def say(msg):
@@ -296,6 +485,7 @@ def say(msg):
 
 
 # ---------------------------------------------------------------- aggregation and the report
+
 
 def mean_std(xs):
     xs = [x for x in xs if x is not None]
@@ -308,16 +498,23 @@ def aggregate(per_seed: list[dict], arms) -> dict:
     agg = {"arms": {}, "paired": {}, "teachers": {}}
     for arm in arms:
         rows = [s["arms"].get(arm) for s in per_seed if s["arms"].get(arm)]
-        agg["arms"][arm] = {key: dict(zip(("mean", "std"), mean_std([r.get(key) for r in rows])),
-                                      values=[r.get(key) for r in rows]) for key, _, _ in METRICS + (("drift.side_n", "", 0),)}
+        agg["arms"][arm] = {
+            key: dict(zip(("mean", "std"), mean_std([r.get(key) for r in rows])), values=[r.get(key) for r in rows])
+            for key, _, _ in METRICS + (("drift.side_n", "", 0),)
+        }
     for a, b in (("apo", "sft"), ("apo", "dpo"), ("dpo", "sft"), ("apo", "pairwise")):
         if a not in arms or b not in arms:
             continue
         agg["paired"][f"{a}-{b}"] = {}
         for key, _, better in METRICS:
-            diffs = [s["arms"][a].get(key) - s["arms"][b].get(key) for s in per_seed
-                     if a in s["arms"] and b in s["arms"] and s["arms"][a].get(key) is not None
-                     and s["arms"][b].get(key) is not None]
+            diffs = [
+                s["arms"][a].get(key) - s["arms"][b].get(key)
+                for s in per_seed
+                if a in s["arms"]
+                and b in s["arms"]
+                and s["arms"][a].get(key) is not None
+                and s["arms"][b].get(key) is not None
+            ]
             m, sd = mean_std(diffs)
             wins = sum((x * better) > 0 for x in diffs) if better else None
             agg["paired"][f"{a}-{b}"][key] = {"mean": m, "std": sd, "diffs": diffs, "wins": wins, "n": len(diffs)}
@@ -336,11 +533,19 @@ def fmt(m, sd=None, signed=False):
 
 
 def main_table(agg, arms) -> str:
-    head = "| student | " + " | ".join(f"{lab} {'↑' if b > 0 else '↓' if b < 0 else ''}".strip()
-                                       for _, lab, b in METRICS) + " |"
+    head = (
+        "| student | "
+        + " | ".join(f"{lab} {'↑' if b > 0 else '↓' if b < 0 else ''}".strip() for _, lab, b in METRICS)
+        + " |"
+    )
     lines = [head, "|---|" + "---:|" * len(METRICS)]
-    names = {"base": "base (random, reference)", "sft": "SFT", "dpo": "SFT + DPO (ms-swift)", "apo": "SFT + APO",
-             "pairwise": "SFT + pairwise loss (apo train --loss dpo)"}
+    names = {
+        "base": "base (random, reference)",
+        "sft": "SFT",
+        "dpo": "SFT + DPO (ms-swift)",
+        "apo": "SFT + APO",
+        "pairwise": "SFT + pairwise loss (apo train --loss dpo)",
+    }
     for arm in arms:
         a = agg["arms"][arm]
         lines.append(f"| {names[arm]} | " + " | ".join(fmt(a[k]["mean"], a[k]["std"]) for k, _, _ in METRICS) + " |")
@@ -371,25 +576,42 @@ def teacher_table(agg) -> str:
 
 def per_seed_table(per_seed, arms) -> str:
     keys = METRICS[:6]
-    lines = ["| seed | student | " + " | ".join(lab for _, lab, _ in keys) + " | side n | train loss first→last | "
-             "margin first→last | steps |", "|---|---|" + "---:|" * (len(keys) + 4)]
+    lines = [
+        "| seed | student | " + " | ".join(lab for _, lab, _ in keys) + " | side n | train loss first→last | "
+        "margin first→last | steps |",
+        "|---|---|" + "---:|" * (len(keys) + 4),
+    ]
     for s in per_seed:
         for arm in arms:
             r, c = s["arms"].get(arm, {}), s["curves"].get(arm, {})
-            trained = f"{fmt(c.get('loss_first'))}→{fmt(c.get('loss_last'))} | " \
-                      f"{fmt(c.get('margins_first'))}→{fmt(c.get('margins_last'))} | {c.get('steps')}" if c else " | | "
-            lines.append(f"| {s['seed']} | {arm} | " + " | ".join(fmt(r.get(k)) for k, _, _ in keys) +
-                         f" | {r.get('drift.side_n', '–')} | {trained} |")
-    return "\n".join(lines) + ("\n\nLosses and margins: means over the first and last fifth of the logged steps "
-                               "(APO: Plackett-Luce over 1 + ~6; DPO and pairwise: sigmoid per pair, ln 2 at start).")
+            trained = (
+                f"{fmt(c.get('loss_first'))}→{fmt(c.get('loss_last'))} | "
+                f"{fmt(c.get('margins_first'))}→{fmt(c.get('margins_last'))} | {c.get('steps')}"
+                if c
+                else " | | "
+            )
+            lines.append(
+                f"| {s['seed']} | {arm} | "
+                + " | ".join(fmt(r.get(k)) for k, _, _ in keys)
+                + f" | {r.get('drift.side_n', '–')} | {trained} |"
+            )
+    return "\n".join(lines) + (
+        "\n\nLosses and margins: means over the first and last fifth of the logged steps "
+        "(APO: Plackett-Luce over 1 + ~6; DPO and pairwise: sigmoid per pair, ln 2 at start)."
+    )
 
 
 def invocations(out: Path) -> str:
     f = out / "invocations.jsonl"
     rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
-    return "\n".join(f"- {r['at']}: `{' '.join(map(str, r['argv']))}`: {r['wall_s']:.0f} s, jobs {r['jobs']}, ran "
-                     + "; ".join(f"{k}: {', '.join(v) or 'nothing'}" for k, v in r["stages_run"].items())
-                     for r in rows) or "- (none recorded)"
+    return (
+        "\n".join(
+            f"- {r['at']}: `{' '.join(map(str, r['argv']))}`: {r['wall_s']:.0f} s, jobs {r['jobs']}, ran "
+            + "; ".join(f"{k}: {', '.join(v) or 'nothing'}" for k, v in r["stages_run"].items())
+            for r in rows
+        )
+        or "- (none recorded)"
+    )
 
 
 def write_report(args, per_seed, agg, wall_s, out: Path):
@@ -400,22 +622,34 @@ def write_report(args, per_seed, agg, wall_s, out: Path):
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "jobs")}
     md = f"""# Seeded experiment: SFT vs SFT + DPO vs SFT + APO on the synthetic benchmark
 
-Mean ± sample std over seeds {', '.join(map(str, args.seeds))} (n = {len(per_seed)}); each seed draws its own data, tiny model and
-training order. Test split: {per_seed[0]['arms'].get('sft', {}).get('n', '?')} cases per seed, greedy decoding, scored by
+Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {
+        len(per_seed)
+    }); each seed draws its own data, tiny model and
+training order. Test split: {
+        per_seed[0]["arms"].get("sft", {}).get("n", "?")
+    } cases per seed, greedy decoding, scored by
 `apo eval-report` (labeler vs the ground-truth labels; side accuracy only over findings whose side the answer states).
 
 ```
-.venv/bin/python scripts/experiment.py --seeds {' '.join(map(str, args.seeds))} --out {args.out}
+.venv/bin/python scripts/experiment.py --seeds {" ".join(map(str, args.seeds))} --out {args.out}
 ```
-(defaults: `--arms {' '.join(args.arms)} --jobs 2` and the settings below; rerunning reuses every finished stage.)
+(defaults: `--arms {" ".join(args.arms)} --jobs 2` and the settings below; rerunning reuses every finished stage.)
 
 ## Result
 
 {main_table(agg, arms)}
 
 *modal opener*: share of answers that begin with the most frequent first sentence of the training answers
-({'; '.join(dict.fromkeys(f"“{s['modal_opener']['sentence']}.”, {s['modal_opener']['teacher']}, "
-            f"{100 * s['modal_opener']['train_share']:.0f}% of training answers" for s in per_seed if s.get('modal_opener')))}):
+({
+        "; ".join(
+            dict.fromkeys(
+                f"“{s['modal_opener']['sentence']}.”, {s['modal_opener']['teacher']}, "
+                f"{100 * s['modal_opener']['train_share']:.0f}% of training answers"
+                for s in per_seed
+                if s.get("modal_opener")
+            )
+        )
+    }):
 how far greedy decoding collapses onto one teacher's style. Directions: ↑ / ↓ = higher / lower is better.
 
 Paired differences (same seed, same data, same π_st), mean ± std over seeds; (k/n) = seeds where the first is better:
@@ -430,8 +664,8 @@ The teachers (and the vote consensus, APO's t⁺) scored the same way on the sam
 
 One epoch over the same preference data, in the same number of optimizer steps. `apo build-pairs` writes, from one
 vote consensus, the groups {{t⁺, teacher negatives}} (APO) and one pairwise row per (t⁺, negative) (DPO); seed 0 has
-{b0['groups']} groups and {b0['comparisons']} comparisons. APO takes {b0['groups_per_step']} groups per step
-({b0['apo_steps']} steps), ms-swift DPO {b0['pairs_per_step']} pairs per step ({b0['dpo_steps']} steps): both see every
+{b0["groups"]} groups and {b0["comparisons"]} comparisons. APO takes {b0["groups_per_step"]} groups per step
+({b0["apo_steps"]} steps), ms-swift DPO {b0["pairs_per_step"]} pairs per step ({b0["dpo_steps"]} steps): both see every
 (t⁺, τᵘ) comparison exactly once, with the same LR schedule, LoRA, β, NLL weight and seed. Why this budget: it is the
 paper's (1 epoch of the preference data) and it isolates the objective: Plackett-Luce over the group vs independent
 pairs on identical comparisons. It does not equalise compute: DPO re-encodes t⁺ once per pair (2 sequences per
@@ -443,10 +677,14 @@ comparison), APO once per group (1 + ~1/N); wall times are below.
 {json.dumps(settings, indent=1)}
 ```
 Fixed: synthetic benchmark `apo synth` (7 teachers, default drift profiles); tiny Qwen2.5-VL `apo tiny-model`;
-SFT through `scripts/SFT-Qwen2.5.sh` (ms-swift, LoRA r/α {args.sft_lora[0]}/{args.sft_lora[1]} + embed_tokens and lm_head
+SFT through `scripts/SFT-Qwen2.5.sh` (ms-swift, LoRA r/α {args.sft_lora[0]}/{
+        args.sft_lora[1]
+    } + embed_tokens and lm_head
 trained in full, max length 1024, warmup 5 %, cosine); consensus `--strategy vote`; APO through `scripts/APO-Qwen2.5.sh`
 with `configs/apo/demo.yaml` and the overrides above (cosine, 5 % warmup, LoRA dropout 0.05); DPO through
-`scripts/DPO-Qwen2.5.sh` (ms-swift `rlhf_type dpo`, sigmoid loss{', rpo_alpha = sft-weight' if args.sft_weight else ''});
+`scripts/DPO-Qwen2.5.sh` (ms-swift `rlhf_type dpo`, sigmoid loss{
+        ", rpo_alpha = sft-weight" if args.sft_weight else ""
+    });
 both preference students are LoRA adapters on π_st = SFT merged, the reference is π_st. One process per stage,
 `OMP_NUM_THREADS=1`.
 
@@ -462,7 +700,7 @@ Stage times summed over seeds (s): {json.dumps(t)}.
 
 ## Reading
 
-{reading.read_text().strip() if reading.is_file() else '(not written yet: put it in ' + str(reading) + ')'}
+{reading.read_text().strip() if reading.is_file() else "(not written yet: put it in " + str(reading) + ")"}
 """
     (out / "EXPERIMENT.md").write_text(md, encoding="utf-8")
 
@@ -487,12 +725,26 @@ def main(argv=None) -> int:
     ran = {f"seed{s.seed}": sorted(s.ran) for s in seeds}
     if any(ran.values()):  # every invocation that ran something, so a resumed run still reports the whole cost
         with open(out / "invocations.jsonl", "a") as fh:
-            fh.write(json.dumps({"argv": sys.argv[1:] if argv is None else argv, "wall_s": round(wall, 1),
-                                 "jobs": args.jobs, "stages_run": ran, "at": time.strftime("%Y-%m-%d %H:%M:%S")}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "argv": sys.argv[1:] if argv is None else argv,
+                        "wall_s": round(wall, 1),
+                        "jobs": args.jobs,
+                        "stages_run": ran,
+                        "at": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    }
+                )
+                + "\n"
+            )
     agg = aggregate(per_seed, args.arms)
-    result = {"command": " ".join(["scripts/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
-              "settings": {k: v for k, v in vars(args).items() if k not in ("report_only",)},
-              "wall_seconds": round(wall, 1), "aggregate": agg, "per_seed": per_seed}
+    result = {
+        "command": " ".join(["scripts/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("report_only",)},
+        "wall_seconds": round(wall, 1),
+        "aggregate": agg,
+        "per_seed": per_seed,
+    }
     (out / "experiment.json").write_text(json.dumps(result, indent=1, sort_keys=True), encoding="utf-8")
     write_report(args, per_seed, agg, wall, out)
     print(main_table(agg, [a for a in args.arms if a in agg["arms"]]))

@@ -23,8 +23,15 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.reliability.faults import (after_records, after_seconds, complete_lines, kill_when,  # noqa: E402
-                                      partial_keys, run_apo, tear)
+from tests.reliability.faults import (  # noqa: E402 (needs the repo on sys.path)
+    after_records,
+    after_seconds,
+    complete_lines,
+    kill_when,  # noqa: E402
+    partial_keys,
+    run_apo,
+    tear,
+)
 from tests.reliability.world import build  # noqa: E402
 
 STAGES = ("vote", "model", "eval-report", "eval-mscxrt", "train", "train-ref")
@@ -37,14 +44,47 @@ def stage_specs(w, model, work):
     specs = {
         "vote": (["consensus", "--strategy", "vote", *data], "--out", None, [None]),
         "model": (["consensus", "--strategy", "model", *data, *gen, "--max-length", 1024], "--out", None, [None]),
-        "eval-report": (["eval-report", *data, *gen], "--out", "predictions.jsonl",
-                        ["predictions.jsonl", "metrics.json"]),
-        "eval-mscxrt": (["eval-mscxrt", "--csv", w["csv"], "--image-root", w["root"], *gen], "--out",
-                        "mscxrt_predictions.jsonl", ["mscxrt_predictions.jsonl", "mscxrt.json", "unparsed.jsonl"]),
-        "train": (["train", "--config", REPO / "configs/apo/demo.yaml", "--model_name_or_path", model,
-                   "--groups_file", w["groups"], "--max_steps", 8, "--save_strategy", "steps", "--save_steps", 1,
-                   "--save_total_limit", 2, "--lora_dropout", 0.1, "--learning_rate", 1e-3, "--merge_on_save", "false",
-                   "--resume"], "--output_dir", None, None),
+        "eval-report": (
+            ["eval-report", *data, *gen],
+            "--out",
+            "predictions.jsonl",
+            ["predictions.jsonl", "metrics.json"],
+        ),
+        "eval-mscxrt": (
+            ["eval-mscxrt", "--csv", w["csv"], "--image-root", w["root"], *gen],
+            "--out",
+            "mscxrt_predictions.jsonl",
+            ["mscxrt_predictions.jsonl", "mscxrt.json", "unparsed.jsonl"],
+        ),
+        "train": (
+            [
+                "train",
+                "--config",
+                REPO / "configs/apo/demo.yaml",
+                "--model_name_or_path",
+                model,
+                "--groups_file",
+                w["groups"],
+                "--max_steps",
+                8,
+                "--save_strategy",
+                "steps",
+                "--save_steps",
+                1,
+                "--save_total_limit",
+                2,
+                "--lora_dropout",
+                0.1,
+                "--learning_rate",
+                1e-3,
+                "--merge_on_save",
+                "false",
+                "--resume",
+            ],
+            "--output_dir",
+            None,
+            None,
+        ),
     }
     # the same run with reference log-probs precomputed into OUTPUT_DIR/ref_cache first (killed there too)
     specs["train-ref"] = ([*specs["train"][0], "--precompute_ref", "true"], "--output_dir", None, None)
@@ -81,7 +121,7 @@ def main():
     work.mkdir(parents=True)
     log = work / "soak.log"
 
-    from apo.tiny import build_tiny_model
+    from apo.world.tiny import build_tiny_model
 
     model = build_tiny_model(work / "model", seed=0)
     w = build(work / "world", n_cases=args.cases, n_pairs=args.cases)
@@ -132,8 +172,10 @@ def main():
                     if r["killed"] and rec.exists() and rng.random() < 0.3:
                         tear(rec)
                         stats[s]["torn lines injected"] += 1
-                print(f"[{round_}] {s}: kill {how}: {'killed' if r['killed'] else 'finished'} at {r['at']:.2f} s",
-                      flush=True)
+                print(
+                    f"[{round_}] {s}: kill {how}: {'killed' if r['killed'] else 'finished'} at {r['at']:.2f} s",
+                    flush=True,
+                )
             rc = run_apo([*argv, flag, out], log)
             if rc != 0:
                 raise AssertionError(f"final run exited {rc}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Validate apo.labeler on real text: the 3,955 Indiana University chest X-ray reports shipped in torchxrayvision.
+"""Validate apo.evaluation.labeler on real text: the 3,955 Indiana University chest X-ray reports shipped in torchxrayvision.
 
 Each report (FINDINGS + IMPRESSION, read from the installed package's `data/NLMCXR_reports.tgz`, never copied) is
-labelled by `apo.labeler.label`; its manual MeSH `<major>` tags ("Pleural Effusion/right/small", "Cardiomegaly/mild",
+labelled by `apo.evaluation.labeler.label`; its manual MeSH `<major>` tags ("Pleural Effusion/right/small", "Cardiomegaly/mild",
 "normal") are mapped to CheXpert observations (MESH below) and taken as the truth. For every observation we report
 precision / recall / F1 of `label(text) == 1` against "a tag maps to it", with the support (reports so tagged),
 plus F1 when uncertain (-1) also counts as positive, and the side agreement of `laterality` where the tag names a side.
@@ -50,7 +50,7 @@ import xml.etree.ElementTree as ET
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from apo.constants import OBSERVATIONS  # noqa: E402
 from apo.errors import ApoError  # noqa: E402
-from apo.labeler import label, laterality  # noqa: E402
+from apo.evaluation.labeler import label, laterality  # noqa: E402
 
 _LUNGISH = ("lung", "retrocardiac")
 
@@ -61,27 +61,53 @@ def _opacity(q):  # Opacity/Density on the lung (not ribs, breast, soft tissue)
 
 MESH = {
     "Cardiomegaly": [("Cardiomegaly", None), ("Cardiac Shadow", lambda q: "enlarged" in q)],
-    "Enlarged Cardiomediastinum": [("Mediastinum", lambda q: bool({"prominent", "enlarged", "widened"} & set(q))),
-                                   ("Lung", lambda q: "hilum" in q and bool({"prominent", "enlarged"} & set(q)))],
-    "Lung Opacity": [("Opacity", _opacity), ("Density", _opacity), ("Infiltrate", None), ("Airspace Disease", None),
-                     ("Markings", lambda q: "interstitial" in q), ("Lung Diseases, Interstitial", None),
-                     ("Pulmonary Fibrosis", None), ("Cicatrix", lambda q: bool(q) and q[0] == "lung"),
-                     ("Lung", lambda q: "interstitial" in q)],
-    "Lung Lesion": [("Nodule", None), ("Mass", lambda q: "breast" not in q), ("Cavitation", None),
-                    ("Opacity", lambda q: "round" in q and _opacity(q)), ("Density", lambda q: "round" in q and _opacity(q))],
+    "Enlarged Cardiomediastinum": [
+        ("Mediastinum", lambda q: bool({"prominent", "enlarged", "widened"} & set(q))),
+        ("Lung", lambda q: "hilum" in q and bool({"prominent", "enlarged"} & set(q))),
+    ],
+    "Lung Opacity": [
+        ("Opacity", _opacity),
+        ("Density", _opacity),
+        ("Infiltrate", None),
+        ("Airspace Disease", None),
+        ("Markings", lambda q: "interstitial" in q),
+        ("Lung Diseases, Interstitial", None),
+        ("Pulmonary Fibrosis", None),
+        ("Cicatrix", lambda q: bool(q) and q[0] == "lung"),
+        ("Lung", lambda q: "interstitial" in q),
+    ],
+    "Lung Lesion": [
+        ("Nodule", None),
+        ("Mass", lambda q: "breast" not in q),
+        ("Cavitation", None),
+        ("Opacity", lambda q: "round" in q and _opacity(q)),
+        ("Density", lambda q: "round" in q and _opacity(q)),
+    ],
     "Edema": [("Pulmonary Edema", None), ("Edema", None), ("Pulmonary Congestion", None), ("Heart Failure", None)],
     "Consolidation": [("Consolidation", None)],
     "Pneumonia": [("Pneumonia", None)],
     "Atelectasis": [("Pulmonary Atelectasis", None), ("Volume Loss", None)],
     "Pneumothorax": [("Pneumothorax", None), ("Hydropneumothorax", None), ("Hemopneumothorax", None)],
-    "Pleural Effusion": [("Pleural Effusion", None), ("Costophrenic Angle", lambda q: "blunted" in q),
-                         ("Pleura", lambda q: "blunted" in q), ("Hydropneumothorax", None), ("Hemothorax", None),
-                         ("Hemopneumothorax", None)],
-    "Pleural Other": [("Thickening", lambda q: bool(q) and q[0] == "pleura"),
-                      ("Cicatrix", lambda q: bool(q) and q[0] == "pleura")],
+    "Pleural Effusion": [
+        ("Pleural Effusion", None),
+        ("Costophrenic Angle", lambda q: "blunted" in q),
+        ("Pleura", lambda q: "blunted" in q),
+        ("Hydropneumothorax", None),
+        ("Hemothorax", None),
+        ("Hemopneumothorax", None),
+    ],
+    "Pleural Other": [
+        ("Thickening", lambda q: bool(q) and q[0] == "pleura"),
+        ("Cicatrix", lambda q: bool(q) and q[0] == "pleura"),
+    ],
     "Fracture": [("Fractures, Bone", None)],
-    "Support Devices": [("Catheters, Indwelling", None), ("Implanted Medical Device", None),
-                        ("Tube, Inserted", None), ("Medical Device", None), ("Stents", None)],
+    "Support Devices": [
+        ("Catheters, Indwelling", None),
+        ("Implanted Medical Device", None),
+        ("Tube, Inserted", None),
+        ("Medical Device", None),
+        ("Stents", None),
+    ],
 }
 PATHOLOGIES = [o for o in OBSERVATIONS if o not in ("No Finding", "Support Devices")]
 
@@ -90,7 +116,9 @@ def reports_archive() -> str:
     """Path of NLMCXR_reports.tgz inside the installed torchxrayvision (found without importing torch)."""
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.submodule_search_locations:
-        raise ApoError("torchxrayvision is not installed: it ships the Indiana University reports (bash scripts/setup.sh)")
+        raise ApoError(
+            "torchxrayvision is not installed: it ships the Indiana University reports (bash scripts/setup.sh)"
+        )
     path = os.path.join(list(spec.submodule_search_locations)[0], "data", "NLMCXR_reports.tgz")
     if not os.path.exists(path):
         raise ApoError(f"{path} not found in the installed torchxrayvision")
@@ -101,8 +129,10 @@ def read_iu_reports(path: str | None = None, limit: int | None = None) -> list[d
     """[{id, text, tags}] in file-name order; text = FINDINGS + IMPRESSION; tags = the MeSH <major> strings."""
     out = []
     with tarfile.open(path or reports_archive()) as tar:
-        members = sorted((m for m in tar.getmembers() if m.name.endswith(".xml")),
-                         key=lambda m: int(re.sub(r"\D", "", os.path.basename(m.name)) or 0))
+        members = sorted(
+            (m for m in tar.getmembers() if m.name.endswith(".xml")),
+            key=lambda m: int(re.sub(r"\D", "", os.path.basename(m.name)) or 0),
+        )
         for m in members[:limit]:
             root = ET.fromstring(tar.extractfile(m).read())
             parts = {a.get("Label"): (a.text or "").strip() for a in root.iter("AbstractText")}
@@ -188,26 +218,42 @@ def validate(reports: list[dict]) -> dict:
     with_support = [o for o in OBSERVATIONS if counts[o]["support"]]
     tot = {k: sum(counts[o][k] for o in with_support) for k in ("tp", "fp", "fn")}
     micro = dict(zip(("precision", "recall", "f1"), _prf(tot["tp"], tot["fp"], tot["fn"])))
-    macro = {k: sum(rows[o][k] for o in with_support) / max(len(with_support), 1) for k in ("precision", "recall", "f1")}
-    return {"n_reports": n, "rows": rows, "micro": micro, "macro": macro, "errors": errors,
-            "laterality": {"n": side_n, "agree": side_ok, "accuracy": side_ok / side_n if side_n else None},
-            "seconds": seconds}
+    macro = {
+        k: sum(rows[o][k] for o in with_support) / max(len(with_support), 1) for k in ("precision", "recall", "f1")
+    }
+    return {
+        "n_reports": n,
+        "rows": rows,
+        "micro": micro,
+        "macro": macro,
+        "errors": errors,
+        "laterality": {"n": side_n, "agree": side_ok, "accuracy": side_ok / side_n if side_n else None},
+        "seconds": seconds,
+    }
 
 
 def markdown_table(res: dict) -> str:
-    lines = [f"Labeler vs MeSH tags on {res['n_reports']} Indiana University reports (positive = label 1).", "",
-             "| observation | support | TP | FP | FN | precision | recall | F1 | F1 (1 or -1) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Labeler vs MeSH tags on {res['n_reports']} Indiana University reports (positive = label 1).",
+        "",
+        "| observation | support | TP | FP | FN | precision | recall | F1 | F1 (1 or -1) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for o, r in res["rows"].items():
-        lines.append(f"| {o} | {r['support']} | {r['tp']} | {r['fp']} | {r['fn']} | {r['precision']:.3f} | "
-                     f"{r['recall']:.3f} | {r['f1']:.3f} | {r['f1_u']:.3f} |")
+        lines.append(
+            f"| {o} | {r['support']} | {r['tp']} | {r['fp']} | {r['fn']} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['f1']:.3f} | {r['f1_u']:.3f} |"
+        )
     for name in ("micro", "macro"):
         m = res[name]
         lines.append(f"| **{name}** |  |  |  |  | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} |  |")
     lat = res["laterality"]
     if lat["n"]:
-        lines += ["", f"Laterality: side agrees with the tag's side for {lat['agree']}/{lat['n']} true-positive "
-                      f"lateral findings ({lat['accuracy']:.3f})."]
+        lines += [
+            "",
+            f"Laterality: side agrees with the tag's side for {lat['agree']}/{lat['n']} true-positive "
+            f"lateral findings ({lat['accuracy']:.3f}).",
+        ]
     return "\n".join(lines) + "\n"
 
 

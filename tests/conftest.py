@@ -13,14 +13,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from apo.tiny import build_tiny_model
+    from apo.world.tiny import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model", seed=0)
 
 
 @pytest.fixture(scope="session")
 def synth_dir(tmp_path_factory):
-    from apo.synth import generate
+    from apo.world.synth import generate
 
     out = tmp_path_factory.mktemp("synth") / "data"
     generate(out, cases=40, seed=0)

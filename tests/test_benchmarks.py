@@ -5,9 +5,24 @@ workers (their figures are read from the runs or synthetic, never a clock assert
 def test_bench_consensus_runs_every_variant_on_the_same_cases(tmp_path, tiny_model_dir, synth_dir):
     from benchmarks.bench_consensus import main
 
-    summary = main(["--cases", "3", "--batch-size", "2", "--max-new-tokens", "3", "--repeat", "2",
-                    "--model-dir", str(tiny_model_dir), "--dataset", str(synth_dir / "cxrmax_train.jsonl"),
-                    "--work", str(tmp_path)])
+    summary = main(
+        [
+            "--cases",
+            "3",
+            "--batch-size",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--repeat",
+            "2",
+            "--model-dir",
+            str(tiny_model_dir),
+            "--dataset",
+            str(synth_dir / "cxrmax_train.jsonl"),
+            "--work",
+            str(tmp_path),
+        ]
+    )
     results = summary["results"]
     assert set(results) == {"loop", "unsorted", "batched", "defaults"}
     for r in results.values():
@@ -52,14 +67,22 @@ def test_lockstep_runs_the_methods_in_turns_and_pairs_their_rounds(tmp_path):
     plan = schedule(warmup=2, steps=9, rounds=3)
     assert plan["n_steps"] == 2 + 9 + 2 and plan["pauses"] == [5, 9]
     assert [g for g, _ in plan["measured"]] == [3, 4, 5, 7, 8, 9, 11, 12, 13]  # not 6, 10: first after a pause
-    assert schedule(warmup=1, steps=4, rounds=1) == {"n_steps": 5, "pauses": [],
-                                                     "measured": [[2, 0], [3, 0], [4, 0], [5, 0]]}
+    assert schedule(warmup=1, steps=4, rounds=1) == {
+        "n_steps": 5,
+        "pauses": [],
+        "measured": [[2, 0], [3, 0], [4, 0], [5, 0]],
+    }
     bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
     (tmp_path / "fake.py").write_text(FAKE_WORKER.format(bench=bench))
     spec = {"work": str(tmp_path), "threads": 1, "n_neg": 7, "clock": "cpu", "device": "cpu", "warmup": 2, **plan}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    results = run_lockstep(["apo", "swift"], spec, str(tmp_path / "spec.json"), timeout=60,
-                           argv=lambda m: [sys.executable, str(tmp_path / "fake.py"), m, str(tmp_path / "spec.json")])
+    results = run_lockstep(
+        ["apo", "swift"],
+        spec,
+        str(tmp_path / "spec.json"),
+        timeout=60,
+        argv=lambda m: [sys.executable, str(tmp_path / "fake.py"), m, str(tmp_path / "spec.json")],
+    )
     order = [line.split() for line in (tmp_path / "order.txt").read_text().splitlines()]
     blocks = [(m, int(g)) for m, g in order]
     expect = [(m, g) for lo, hi in ((1, 5), (6, 9), (10, 13)) for m in ("apo", "swift") for g in range(lo, hi + 1)]
@@ -82,11 +105,23 @@ def test_lockstep_reports_a_worker_that_dies_and_finishes_the_others(tmp_path):
     bench = str(Path(__file__).resolve().parents[1] / "benchmarks")
     (tmp_path / "fake.py").write_text(FAKE_WORKER.format(bench=bench))
     (tmp_path / "dies.py").write_text("import sys; print('ValueError: no such model'); sys.exit(3)\n")
-    spec = {"work": str(tmp_path), "threads": 1, "n_neg": 7, "clock": "cpu", "device": "cpu", "warmup": 1,
-            **schedule(warmup=1, steps=4, rounds=2)}
+    spec = {
+        "work": str(tmp_path),
+        "threads": 1,
+        "n_neg": 7,
+        "clock": "cpu",
+        "device": "cpu",
+        "warmup": 1,
+        **schedule(warmup=1, steps=4, rounds=2),
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     script = {"apo": "fake.py", "swift": "dies.py"}
-    results = run_lockstep(["swift", "apo"], spec, str(tmp_path / "spec.json"), timeout=60,
-                           argv=lambda m: [sys.executable, str(tmp_path / script[m]), m, str(tmp_path / "spec.json")])
+    results = run_lockstep(
+        ["swift", "apo"],
+        spec,
+        str(tmp_path / "spec.json"),
+        timeout=60,
+        argv=lambda m: [sys.executable, str(tmp_path / script[m]), m, str(tmp_path / "spec.json")],
+    )
     assert "exit 3" in results["swift"]["error"] and "no such model" in results["swift"]["error"]
     assert results["apo"]["rounds_s_per_group"] == [2.5, 5.5]  # steps 2,3 | (4 cold) 5,6

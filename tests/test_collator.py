@@ -5,11 +5,11 @@ import logging
 
 import pytest
 import torch
-
-from apo.chat import assistant_message, load_images, user_message
-from apo.errors import DataError
-from apo.trainer.collator import GroupCollator, candidate_key, load_groups
 from trainer_helpers import POSITIVE, make_groups
+
+from apo.errors import DataError
+from apo.model.chat import assistant_message, load_images, user_message
+from apo.trainer.collator import GroupCollator, candidate_key, load_groups
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def test_labels_cover_exactly_the_response(processor, groups):
 def test_image_tokens_in_every_row(processor, groups):
     batch = GroupCollator(processor, 4096)(groups)
     image_id = processor.image_token_id
-    merge = processor.image_processor.merge_size ** 2
+    merge = processor.image_processor.merge_size**2
     n_rows = batch["input_ids"].shape[0]
     assert batch["image_grid_thw"].shape == (n_rows, 3)  # one image per case, repeated per candidate row
     per_image = (batch["image_grid_thw"].prod(1) // merge).tolist()

@@ -29,9 +29,17 @@ def write_dataset(root, n_cases=6, long_teacher="Claude-Sonnet-4", repeat=6):
         Image.fromarray((rng.random((112, 112)) * 255).astype("uint8")).save(img)
         for t, x in TEXTS.items():
             text = " ".join([x] * repeat) if t == long_teacher else x
-            rows.append({"case_id": f"c{i}", "image": f"img/{i}.png", "model": t, "response": text + f" ({i})",
-                         "question": "What findings support the diagnosis of pleural effusion?",
-                         "report": "Small left pleural effusion.", "sides": {"Pleural Effusion": "left"}})
+            rows.append(
+                {
+                    "case_id": f"c{i}",
+                    "image": f"img/{i}.png",
+                    "model": t,
+                    "response": text + f" ({i})",
+                    "question": "What findings support the diagnosis of pleural effusion?",
+                    "report": "Small left pleural effusion.",
+                    "sides": {"Pleural Effusion": "left"},
+                }
+            )
     path = root / "cases.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -59,8 +67,11 @@ def test_vote_with_a_fake_labeler_is_exact():
     best, scores = C.vote(["A", "B", "C"], label=lambda t: labels[t])
     assert best == 1 and scores == pytest.approx([13 / 14, 27 / 28, 27 / 28])
     # a refusal (nothing labelled) can have the best agreement when the others disagree; it is still never chosen
-    labels = {"R": {}, "B": {"Edema": 1, "Cardiomegaly": 1, "No Finding": 0},
-              "C": {"Pneumothorax": 1, "Consolidation": 1, "No Finding": 0}}
+    labels = {
+        "R": {},
+        "B": {"Edema": 1, "Cardiomegaly": 1, "No Finding": 0},
+        "C": {"Pneumothorax": 1, "Consolidation": 1, "No Finding": 0},
+    }
     best, scores = C.vote(["R", "B", "C"], label=lambda t: labels[t])
     assert scores[0] > scores[1] == scores[2] and best == 1
 
@@ -73,7 +84,7 @@ def test_water_fill():
 
 
 def test_model_strategy_fits_the_budget_and_reports_cuts(tmp_path, tiny_model_dir, capsys):
-    from apo.generation import load_model
+    from apo.model.generation import load_model
 
     data = write_dataset(tmp_path, n_cases=3)
     model, processor = load_model(tiny_model_dir)
@@ -87,8 +98,23 @@ def test_model_strategy_fits_the_budget_and_reports_cuts(tmp_path, tiny_model_di
     assert n <= max_length - 8 and cut[1] >= 40 and sum(cut) == cut[1]
 
     out = tmp_path / "consensus.jsonl"
-    rc = main(["consensus", "--model", str(tiny_model_dir), "--dataset", str(data), "--out", str(out),
-               "--max-length", str(max_length), "--max-new-tokens", "8", "--batch-size", "2"])
+    rc = main(
+        [
+            "consensus",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--out",
+            str(out),
+            "--max-length",
+            str(max_length),
+            "--max-new-tokens",
+            "8",
+            "--batch-size",
+            "2",
+        ]
+    )
     assert rc == 0
     recs = [json.loads(l) for l in out.read_text().splitlines()]
     assert [r["case_id"] for r in recs] == ["c0", "c1", "c2"]
@@ -98,13 +124,29 @@ def test_model_strategy_fits_the_budget_and_reports_cuts(tmp_path, tiny_model_di
         assert r["prompt_tokens"] <= max_length - 8 and r["teachers"] == list(TEXTS)
     assert "Claude-Sonnet-4: cut in 3 cases" in capsys.readouterr().out
     # too small a budget is a clear error, not a crash
-    assert main(["consensus", "--model", str(tiny_model_dir), "--dataset", str(data), "--out",
-                 str(tmp_path / "x.jsonl"), "--max-length", "20", "--max-new-tokens", "8"]) == 2
+    assert (
+        main(
+            [
+                "consensus",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(data),
+                "--out",
+                str(tmp_path / "x.jsonl"),
+                "--max-length",
+                "20",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 2
+    )
     assert "raise --max-length" in capsys.readouterr().err
 
 
 def test_model_strategy_resumes_after_a_crash_byte_identical(tmp_path, tiny_model_dir, monkeypatch):
-    import apo.generation as G
+    import apo.model.generation as G
 
     data = write_dataset(tmp_path, n_cases=6, repeat=1)
     args = ["--model", str(tiny_model_dir), "--dataset", str(data), "--max-new-tokens", "6", "--batch-size", "1"]
@@ -143,7 +185,7 @@ def test_vote_counts_the_side():
     from apo.consensus import vote
 
     texts = [
-        "Blunting of the left costophrenic angle consistent with a left pleural effusion.",   # right labels, wrong side
+        "Blunting of the left costophrenic angle consistent with a left pleural effusion.",  # right labels, wrong side
         "There is a right pleural effusion with blunting of the right costophrenic angle.",
         "Right-sided pleural effusion.",
         "Small right pleural effusion is present.",
@@ -152,9 +194,10 @@ def test_vote_counts_the_side():
     assert best != 0 and scores[0] < min(scores[1:])  # without sides all four would agree on every label
 
 
-def test_model_strategy_generates_longest_cases_first_and_writes_in_dataset_order(tmp_path, tiny_model_dir,
-                                                                                    monkeypatch):
-    import apo.generation as G
+def test_model_strategy_generates_longest_cases_first_and_writes_in_dataset_order(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    import apo.model.generation as G
 
     data = write_dataset(tmp_path, n_cases=5, repeat=1)
     rows = [json.loads(l) for l in data.read_text().splitlines()]
@@ -171,7 +214,23 @@ def test_model_strategy_generates_longest_cases_first_and_writes_in_dataset_orde
 
     monkeypatch.setattr(G, "generate", spy)
     out = tmp_path / "c.jsonl"
-    assert main(["consensus", "--model", str(tiny_model_dir), "--dataset", str(data), "--out", str(out),
-                 "--max-new-tokens", "2", "--batch-size", "1"]) == 0  # chunks of 4: c4..c1, then c0
+    assert (
+        main(
+            [
+                "consensus",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(data),
+                "--out",
+                str(out),
+                "--max-new-tokens",
+                "2",
+                "--batch-size",
+                "1",
+            ]
+        )
+        == 0
+    )  # chunks of 4: c4..c1, then c0
     assert seen == sorted(seen, reverse=True) and len(seen) == 5
     assert [json.loads(l)["case_id"] for l in out.read_text().splitlines()] == ["c0", "c1", "c2", "c3", "c4"]

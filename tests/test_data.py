@@ -33,10 +33,21 @@ def root(tmp_path):
 
 
 def long_rows(n=3):
-    return [{"case_id": f"c{i}", "subject_id": f"1000000{i}", "study_id": f"5000000{i}", "dicom_id": f"d{i}",
-             "image": f"files/p10/p1000000{i}/s5000000{i}/d{i}.jpg", "question": f"q{i}?", "model": t,
-             "response": f"{t} says {i}.", "labels": {"Cardiomegaly": 1, "Pneumothorax": 0}}
-            for i in range(n) for t in TEACHERS]
+    return [
+        {
+            "case_id": f"c{i}",
+            "subject_id": f"1000000{i}",
+            "study_id": f"5000000{i}",
+            "dicom_id": f"d{i}",
+            "image": f"files/p10/p1000000{i}/s5000000{i}/d{i}.jpg",
+            "question": f"q{i}?",
+            "model": t,
+            "response": f"{t} says {i}.",
+            "labels": {"Cardiomegaly": 1, "Pneumothorax": 0},
+        }
+        for i in range(n)
+        for t in TEACHERS
+    ]
 
 
 def test_long_rows_group_into_cases(root):
@@ -67,8 +78,14 @@ def test_image_root_and_dcm_suffix(tmp_path, root):
 
 
 def test_wide_canonical_swift_json_parquet_hf(root):
-    wide = [{"case_id": "w0", "image": "files/p10/p10000000/s50000000/d0.jpg", "prompt": "q?",
-             "trajectories": {t: f"{t} text" for t in TEACHERS}}]
+    wide = [
+        {
+            "case_id": "w0",
+            "image": "files/p10/p10000000/s50000000/d0.jpg",
+            "prompt": "q?",
+            "trajectories": {t: f"{t} text" for t in TEACHERS},
+        }
+    ]
     ref = load_cases(_jsonl(root / "wide.jsonl", wide))
     assert ref[0].teachers == TEACHERS
 
@@ -81,16 +98,25 @@ def test_wide_canonical_swift_json_parquet_hf(root):
     import datasets
     import pandas as pd
 
-    flat = [{"case_id": "w0", "image": wide[0]["image"], "prompt": "q?", "model": t, "response": f"{t} text"}
-            for t in TEACHERS]
+    flat = [
+        {"case_id": "w0", "image": wide[0]["image"], "prompt": "q?", "model": t, "response": f"{t} text"}
+        for t in TEACHERS
+    ]
     pd.DataFrame(flat).to_parquet(root / "long.parquet")
     assert load_cases(root / "long.parquet")[0] == ref[0]
 
     datasets.Dataset.from_list(flat).save_to_disk(str(root / "hf"))
     assert load_cases(root / "hf", image_root=root)[0] == ref[0]
 
-    swift = [{"messages": [{"role": "user", "content": "<image>q?"}, {"role": "assistant", "content": f"{t} text"}],
-              "images": [ref[0].images[0]], "case_id": "w0", "teacher": t} for t in TEACHERS]
+    swift = [
+        {
+            "messages": [{"role": "user", "content": "<image>q?"}, {"role": "assistant", "content": f"{t} text"}],
+            "images": [ref[0].images[0]],
+            "case_id": "w0",
+            "teacher": t,
+        }
+        for t in TEACHERS
+    ]
     assert load_cases(_jsonl(root / "swift.jsonl", swift))[0] == ref[0]
 
 
@@ -105,13 +131,21 @@ BAD = [
     (lambda rows: rows[:2] + ["{not json"] + rows[2:], "invalid JSON"),
     (lambda rows: rows[:2] + [json.dumps({**json.loads(rows[2]), "response": "   "})] + rows[3:], "is empty"),
     (lambda rows: rows[:2] + [json.dumps({**json.loads(rows[2]), "response": 7})] + rows[3:], "must be a string"),
-    (lambda rows: rows[:2] + [json.dumps({k: v for k, v in json.loads(rows[2]).items() if k != "question"})] + rows[3:],
-     "missing field prompt"),
+    (
+        lambda rows: (
+            rows[:2] + [json.dumps({k: v for k, v in json.loads(rows[2]).items() if k != "question"})] + rows[3:]
+        ),
+        "missing field prompt",
+    ),
     (lambda rows: rows[:2] + [rows[1]] + rows[2:], "duplicate answer of teacher"),
-    (lambda rows: rows[:2] + [json.dumps({**json.loads(rows[2]), "labels": {"Cardiomegaly": 2}})] + rows[3:],
-     "must be 1, 0, -1 or null"),
-    (lambda rows: rows[:2] + [json.dumps({**json.loads(rows[2]), "image": "../../etc/passwd"})] + rows[3:],
-     "leaves the image root"),
+    (
+        lambda rows: rows[:2] + [json.dumps({**json.loads(rows[2]), "labels": {"Cardiomegaly": 2}})] + rows[3:],
+        "must be 1, 0, -1 or null",
+    ),
+    (
+        lambda rows: rows[:2] + [json.dumps({**json.loads(rows[2]), "image": "../../etc/passwd"})] + rows[3:],
+        "leaves the image root",
+    ),
 ]
 
 
@@ -139,12 +173,15 @@ def test_non_utf8_line(root):
         read_cases(path)
 
 
-@pytest.mark.parametrize("damage,reason", [
-    (lambda p: p.unlink(), "not found"),
-    (lambda p: p.write_bytes(b""), "empty file"),
-    (lambda p: p.write_bytes(b"this is not a jpeg"), "cannot be decoded"),
-    (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "cannot be decoded"),
-])
+@pytest.mark.parametrize(
+    "damage,reason",
+    [
+        (lambda p: p.unlink(), "not found"),
+        (lambda p: p.write_bytes(b""), "empty file"),
+        (lambda p: p.write_bytes(b"this is not a jpeg"), "cannot be decoded"),
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "cannot be decoded"),
+    ],
+)
 def test_bad_images_found_up_front(root, damage, reason):
     big = _img(mimic_image_path(root, "10000001", "50000001", "d1"), size=(256, 256))
     big.write_bytes(_noisy_jpeg())
@@ -181,11 +218,16 @@ def test_case_roundtrip():
 def test_cli_error_is_one_line(root):
     path = root / "bad.jsonl"
     path.write_text("{broken\n")
-    r = subprocess.run([sys.executable, "-m", "apo.cli", "prepare-sft", "--dataset", str(path), "--out",
-                        str(root / "o.jsonl")], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "apo.cli", "prepare-sft", "--dataset", str(path), "--out", str(root / "o.jsonl")],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().splitlines() == [f"apo prepare-sft: error: {path}:1: invalid JSON (Expecting property name "
-                                             f"enclosed in double quotes at column 2)"]
+    assert r.stderr.strip().splitlines() == [
+        f"apo prepare-sft: error: {path}:1: invalid JSON (Expecting property name "
+        f"enclosed in double quotes at column 2)"
+    ]
     assert "Traceback" not in r.stderr
 
 

@@ -11,18 +11,35 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from trainer_helpers import make_groups
 
 from apo.trainer import cli
-from trainer_helpers import make_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _overrides(tiny_model_dir, groups_file, out, per_device):
     # sequential sampling: one process sees groups [0..3] per step, two see [0,1] and [2,3]
-    return ["--model_name_or_path", str(tiny_model_dir), "--groups_file", str(groups_file), "--output_dir", str(out),
-            "--max_steps", "2", "--per_device_train_batch_size", str(per_device), "--train_sampling_strategy",
-            "sequential", "--lora_dropout", "0", "--merge_on_save", "false", "--learning_rate", "1e-2"]
+    return [
+        "--model_name_or_path",
+        str(tiny_model_dir),
+        "--groups_file",
+        str(groups_file),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        str(per_device),
+        "--train_sampling_strategy",
+        "sequential",
+        "--lora_dropout",
+        "0",
+        "--merge_on_save",
+        "false",
+        "--learning_rate",
+        "1e-2",
+    ]
 
 
 def _history(out):
@@ -35,20 +52,26 @@ def single(tiny_model_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     groups_file = make_groups(tmp / "g", n_groups=8, n_negatives=(3, 1, 2, 3))
     out = tmp / "single"
-    args = argparse.Namespace(config="configs/apo/demo.yaml", help_config=False,
-                              rest=_overrides(tiny_model_dir, groups_file, out, per_device=4))
+    args = argparse.Namespace(
+        config="configs/apo/demo.yaml",
+        help_config=False,
+        rest=_overrides(tiny_model_dir, groups_file, out, per_device=4),
+    )
     assert cli.run(args) == 0
     return groups_file, out
 
 
-@pytest.mark.parametrize("launcher", [
-    "ddp",
-    pytest.param("zero2", marks=pytest.mark.slow),
-    pytest.param("zero3", marks=pytest.mark.slow),
-    # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's rule)
-    pytest.param("ddp+ckpt", marks=pytest.mark.slow),
-    pytest.param("zero3+ckpt", marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "ddp",
+        pytest.param("zero2", marks=pytest.mark.slow),
+        pytest.param("zero3", marks=pytest.mark.slow),
+        # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's rule)
+        pytest.param("ddp+ckpt", marks=pytest.mark.slow),
+        pytest.param("zero3+ckpt", marks=pytest.mark.slow),
+    ],
+)
 def test_two_processes_match_one(tiny_model_dir, single, tmp_path, launcher):
     groups_file, single_out = single
     out = tmp_path / launcher
@@ -56,8 +79,21 @@ def test_two_processes_match_one(tiny_model_dir, single, tmp_path, launcher):
     extra = [] if launcher == "ddp" else ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{launcher}.json")]
     extra += ["--gradient_checkpointing", "true"] if ckpt else []  # no LoRA dropout: the same numbers
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "apo.cli",
-           "train", "--config", "configs/apo/demo.yaml", *_overrides(tiny_model_dir, groups_file, out, 2), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "apo.cli",
+        "train",
+        "--config",
+        "configs/apo/demo.yaml",
+        *_overrides(tiny_model_dir, groups_file, out, 2),
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("apo train: loss") == 1  # the summary comes from process 0 only

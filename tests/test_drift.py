@@ -1,4 +1,4 @@
-"""apo.drift: per-teacher drift rates on hand-made cases with known answers; the CLI on the synthetic benchmark."""
+"""apo.evaluation.drift: per-teacher drift rates on hand-made cases with known answers; the CLI on the synthetic benchmark."""
 
 import json
 
@@ -7,8 +7,8 @@ import pytest
 from apo.cli import main
 from apo.constants import OBSERVATIONS
 from apo.data import Case, Trajectory
-from apo.drift import answer_stats, drift_stats, js_divergence, read_consensus
 from apo.errors import ApoError, DataError
+from apo.evaluation.drift import answer_stats, drift_stats, js_divergence, read_consensus
 
 
 def _labels(**pos):
@@ -24,22 +24,46 @@ TRUTH = [  # (labels, sides)
     (_labels(Pneumothorax=1), {"Pneumothorax": "right"}),
 ]
 ANSWERS = {
-    "A": ["Small left pleural effusion.", "Cardiomegaly.", "No acute cardiopulmonary abnormality.",
-          "Small right pneumothorax."],                                        # right every time
-    "B": ["Small right pleural effusion.", "Cardiomegaly.", "The lungs are clear.",
-          "Small left pneumothorax."],                                         # wrong side
-    "C": ["Small left pleural effusion and cardiomegaly.", "Cardiomegaly.", "Right lower lobe pneumonia.",
-          "Small right pneumothorax."],                                        # hallucinates twice
-    "D": ["I cannot provide a diagnosis.", "The heart may be enlarged.", "No pneumothorax.",
-          "The lungs are clear."],                                             # refuses, hedges, omits
+    "A": [
+        "Small left pleural effusion.",
+        "Cardiomegaly.",
+        "No acute cardiopulmonary abnormality.",
+        "Small right pneumothorax.",
+    ],  # right every time
+    "B": [
+        "Small right pleural effusion.",
+        "Cardiomegaly.",
+        "The lungs are clear.",
+        "Small left pneumothorax.",
+    ],  # wrong side
+    "C": [
+        "Small left pleural effusion and cardiomegaly.",
+        "Cardiomegaly.",
+        "Right lower lobe pneumonia.",
+        "Small right pneumothorax.",
+    ],  # hallucinates twice
+    "D": [
+        "I cannot provide a diagnosis.",
+        "The heart may be enlarged.",
+        "No pneumothorax.",
+        "The lungs are clear.",
+    ],  # refuses, hedges, omits
 }
 
 
 @pytest.fixture
 def cases():
-    return [Case(f"c{i}", [], "What findings support the diagnosis?",
-                 [Trajectory(t, ANSWERS[t][i]) for t in ANSWERS], dict(lab), {"sides": sides})
-            for i, (lab, sides) in enumerate(TRUTH)]
+    return [
+        Case(
+            f"c{i}",
+            [],
+            "What findings support the diagnosis?",
+            [Trajectory(t, ANSWERS[t][i]) for t in ANSWERS],
+            dict(lab),
+            {"sides": sides},
+        )
+        for i, (lab, sides) in enumerate(TRUTH)
+    ]
 
 
 def test_rates_per_teacher(cases):
@@ -112,8 +136,13 @@ def test_cli_on_synthetic_benchmark(synth_dir, tmp_path, capsys):
     data = synth_dir / "cxrmax_train.jsonl"
     rows = [json.loads(l) for l in data.read_text().splitlines()]
     cons = tmp_path / "consensus.jsonl"  # the terse teacher's answers as a stand-in t+
-    cons.write_text("".join(json.dumps({"case_id": r["case_id"], "text": r["response"]}) + "\n"
-                            for r in rows if r["model"] == "GPT-5-nano"))
+    cons.write_text(
+        "".join(
+            json.dumps({"case_id": r["case_id"], "text": r["response"]}) + "\n"
+            for r in rows
+            if r["model"] == "GPT-5-nano"
+        )
+    )
     out = tmp_path / "drift"
     assert main(["drift", "--dataset", str(data), "--consensus", str(cons), "--out", str(out)]) == 0
     s = json.loads((out / "drift.json").read_text())
@@ -123,7 +152,10 @@ def test_cli_on_synthetic_benchmark(synth_dir, tmp_path, capsys):
     # the designed drift profiles are what the labeler reads back
     assert max(rate("hallucination_rate"), key=rate("hallucination_rate").get) in ("Grok-4", "Qwen-VL-Max")
     assert max(rate("side_error_rate"), key=rate("side_error_rate").get) == "Gemini-2.5-flash-lite"
-    assert max(rate("refusal_rate"), key=rate("refusal_rate").get) == "Moonshot-v1" and per["Moonshot-v1"]["refusal_rate"] > 0
+    assert (
+        max(rate("refusal_rate"), key=rate("refusal_rate").get) == "Moonshot-v1"
+        and per["Moonshot-v1"]["refusal_rate"] > 0
+    )
     assert max(rate("hedge_rate"), key=rate("hedge_rate").get) == "Claude-Sonnet-4"
     assert per["consensus"]["consensus_f1"] == 1
     md = (out / "DRIFT.md").read_text()

@@ -1,4 +1,4 @@
-"""apo.labeler: mentions, negation, uncertainty, scope, No Finding, laterality, refusals; validation on IU reports."""
+"""apo.evaluation.labeler: mentions, negation, uncertainty, scope, No Finding, laterality, refusals; validation on IU reports."""
 
 import importlib.util
 from pathlib import Path
@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from apo.constants import OBSERVATIONS
-from apo.labeler import is_refusal, label, label_many, laterality
+from apo.evaluation.labeler import is_refusal, label, label_many, laterality
 
 
 def pos(text):
@@ -14,90 +14,97 @@ def pos(text):
     return {k: v for k, v in label(text).items() if v is not None}
 
 
-@pytest.mark.parametrize("text, obs, want", [
-    # synonyms
-    ("Small right pleural effusion.", "Pleural Effusion", 1),
-    ("Blunting of the left costophrenic angle.", "Pleural Effusion", 1),
-    ("Enlarged heart.", "Cardiomegaly", 1),
-    ("The heart size is mildly enlarged.", "Cardiomegaly", 1),
-    ("Cardiomegaly.", "Cardiomegaly", 1),
-    ("Moderate left pneumothorax.", "Pneumothorax", 1),
-    ("Bibasilar atelectasis.", "Atelectasis", 1),
-    ("Volume loss in the left lower lobe.", "Atelectasis", 1),
-    ("Right lower lobe consolidation.", "Consolidation", 1),
-    ("Patchy airspace disease at the right base.", "Lung Opacity", 1),
-    ("Pulmonary vascular congestion.", "Edema", 1),
-    ("Mild interstitial edema.", "Edema", 1),
-    ("Left lower lobe pneumonia.", "Pneumonia", 1),
-    ("Right upper lobe infiltrate.", "Lung Opacity", 1),
-    ("A 1 cm nodule in the left upper lobe.", "Lung Lesion", 1),
-    ("Right hilar mass.", "Lung Lesion", 1),
-    ("Healed left rib fractures.", "Fracture", 1),
-    ("Endotracheal tube 4 cm above the carina.", "Support Devices", 1),
-    ("Right internal jugular catheter tip in the SVC.", "Support Devices", 1),
-    ("Dual-chamber pacemaker.", "Support Devices", 1),
-    ("Sternotomy wires are intact.", "Support Devices", 1),
-    ("Left PICC line in place.", "Support Devices", 1),
-    ("Widened mediastinum.", "Enlarged Cardiomediastinum", 1),
-    ("Apical pleural thickening.", "Pleural Other", 1),
-    # negation
-    ("No pleural effusion or pneumothorax.", "Pneumothorax", 0),
-    ("No pleural effusion or pneumothorax.", "Pleural Effusion", 0),
-    ("Lungs are clear without focal consolidation, effusion, or pneumothorax.", "Consolidation", 0),
-    ("Free of pneumothorax.", "Pneumothorax", 0),
-    ("Negative for pneumonia.", "Pneumonia", 0),
-    ("The pneumothorax has resolved.", "Pneumothorax", 0),
-    ("No evidence of edema.", "Edema", 0),
-    ("The lungs are clear of consolidation.", "Consolidation", 0),
-    ("Pneumothorax is not seen.", "Pneumothorax", 0),
-    ("The heart is not enlarged.", "Cardiomegaly", 0),
-    ("The heart is not significantly enlarged.", "Cardiomegaly", 0),
-    ("Normal heart size.", "Cardiomegaly", 0),
-    ("The cardiomediastinal silhouette is within normal limits.", "Enlarged Cardiomediastinum", 0),
-    ("The lungs are clear.", "Lung Opacity", 0),
-    ("The costophrenic angles are sharp.", "Pleural Effusion", 0),
-    ("Tubes and lines have been removed.", "Support Devices", 0),
-    # pseudo-negation: the finding is there
-    ("No change in the small left pleural effusion.", "Pleural Effusion", 1),
-    # uncertainty
-    ("Opacity may represent early pneumonia.", "Pneumonia", -1),
-    ("Cannot exclude a small left pneumothorax.", "Pneumothorax", -1),
-    ("A small pneumothorax cannot be excluded.", "Pneumothorax", -1),
-    ("Possible small left effusion.", "Pleural Effusion", -1),
-    ("Findings suggestive of pulmonary edema.", "Edema", -1),
-    ("Likely atelectasis.", "Atelectasis", -1),
-    ("Atelectasis versus pneumonia at the right base.", "Pneumonia", -1),
-    ("Question of a right upper lobe nodule.", "Lung Lesion", -1),
-    ("Heart size is upper limits of normal.", "Cardiomegaly", -1),
-    ("Borderline cardiomegaly.", "Cardiomegaly", -1),
-    ("Pneumonia?", "Pneumonia", -1),
-    # "may represent" qualifies what follows it, not the opacity before it
-    ("Right basilar opacity which may represent atelectasis.", "Lung Opacity", 1),
-    ("Right basilar opacity which may represent atelectasis.", "Atelectasis", -1),
-    # scope: negation ends at "but", "however", ";"
-    ("No pneumothorax, but there is a small right effusion.", "Pleural Effusion", 1),
-    ("No pneumothorax; small right effusion.", "Pleural Effusion", 1),
-    ("There is no effusion, however there is mild cardiomegaly.", "Cardiomegaly", 1),
-    ("No pneumothorax. Left lower lobe atelectasis.", "Atelectasis", 1),
-    ("Stable cardiomegaly without pulmonary edema.", "Cardiomegaly", 1),
-    ("Stable cardiomegaly without pulmonary edema.", "Edema", 0),
-    # aggregation: positive beats negative across sentences
-    ("No effusion on the right. Small left pleural effusion.", "Pleural Effusion", 1),
-    ("Possible effusion. No definite effusion.", "Pleural Effusion", -1),
-])
+@pytest.mark.parametrize(
+    "text, obs, want",
+    [
+        # synonyms
+        ("Small right pleural effusion.", "Pleural Effusion", 1),
+        ("Blunting of the left costophrenic angle.", "Pleural Effusion", 1),
+        ("Enlarged heart.", "Cardiomegaly", 1),
+        ("The heart size is mildly enlarged.", "Cardiomegaly", 1),
+        ("Cardiomegaly.", "Cardiomegaly", 1),
+        ("Moderate left pneumothorax.", "Pneumothorax", 1),
+        ("Bibasilar atelectasis.", "Atelectasis", 1),
+        ("Volume loss in the left lower lobe.", "Atelectasis", 1),
+        ("Right lower lobe consolidation.", "Consolidation", 1),
+        ("Patchy airspace disease at the right base.", "Lung Opacity", 1),
+        ("Pulmonary vascular congestion.", "Edema", 1),
+        ("Mild interstitial edema.", "Edema", 1),
+        ("Left lower lobe pneumonia.", "Pneumonia", 1),
+        ("Right upper lobe infiltrate.", "Lung Opacity", 1),
+        ("A 1 cm nodule in the left upper lobe.", "Lung Lesion", 1),
+        ("Right hilar mass.", "Lung Lesion", 1),
+        ("Healed left rib fractures.", "Fracture", 1),
+        ("Endotracheal tube 4 cm above the carina.", "Support Devices", 1),
+        ("Right internal jugular catheter tip in the SVC.", "Support Devices", 1),
+        ("Dual-chamber pacemaker.", "Support Devices", 1),
+        ("Sternotomy wires are intact.", "Support Devices", 1),
+        ("Left PICC line in place.", "Support Devices", 1),
+        ("Widened mediastinum.", "Enlarged Cardiomediastinum", 1),
+        ("Apical pleural thickening.", "Pleural Other", 1),
+        # negation
+        ("No pleural effusion or pneumothorax.", "Pneumothorax", 0),
+        ("No pleural effusion or pneumothorax.", "Pleural Effusion", 0),
+        ("Lungs are clear without focal consolidation, effusion, or pneumothorax.", "Consolidation", 0),
+        ("Free of pneumothorax.", "Pneumothorax", 0),
+        ("Negative for pneumonia.", "Pneumonia", 0),
+        ("The pneumothorax has resolved.", "Pneumothorax", 0),
+        ("No evidence of edema.", "Edema", 0),
+        ("The lungs are clear of consolidation.", "Consolidation", 0),
+        ("Pneumothorax is not seen.", "Pneumothorax", 0),
+        ("The heart is not enlarged.", "Cardiomegaly", 0),
+        ("The heart is not significantly enlarged.", "Cardiomegaly", 0),
+        ("Normal heart size.", "Cardiomegaly", 0),
+        ("The cardiomediastinal silhouette is within normal limits.", "Enlarged Cardiomediastinum", 0),
+        ("The lungs are clear.", "Lung Opacity", 0),
+        ("The costophrenic angles are sharp.", "Pleural Effusion", 0),
+        ("Tubes and lines have been removed.", "Support Devices", 0),
+        # pseudo-negation: the finding is there
+        ("No change in the small left pleural effusion.", "Pleural Effusion", 1),
+        # uncertainty
+        ("Opacity may represent early pneumonia.", "Pneumonia", -1),
+        ("Cannot exclude a small left pneumothorax.", "Pneumothorax", -1),
+        ("A small pneumothorax cannot be excluded.", "Pneumothorax", -1),
+        ("Possible small left effusion.", "Pleural Effusion", -1),
+        ("Findings suggestive of pulmonary edema.", "Edema", -1),
+        ("Likely atelectasis.", "Atelectasis", -1),
+        ("Atelectasis versus pneumonia at the right base.", "Pneumonia", -1),
+        ("Question of a right upper lobe nodule.", "Lung Lesion", -1),
+        ("Heart size is upper limits of normal.", "Cardiomegaly", -1),
+        ("Borderline cardiomegaly.", "Cardiomegaly", -1),
+        ("Pneumonia?", "Pneumonia", -1),
+        # "may represent" qualifies what follows it, not the opacity before it
+        ("Right basilar opacity which may represent atelectasis.", "Lung Opacity", 1),
+        ("Right basilar opacity which may represent atelectasis.", "Atelectasis", -1),
+        # scope: negation ends at "but", "however", ";"
+        ("No pneumothorax, but there is a small right effusion.", "Pleural Effusion", 1),
+        ("No pneumothorax; small right effusion.", "Pleural Effusion", 1),
+        ("There is no effusion, however there is mild cardiomegaly.", "Cardiomegaly", 1),
+        ("No pneumothorax. Left lower lobe atelectasis.", "Atelectasis", 1),
+        ("Stable cardiomegaly without pulmonary edema.", "Cardiomegaly", 1),
+        ("Stable cardiomegaly without pulmonary edema.", "Edema", 0),
+        # aggregation: positive beats negative across sentences
+        ("No effusion on the right. Small left pleural effusion.", "Pleural Effusion", 1),
+        ("Possible effusion. No definite effusion.", "Pleural Effusion", -1),
+    ],
+)
 def test_label(text, obs, want):
     assert label(text)[obs] == want, (text, pos(text))
 
 
 def test_list_style_answers():
     """How chat models write: headings name a topic without asserting it; "X: absent" is a negation."""
-    text = ("**Findings supporting atelectasis:**\n- Linear opacity in the left lower lobe\n- Mild volume loss\n\n"
-            "**Pleural effusion:**\n- No blunting of the costophrenic angles; no effusion.")
+    text = (
+        "**Findings supporting atelectasis:**\n- Linear opacity in the left lower lobe\n- Mild volume loss\n\n"
+        "**Pleural effusion:**\n- No blunting of the costophrenic angles; no effusion."
+    )
     out = label(text)
     assert out["Atelectasis"] == 1 and out["Pleural Effusion"] == 0
     out = label("Pleural effusion: absent. Pneumothorax - none. Cardiomegaly: present. Edema: possible.")
     assert (out["Pleural Effusion"], out["Pneumothorax"], out["Cardiomegaly"], out["Edema"]) == (0, 0, 1, -1)
-    assert label("Lungs: clear.")["Lung Opacity"] == 0 and label("Findings: small left effusion.")["Pleural Effusion"] == 1
+    assert (
+        label("Lungs: clear.")["Lung Opacity"] == 0 and label("Findings: small left effusion.")["Pleural Effusion"] == 1
+    )
 
 
 def test_all_fourteen_keys_and_not_mentioned():
@@ -119,10 +126,14 @@ def test_no_finding_rule():
 
 
 def test_refusals_and_empty_give_all_none():
-    for text in ["I cannot provide a diagnosis.",
-                 "I'm sorry, but I cannot provide a medical diagnosis from this image. Please consult a qualified "
-                 "radiologist.",
-                 "As an AI, I am unable to interpret medical images.", "", "   ", None]:
+    for text in [
+        "I cannot provide a diagnosis.",
+        "I'm sorry, but I cannot provide a medical diagnosis from this image. Please consult a qualified radiologist.",
+        "As an AI, I am unable to interpret medical images.",
+        "",
+        "   ",
+        None,
+    ]:
         assert all(v is None for v in label(text).values()), text
     assert is_refusal("I cannot provide a diagnosis. Please consult a radiologist.")
     assert not is_refusal("Small left pleural effusion.")
@@ -152,7 +163,9 @@ def test_label_many_and_speed():
     texts = ["No pleural effusion or pneumothorax.", "Small right pleural effusion.", "Cardiomegaly."]
     assert label_many(texts) == [label(t) for t in texts]
     # 10k sentences/s order: unique sentences, so the per-sentence cache does not help
-    sents = [f"There is a {i} mm nodule in the right upper lobe, possibly a granuloma, but no effusion." for i in range(2000)]
+    sents = [
+        f"There is a {i} mm nodule in the right upper lobe, possibly a granuloma, but no effusion." for i in range(2000)
+    ]
     t0 = time.perf_counter()
     label_many(sents)
     assert len(sents) / (time.perf_counter() - t0) > 1500  # ~8k/s here; a generous floor for a loaded CI box
@@ -168,8 +181,14 @@ def _validate_module():
 
 def test_mesh_mapping():
     v = _validate_module()
-    truth, sides = v.tags_to_truth(["Pleural Effusion/right/small", "Cardiomegaly/borderline", "Opacity/lung/base/left",
-                                    "Calcified Granuloma/lung"])
+    truth, sides = v.tags_to_truth(
+        [
+            "Pleural Effusion/right/small",
+            "Cardiomegaly/borderline",
+            "Opacity/lung/base/left",
+            "Calcified Granuloma/lung",
+        ]
+    )
     assert truth["Pleural Effusion"] == 1 and sides["Pleural Effusion"] == "right"
     assert truth["Cardiomegaly"] is None  # borderline: uncertain, left out
     assert truth["Lung Opacity"] == 1 and sides["Lung Opacity"] == "left"

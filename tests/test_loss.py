@@ -12,7 +12,8 @@ from apo.loss import dpo_loss, plackett_luce_loss
 def _rand(b, n, seed=0, scale=5.0):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(b, 1 + n, generator=g, dtype=torch.float64) * scale, torch.randn(
-        b, 1 + n, generator=g, dtype=torch.float64) * scale
+        b, 1 + n, generator=g, dtype=torch.float64
+    ) * scale
 
 
 def test_n1_equals_dpo_sigmoid_loss():
@@ -44,7 +45,7 @@ def test_masking_equals_removal_and_order_is_irrelevant():
     pol_pad = pol.clone()
     pol_pad[~valid] = float("nan")  # padding may hold anything, even NaN
     loss, m = plackett_luce_loss(pol_pad, ref, 0.1, valid)
-    per_group = [plackett_luce_loss(pol[b:b + 1, valid[b]], ref[b:b + 1, valid[b]], 0.1)[0] for b in range(3)]
+    per_group = [plackett_luce_loss(pol[b : b + 1, valid[b]], ref[b : b + 1, valid[b]], 0.1)[0] for b in range(3)]
     assert torch.allclose(loss, torch.stack(per_group).mean(), atol=1e-12)
     assert torch.isfinite(torch.stack(list(m.values()))).all()
     perm = torch.tensor([0, 3, 5, 1, 4, 2])  # shuffle the negatives, keep column 0
@@ -109,5 +110,11 @@ def test_gradient_pushes_positive_up_and_negatives_down():
 
 def test_metrics_names():
     _, m = plackett_luce_loss(*_rand(2, 2), 0.1)
-    assert set(m) == {"rewards/positive", "rewards/negatives", "rewards/margins", "rewards/accuracies",
-                      "logps/positive", "logps/negatives"}
+    assert set(m) == {
+        "rewards/positive",
+        "rewards/negatives",
+        "rewards/margins",
+        "rewards/accuracies",
+        "logps/positive",
+        "logps/negatives",
+    }

@@ -1,4 +1,4 @@
-"""apo.metrics: NLG scores equal pycocoevalcap's own scorers; clinical efficacy on a hand-checked example."""
+"""apo.evaluation.metrics: NLG scores equal pycocoevalcap's own scorers; clinical efficacy on a hand-checked example."""
 
 import logging
 import shutil
@@ -6,18 +6,24 @@ import shutil
 import pytest
 
 from apo.errors import ApoError
-from apo.metrics import NLG_KEYS, chexbert_labeler, clinical_efficacy, nlg_scores, simple_tokenize
+from apo.evaluation.metrics import NLG_KEYS, chexbert_labeler, clinical_efficacy, nlg_scores, simple_tokenize
 
-REFS = ["The heart size is normal. No pleural effusion or pneumothorax.",
-        "Small left pleural effusion with adjacent atelectasis.",
-        "Cardiomegaly with mild pulmonary edema. No focal consolidation.",
-        "Right lower lobe consolidation, concerning for pneumonia."]
-HYPS = ["Heart size is normal. There is no pleural effusion.",
-        "Left pleural effusion and atelectasis at the left base.",
-        "The heart is enlarged with pulmonary edema.",
-        ""]
+REFS = [
+    "The heart size is normal. No pleural effusion or pneumothorax.",
+    "Small left pleural effusion with adjacent atelectasis.",
+    "Cardiomegaly with mild pulmonary edema. No focal consolidation.",
+    "Right lower lobe consolidation, concerning for pneumonia.",
+]
+HYPS = [
+    "Heart size is normal. There is no pleural effusion.",
+    "Left pleural effusion and atelectasis at the left base.",
+    "The heart is enlarged with pulmonary edema.",
+    "",
+]
 
-needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="pycocoevalcap's PTBTokenizer and METEOR need Java")
+needs_java = pytest.mark.skipif(
+    shutil.which("java") is None, reason="pycocoevalcap's PTBTokenizer and METEOR need Java"
+)
 
 
 @needs_java
@@ -28,8 +34,12 @@ def test_nlg_scores_equal_pycocoevalcap_scorers():
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    both = PTBTokenizer().tokenize({**{f"g{i}": [{"caption": r}] for i, r in enumerate(REFS)},  # one JVM start
-                                    **{f"r{i}": [{"caption": h}] for i, h in enumerate(HYPS)}})
+    both = PTBTokenizer().tokenize(
+        {
+            **{f"g{i}": [{"caption": r}] for i, r in enumerate(REFS)},  # one JVM start
+            **{f"r{i}": [{"caption": h}] for i, h in enumerate(HYPS)},
+        }
+    )
     gts = {i: both[f"g{i}"] for i in range(len(REFS))}
     res = {i: both[f"r{i}"] for i in range(len(HYPS))}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
@@ -57,7 +67,7 @@ def test_nlg_identical_and_empty(monkeypatch):
 
 def test_nlg_without_java(monkeypatch, caplog):
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    with caplog.at_level(logging.WARNING, logger="apo.metrics"):
+    with caplog.at_level(logging.WARNING, logger="apo.evaluation.metrics"):
         s = nlg_scores(REFS, HYPS)
     assert s["METEOR"] is None and "java not found" in caplog.text
     assert 0 < s["BLEU-1"] < 1 and s["ROUGE-L"] > 0 and s["CIDEr"] > 0
@@ -115,8 +125,14 @@ def test_chexbert_hook_loads_user_weights(tmp_path):
     torch.manual_seed(0)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "no", "pleural", "effusion", "."]
     (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    cfg = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
+    cfg = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     state = {f"module.bert.{k}": v for k, v in BertModel(cfg, add_pooling_layer=False).state_dict().items()}
     for i in range(14):
         head = torch.nn.Linear(32, 4 if i < 13 else 2)

@@ -8,14 +8,19 @@ import pytest
 import torch
 from PIL import Image
 
+from apo.model.logps import forward_logps
+from apo.model.packing import PackedGroupCollator, attention_layout, chunked_token_logps, mrope_positions, packed_logps
 from apo.trainer.collator import GroupCollator
-from apo.trainer.logps import forward_logps
-from apo.trainer.packing import (PackedGroupCollator, attention_layout, chunked_token_logps, mrope_positions,
-                                 packed_logps)
 
-TEXTS = ["small left pleural effusion.", "no pneumothorax. lungs are clear.", "heart size normal",
-         "the heart is normal. there is a small left pleural effusion on the right and edema.", "edema",
-         "atelectasis and consolidation findings support the diagnosis", "right."]
+TEXTS = [
+    "small left pleural effusion.",
+    "no pneumothorax. lungs are clear.",
+    "heart size normal",
+    "the heart is normal. there is a small left pleural effusion on the right and edema.",
+    "edema",
+    "atelectasis and consolidation findings support the diagnosis",
+    "right.",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,19 +32,27 @@ def groups(tmp_path_factory):
         p = d / f"im{i}.png"
         Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(p)
         paths.append(str(p))
-    g = lambda cid, imgs, pos, negs: dict(case_id=cid, prompt=f"what findings support the diagnosis? ({cid})",
-                                          images=imgs, positive=pos, negatives=negs, teachers=[f"t{k}" for k in
-                                                                                               range(len(negs))])
-    return [g("a", [paths[0]], TEXTS[0], TEXTS[1:4]),  # 1+3, candidates of different lengths
-            g("b", [paths[1], paths[2]], TEXTS[4], [TEXTS[5]]),  # two images, 1+1
-            g("c", [paths[2]], TEXTS[6], TEXTS[:5])]  # 1+5
+    g = lambda cid, imgs, pos, negs: dict(
+        case_id=cid,
+        prompt=f"what findings support the diagnosis? ({cid})",
+        images=imgs,
+        positive=pos,
+        negatives=negs,
+        teachers=[f"t{k}" for k in range(len(negs))],
+    )
+    return [
+        g("a", [paths[0]], TEXTS[0], TEXTS[1:4]),  # 1+3, candidates of different lengths
+        g("b", [paths[1], paths[2]], TEXTS[4], [TEXTS[5]]),  # two images, 1+1
+        g("c", [paths[2]], TEXTS[6], TEXTS[:5]),
+    ]  # 1+5
 
 
 def _model(tiny_model_dir, attn, lora):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir, attn_implementation=attn,
-                                                               dtype=torch.float32)
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model_dir, attn_implementation=attn, dtype=torch.float32
+    )
     torch.manual_seed(0)
     with torch.no_grad():  # a random init near 0 barely depends on context; make attention and positions matter
         for n, p in model.named_parameters():
@@ -48,9 +61,15 @@ def _model(tiny_model_dir, attn, lora):
     if lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(
-            r=4, lora_alpha=8, init_lora_weights=False,  # random B: the adapter changes the output
-            target_modules=r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=4,
+                lora_alpha=8,
+                init_lora_weights=False,  # random B: the adapter changes the output
+                target_modules=r"^(?!.*visual).*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",
+            ),
+        )
     return model.eval()
 
 
@@ -66,13 +85,15 @@ def test_mrope_positions_match_get_rope_index(tiny_model_dir, processor, groups)
     for g in groups:
         enc, _ = GroupCollator(processor).encode_group(g)
         ref, _ = model.model.get_rope_index(enc["input_ids"], enc["mm_token_type_ids"], enc["image_grid_thw"])
-        ours = mrope_positions(enc["mm_token_type_ids"][0].tolist(), enc["image_grid_thw"],
-                               processor.image_processor.merge_size)
+        ours = mrope_positions(
+            enc["mm_token_type_ids"][0].tolist(), enc["image_grid_thw"], processor.image_processor.merge_size
+        )
         assert torch.equal(ours, ref[:, 0])
 
 
-@pytest.mark.parametrize("attn,attention", [("sdpa", "segments"), ("eager", "segments"), ("sdpa", "mask"),
-                                            ("eager", "mask")])
+@pytest.mark.parametrize(
+    "attn,attention", [("sdpa", "segments"), ("eager", "segments"), ("sdpa", "mask"), ("eager", "mask")]
+)
 def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn, attention):
     model = _model(tiny_model_dir, attn, lora=True)
     plain, packed = GroupCollator(processor)(groups), PackedGroupCollator(processor)(groups)
@@ -91,10 +112,11 @@ def test_packed_logps_match_plain(tiny_model_dir, processor, groups, attn, atten
                         rebucketed = dict(packed, packed_layout=attention_layout(packed["packed_segments"], spread))
                         torch.testing.assert_close(packed_logps(model, rebucketed)[0], a, rtol=1e-5, atol=1e-5)
                     for g in range(len(groups)):  # one group a batch: equal prompts, the mask-free causal path
-                        one = PackedGroupCollator(processor)(groups[g:g + 1])
+                        one = PackedGroupCollator(processor)(groups[g : g + 1])
                         assert one["packed_layout"]["prompt_mask"] is None
-                        torch.testing.assert_close(packed_logps(model, one)[0], a[plain["group_index"] == g],
-                                                   rtol=1e-5, atol=1e-5)
+                        torch.testing.assert_close(
+                            packed_logps(model, one)[0], a[plain["group_index"] == g], rtol=1e-5, atol=1e-5
+                        )
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
             assert torch.equal(na, nb)
         on, _ = packed_logps(model, packed, attention=attention)
@@ -137,8 +159,7 @@ def test_dropped_group_is_left_out(tiny_model_dir, processor, groups):
     assert not packed["valid"][0].any() and packed["valid"][1].all()
     assert packed["image_grid_thw"].shape[0] == 1  # the dropped group's image is not encoded
     with torch.no_grad():
-        torch.testing.assert_close(packed_logps(model, packed)[0], forward_logps(model, plain)[0],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(packed_logps(model, packed)[0], forward_logps(model, plain)[0], rtol=1e-5, atol=1e-5)
 
 
 def test_chunked_token_logps_matches_log_softmax():

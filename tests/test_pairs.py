@@ -17,15 +17,27 @@ def mk(cid, texts, images=("/data/a.png",)):
 
 def test_drops_are_counted_with_reasons():
     cases = [
-        mk("ok", [("A", "Right pleural effusion."), ("B", "  " + POS.replace(" ", "   ") + "\n"),  # == positive
-                  ("C", ""), ("D", "Right   pleural effusion. "), ("E", "Cardiomegaly.")]),
+        mk(
+            "ok",
+            [
+                ("A", "Right pleural effusion."),
+                ("B", "  " + POS.replace(" ", "   ") + "\n"),  # == positive
+                ("C", ""),
+                ("D", "Right   pleural effusion. "),
+                ("E", "Cardiomegaly."),
+            ],
+        ),
         mk("no_cons", [("A", "x")]),
         mk("empty_pos", [("A", "x")]),
         mk("vote", [("A", POS), ("B", "Edema."), ("C", "Edema.")]),
         mk("none_left", [("A", POS)]),
     ]
-    cons = {"ok": {"text": POS}, "empty_pos": {"text": "  "}, "vote": {"text": POS, "source_teacher": "A"},
-            "none_left": {"text": POS}}
+    cons = {
+        "ok": {"text": POS},
+        "empty_pos": {"text": "  "},
+        "vote": {"text": POS, "source_teacher": "A"},
+        "none_left": {"text": POS},
+    }
     groups, dropped = build_groups(cases, cons)
     assert [g["case_id"] for g in groups] == ["ok", "vote"]
     ok = groups[0]
@@ -33,21 +45,35 @@ def test_drops_are_counted_with_reasons():
     assert ok["positive"] == POS and ok["images"] == ["/data/a.png"] and ok["prompt"].startswith("What")
     assert groups[1]["teachers"] == ["B"]  # the vote's own source is not its negative; C duplicates B
     reasons = {(d["case_id"], d.get("teacher"), d["reason"]) for d in dropped}
-    assert reasons == {("ok", "B", "equals_positive"), ("ok", "C", "empty"), ("ok", "D", "duplicate"),
-                       ("no_cons", None, "no_consensus"), ("empty_pos", None, "empty_positive"),
-                       ("vote", "A", "source_teacher"), ("vote", "C", "duplicate"),
-                       ("none_left", "A", "equals_positive"), ("none_left", None, "no_negatives")}
+    assert reasons == {
+        ("ok", "B", "equals_positive"),
+        ("ok", "C", "empty"),
+        ("ok", "D", "duplicate"),
+        ("no_cons", None, "no_consensus"),
+        ("empty_pos", None, "empty_positive"),
+        ("vote", "A", "source_teacher"),
+        ("vote", "C", "duplicate"),
+        ("none_left", "A", "equals_positive"),
+        ("none_left", None, "no_negatives"),
+    }
     groups, dropped = build_groups(cases[:1], cons, max_negatives=1)
-    assert groups[0]["teachers"] == ["A"] and ("E", "over_max_negatives") in {(d.get("teacher"), d["reason"]) for d in dropped}
+    assert groups[0]["teachers"] == ["A"] and ("E", "over_max_negatives") in {
+        (d.get("teacher"), d["reason"]) for d in dropped
+    }
     with pytest.raises(ValueError):
         build_groups(cases, cons, negatives="some")
 
 
 def test_conflicting_keeps_only_negatives_whose_labels_disagree():
-    case = mk("c", [("same", "There is a small left pleural effusion. There is no pneumothorax."),  # same labels
-                    ("side", "Small right pleural effusion. No pneumothorax."),  # labels agree (side is not a label)
-                    ("extra", "Left pleural effusion and cardiomegaly. No pneumothorax."),
-                    ("miss", "No pleural effusion. No pneumothorax.")])
+    case = mk(
+        "c",
+        [
+            ("same", "There is a small left pleural effusion. There is no pneumothorax."),  # same labels
+            ("side", "Small right pleural effusion. No pneumothorax."),  # labels agree (side is not a label)
+            ("extra", "Left pleural effusion and cardiomegaly. No pneumothorax."),
+            ("miss", "No pleural effusion. No pneumothorax."),
+        ],
+    )
     groups, dropped = build_groups([case], {"c": {"text": POS}}, negatives="conflicting")
     assert groups[0]["teachers"] == ["extra", "miss"]
     assert sorted(d["teacher"] for d in dropped if d["reason"] == "not_conflicting") == ["same", "side"]
@@ -59,8 +85,10 @@ def test_dpo_rows_shape():
     g, _ = build_groups([mk("c", [("A", "x."), ("B", "y.")], images=("/a.png", "/b.png"))], {"c": {"text": POS}})
     rows = dpo_rows(g)
     assert len(rows) == 2 and rows[1]["rejected_response"] == "y."
-    assert rows[0]["messages"] == [{"role": "user", "content": "<image><image>What findings support the diagnosis?"},
-                                   {"role": "assistant", "content": POS}]
+    assert rows[0]["messages"] == [
+        {"role": "user", "content": "<image><image>What findings support the diagnosis?"},
+        {"role": "assistant", "content": POS},
+    ]
     assert rows[0]["images"] == ["/a.png", "/b.png"]
 
 
@@ -79,12 +107,29 @@ def write_data(root):
 def test_cli_writes_groups_dropped_stats_and_dpo_rows(tmp_path, capsys):
     data = write_data(tmp_path)
     cons = tmp_path / "cons.jsonl"
-    cons.write_text(json.dumps({"case_id": "c0", "text": POS, "source_teacher": "A"}) + "\n" +
-                    json.dumps({"case_id": "c1", "text": "Edema."}) + "\n" +
-                    json.dumps({"case_id": "zz", "text": "x"}) + "\n" + '{"case_id": "c2", "te')  # torn: ignored
+    cons.write_text(
+        json.dumps({"case_id": "c0", "text": POS, "source_teacher": "A"})
+        + "\n"
+        + json.dumps({"case_id": "c1", "text": "Edema."})
+        + "\n"
+        + json.dumps({"case_id": "zz", "text": "x"})
+        + "\n"
+        + '{"case_id": "c2", "te'
+    )  # torn: ignored
     out = tmp_path / "groups.jsonl"
-    rc = main(["build-pairs", "--dataset", str(data), "--consensus", str(cons), "--out", str(out),
-               "--dpo-out", str(tmp_path / "dpo.jsonl")])
+    rc = main(
+        [
+            "build-pairs",
+            "--dataset",
+            str(data),
+            "--consensus",
+            str(cons),
+            "--out",
+            str(out),
+            "--dpo-out",
+            str(tmp_path / "dpo.jsonl"),
+        ]
+    )
     assert rc == 0
     groups = [json.loads(l) for l in out.read_text().splitlines()]
     assert [(g["case_id"], len(g["negatives"])) for g in groups] == [("c0", 2), ("c1", 3)]
@@ -109,13 +154,28 @@ def test_dpo_rows_load_and_encode_with_ms_swift(tmp_path, tiny_model_dir):
     data = write_data(tmp_path)
     cons = tmp_path / "cons.jsonl"
     cons.write_text("".join(json.dumps({"case_id": f"c{i}", "text": POS + f" ({i})"}) + "\n" for i in range(3)))
-    assert main(["build-pairs", "--dataset", str(data), "--consensus", str(cons), "--out", str(tmp_path / "g.jsonl"),
-                 "--dpo-out", str(tmp_path / "dpo.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "build-pairs",
+                "--dataset",
+                str(data),
+                "--consensus",
+                str(cons),
+                "--out",
+                str(tmp_path / "g.jsonl"),
+                "--dpo-out",
+                str(tmp_path / "dpo.jsonl"),
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(l) for l in (tmp_path / "dpo.jsonl").read_text().splitlines()]
     train, _ = load_dataset([str(tmp_path / "dpo.jsonl")], strict=True, use_hf=True, load_from_cache_file=False)
     assert len(train) == len(rows) == 9
-    template = get_template(get_processor(str(tiny_model_dir), model_type="qwen2_5_vl", use_hf=True),
-                            template_type="qwen2_5_vl")
+    template = get_template(
+        get_processor(str(tiny_model_dir), model_type="qwen2_5_vl", use_hf=True), template_type="qwen2_5_vl"
+    )
     template.set_mode("rlhf")
     tok = template.tokenizer
     for row, loaded in zip(rows, train):
@@ -133,8 +193,22 @@ def test_vote_then_pairs_on_the_synthetic_benchmark(synth_dir, tmp_path):
     data = synth_dir / "cxrmax_train.jsonl"
     cons, out = tmp_path / "cons.jsonl", tmp_path / "groups.jsonl"
     assert main(["consensus", "--strategy", "vote", "--dataset", str(data), "--out", str(cons)]) == 0
-    assert main(["build-pairs", "--dataset", str(data), "--consensus", str(cons), "--out", str(out),
-                 "--negatives", "conflicting"]) == 0
+    assert (
+        main(
+            [
+                "build-pairs",
+                "--dataset",
+                str(data),
+                "--consensus",
+                str(cons),
+                "--out",
+                str(out),
+                "--negatives",
+                "conflicting",
+            ]
+        )
+        == 0
+    )
     cases = load_cases(data)
     source = {json.loads(l)["case_id"]: json.loads(l)["source_teacher"] for l in cons.read_text().splitlines()}
     groups = [json.loads(l) for l in out.read_text().splitlines()]
@@ -145,5 +219,8 @@ def test_vote_then_pairs_on_the_synthetic_benchmark(synth_dir, tmp_path):
         assert len(g["negatives"]) == len(g["teachers"]) >= 1
     grouped = {g["case_id"] for g in groups}
     n_traj = sum(len(c.trajectories) for c in cases if c.case_id in grouped)  # each one kept or dropped with a reason
-    assert sum(len(g["negatives"]) for g in groups) + sum(d["what"] == "negative" and d["case_id"] in grouped
-                                                           for d in dropped) == n_traj
+    assert (
+        sum(len(g["negatives"]) for g in groups)
+        + sum(d["what"] == "negative" and d["case_id"] in grouped for d in dropped)
+        == n_traj
+    )

@@ -5,8 +5,8 @@ import json
 import pytest
 
 from apo.errors import DataError
-from apo.generation import run_resumable, shard
-from apo.resumable import ResumableJsonl, dumps
+from apo.io.jobs import run_resumable, shard
+from apo.io.resumable import ResumableJsonl, dumps
 
 ITEMS = [{"case_id": f"c{i}", "x": i} for i in range(10)]
 
@@ -21,7 +21,10 @@ def test_append_skips_duplicates_and_reopens(tmp_path):
         assert r.append({"case_id": "a", "v": 1})
         assert not r.append({"case_id": "a", "v": 2})  # a duplicate key is never written
         assert r.append({"case_id": "b", "v": 3})
-    assert p.read_text(encoding="utf-8").splitlines() == [dumps({"case_id": "a", "v": 1}), dumps({"case_id": "b", "v": 3})]
+    assert p.read_text(encoding="utf-8").splitlines() == [
+        dumps({"case_id": "a", "v": 1}),
+        dumps({"case_id": "b", "v": 3}),
+    ]
     r = ResumableJsonl(p)
     assert r.done == {"a", "b"} and not r.torn
     assert not r.append({"case_id": "b", "v": 9})

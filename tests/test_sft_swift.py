@@ -20,13 +20,30 @@ def test_sft_launcher_trains_lora(tmp_path, tiny_model_dir, synth_dir):
     sft_rows = tmp_path / "sft.jsonl"
     assert main(["prepare-sft", "--dataset", str(synth_dir / "cxrmax_train.jsonl"), "--out", str(sft_rows)]) == 0
     out = tmp_path / "sft"
-    env = {**os.environ, "MODEL": str(tiny_model_dir), "DATASET": str(sft_rows), "OUTPUT_DIR": str(out),
-           "TORCH_DTYPE": "float32", "BATCH_SIZE": "4", "GRAD_ACC": "1", "LEARNING_RATE": "1e-2", "LORA_RANK": "16",
-           "LORA_ALPHA": "32", "MAX_STEPS": "12", "SAVE_STEPS": "12", "LOGGING_STEPS": "1", "MAX_LENGTH": "1024",
-           "GRADIENT_CHECKPOINTING": "true", "DATALOADER_WORKERS": "0", "REPORT_TO": "none", "MERGE_LORA": "true",
-           "WARMUP_RATIO": "0"}
-    r = subprocess.run(["bash", str(ROOT / "scripts/SFT-Qwen2.5.sh")], env=env, capture_output=True, text=True,
-                       timeout=600)
+    env = {
+        **os.environ,
+        "MODEL": str(tiny_model_dir),
+        "DATASET": str(sft_rows),
+        "OUTPUT_DIR": str(out),
+        "TORCH_DTYPE": "float32",
+        "BATCH_SIZE": "4",
+        "GRAD_ACC": "1",
+        "LEARNING_RATE": "1e-2",
+        "LORA_RANK": "16",
+        "LORA_ALPHA": "32",
+        "MAX_STEPS": "12",
+        "SAVE_STEPS": "12",
+        "LOGGING_STEPS": "1",
+        "MAX_LENGTH": "1024",
+        "GRADIENT_CHECKPOINTING": "true",
+        "DATALOADER_WORKERS": "0",
+        "REPORT_TO": "none",
+        "MERGE_LORA": "true",
+        "WARMUP_RATIO": "0",
+    }
+    r = subprocess.run(
+        ["bash", str(ROOT / "scripts/SFT-Qwen2.5.sh")], env=env, capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
 
     logs = [json.loads(line) for line in (out / "logging.jsonl").read_text().splitlines()]

@@ -12,14 +12,17 @@ from PIL import Image
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS, OBSERVATIONS, TEACHERS
 from apo.errors import ApoError
-from apo.synth import MSCXRT_COLUMNS, MSCXRT_CSV, generate
-from apo.synth.reports import LATERAL, adapt_side, labels_of, tag
-from apo.synth.teachers import is_refusal, measure
+from apo.world.synth import MSCXRT_COLUMNS, MSCXRT_CSV, generate
+from apo.world.synth.reports import LATERAL, adapt_side, labels_of, tag
+from apo.world.synth.teachers import is_refusal, measure
 
 
 def _hashes(root: Path) -> dict:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _rows(root: Path, split: str) -> list[dict]:
@@ -64,8 +67,19 @@ def test_layout_fields_and_ids(synth_dir):
     assert len(train) + len(test) == 40 * len(TEACHERS)
     cases = defaultdict(list)
     for r in train + test:
-        assert set(r) == {"case_id", "subject_id", "study_id", "dicom_id", "image", "question", "model", "response",
-                          "labels", "sides", "report"}
+        assert set(r) == {
+            "case_id",
+            "subject_id",
+            "study_id",
+            "dicom_id",
+            "image",
+            "question",
+            "model",
+            "response",
+            "labels",
+            "sides",
+            "report",
+        }
         assert re.fullmatch(r"1\d{7}", r["subject_id"]) and re.fullmatch(r"5\d{7}", r["study_id"])
         assert re.fullmatch(r"[0-9a-f]{8}(-[0-9a-f]{8}){4}", r["dicom_id"]) and len(r["dicom_id"]) == 44
         assert r["image"] == f"files/p{r['subject_id'][:2]}/p{r['subject_id']}/s{r['study_id']}/{r['dicom_id']}.jpg"
@@ -113,8 +127,15 @@ def test_each_teacher_drifts_its_own_way_and_the_majority_is_right(small):
     out, summary = small
     m = summary["measured"]
     # Each teacher shows its own error and (almost) none of the others'.
-    own = {"GPT-5-nano": "omission", "Gemini-2.5-flash-lite": "wrong_side", "Claude-Sonnet-4": "hedge",
-           "Grok-4": "hallucination", "Qwen-VL-Max": "late_addition", "GLM-4.5V": "omission", "Moonshot-v1": "refusal"}
+    own = {
+        "GPT-5-nano": "omission",
+        "Gemini-2.5-flash-lite": "wrong_side",
+        "Claude-Sonnet-4": "hedge",
+        "Grok-4": "hallucination",
+        "Qwen-VL-Max": "late_addition",
+        "GLM-4.5V": "omission",
+        "Moonshot-v1": "refusal",
+    }
     kinds = ("omission", "wrong_side", "hedge", "hallucination", "refusal")
     for teacher, kind in own.items():
         assert m[teacher][kind] >= 0.1, (teacher, kind, m[teacher])
@@ -185,7 +206,7 @@ def test_mscxrt_extent_follows_the_label(small):
         rows = list(csv.DictReader(fh))
     checked = 0
     for r in rows:
-        (finding, cls), = [(f, r[f"{f}_progression"]) for f in MSCXRT_FINDINGS if r[f"{f}_progression"]]
+        ((finding, cls),) = [(f, r[f"{f}_progression"]) for f in MSCXRT_FINDINGS if r[f"{f}_progression"]]
         if cls == "stable":
             continue
         s = r["subject_id"]
@@ -211,8 +232,10 @@ def test_tagger_and_side_rewriting():
     assert tag("There is a small left pleural effusion.")["Pleural Effusion"]["side"] == "left"
     assert tag("Mild bibasilar atelectasis.")["Atelectasis"]["side"] == "bilateral"
     assert adapt_side("Small right pleural effusion.", "right", "bilateral") == "Small bilateral pleural effusions."
-    assert adapt_side("There are small bilateral pleural effusions.", "bilateral", "left") == \
-        "There is small left pleural effusion."
+    assert (
+        adapt_side("There are small bilateral pleural effusions.", "bilateral", "left")
+        == "There is small left pleural effusion."
+    )
     assert adapt_side("Right upper lobe pneumonia.", "right", "left") == "Left upper lobe pneumonia."
 
 

@@ -1,4 +1,4 @@
-"""apo.tables: the paper's tables (markdown + LaTeX) and training curves from a fixture results folder."""
+"""apo.evaluation.tables: the paper's tables (markdown + LaTeX) and training curves from a fixture results folder."""
 
 import json
 import re
@@ -7,9 +7,9 @@ import pytest
 
 from apo.cli import main
 from apo.data import Case, Trajectory
-from apo.drift import drift_stats
 from apo.errors import ApoError, DataError
-from apo.tables import PUBLISHED, read_results, tex_escape
+from apo.evaluation.drift import drift_stats
+from apo.evaluation.tables import PUBLISHED, read_results, tex_escape
 
 
 def _write(path, obj):
@@ -18,40 +18,94 @@ def _write(path, obj):
 
 
 def _metrics(b1, f1, halluc):
-    nlg = {"BLEU-1": b1, "BLEU-2": b1 / 2, "BLEU-3": b1 / 3, "BLEU-4": b1 / 4, "METEOR": 0.2, "ROUGE-L": 0.3,
-           "CIDEr": 0.4}
-    return {"n": 24, "nlg": nlg, "clinical": {"micro": {"precision": f1, "recall": f1, "f1": f1}},
-            "drift": {"hallucination_rate": halluc, "omission_rate": 0.1, "hedge_rate": 0.05,
-                      "side_error_rate": 0.2, "refusal_rate": 0.0, "accuracy": 0.9, "f1": f1, "exact": 0.5,
-                      "mean_words": 30.0}}
+    nlg = {
+        "BLEU-1": b1,
+        "BLEU-2": b1 / 2,
+        "BLEU-3": b1 / 3,
+        "BLEU-4": b1 / 4,
+        "METEOR": 0.2,
+        "ROUGE-L": 0.3,
+        "CIDEr": 0.4,
+    }
+    return {
+        "n": 24,
+        "nlg": nlg,
+        "clinical": {"micro": {"precision": f1, "recall": f1, "f1": f1}},
+        "drift": {
+            "hallucination_rate": halluc,
+            "omission_rate": 0.1,
+            "hedge_rate": 0.05,
+            "side_error_rate": 0.2,
+            "refusal_rate": 0.0,
+            "accuracy": 0.9,
+            "f1": f1,
+            "exact": 0.5,
+            "mean_words": 30.0,
+        },
+    }
 
 
 def _mscxrt(avg):
-    return {"per_finding": {"consolidation": 0.111, "edema": 0.222, "pleural_effusion": 0.333, "pneumonia": 0.444,
-                            "pneumothorax": 0.555}, "average": avg, "n": {"edema": 3}, "unparsed": 0}
+    return {
+        "per_finding": {
+            "consolidation": 0.111,
+            "edema": 0.222,
+            "pleural_effusion": 0.333,
+            "pneumonia": 0.444,
+            "pneumothorax": 0.555,
+        },
+        "average": avg,
+        "n": {"edema": 3},
+        "unparsed": 0,
+    }
 
 
 @pytest.fixture
 def results(tmp_path):
     root = tmp_path / "results"
-    for run, (b1, f1, h, avg) in {"sft": (0.301, 0.41, 0.3, 0.501), "apo": (0.352, 0.52, 0.1, 0.612),
-                                  "base": (0.101, 0.11, 0.5, 0.301), "dpo": (0.321, 0.45, 0.2, 0.551)}.items():
+    for run, (b1, f1, h, avg) in {
+        "sft": (0.301, 0.41, 0.3, 0.501),
+        "apo": (0.352, 0.52, 0.1, 0.612),
+        "base": (0.101, 0.11, 0.5, 0.301),
+        "dpo": (0.321, 0.45, 0.2, 0.551),
+    }.items():
         _write(root / run / "metrics.json", _metrics(b1, f1, h))
         _write(root / run / "mscxrt.json", _mscxrt(avg))
     # a run with another name, eval-report's own flat drift keys (side_accuracy), no MS-CXR-T
     m = _metrics(0.2, 0.3, 0.4)
     m["drift"] = {"hallucination_rate": 0.4, "omission_rate": 0.3, "refusal_rate": 0.1, "side_accuracy": 0.75}
     _write(root / "apo_beta_0.5" / "metrics.json", m)
-    log_history = [{"step": s, "loss": 1.0 / s, "rewards/margins": 0.1 * s, "rewards/accuracies": 0.5,
-                    "rewards/teacher/Grok-4": -0.1 * s, "rewards/teacher/GPT-5-nano": -0.05 * s} for s in range(1, 6)]
+    log_history = [
+        {
+            "step": s,
+            "loss": 1.0 / s,
+            "rewards/margins": 0.1 * s,
+            "rewards/accuracies": 0.5,
+            "rewards/teacher/Grok-4": -0.1 * s,
+            "rewards/teacher/GPT-5-nano": -0.05 * s,
+        }
+        for s in range(1, 6)
+    ]
     log_history.append({"step": 5, "train_runtime": 1.0})
     _write(root / "apo" / "trainer_state.json", {"log_history": log_history})
     _write(root / "sft" / "checkpoint-2" / "trainer_state.json", {"log_history": [{"step": 1, "loss": 2.0}]})
-    _write(root / "sft" / "checkpoint-10" / "trainer_state.json",
-           {"log_history": [{"step": 1, "loss": 2.0}, {"step": 10, "loss": 1.5}]})
-    cases = [Case("c0", [], "q", [Trajectory("Grok-4", "Small left pleural effusion and cardiomegaly."),
-                                  Trajectory("GPT-5-nano", "Small left pleural effusion.")],
-                  {"Pleural Effusion": 1}, {"sides": {"Pleural Effusion": "left"}})]
+    _write(
+        root / "sft" / "checkpoint-10" / "trainer_state.json",
+        {"log_history": [{"step": 1, "loss": 2.0}, {"step": 10, "loss": 1.5}]},
+    )
+    cases = [
+        Case(
+            "c0",
+            [],
+            "q",
+            [
+                Trajectory("Grok-4", "Small left pleural effusion and cardiomegaly."),
+                Trajectory("GPT-5-nano", "Small left pleural effusion."),
+            ],
+            {"Pleural Effusion": 1},
+            {"sides": {"Pleural Effusion": "left"}},
+        )
+    ]
     _write(root / "drift" / "drift.json", drift_stats(cases))
     return root
 
@@ -133,7 +187,7 @@ def test_tex_escape():
 
 
 def test_student_drift_shapes():
-    from apo.tables import _student_drift
+    from apo.evaluation.tables import _student_drift
 
     cases = [Case("c0", [], "q", [Trajectory("Grok-4", "x")], {"Pleural Effusion": 1}, {})]
     nested = drift_stats(cases, ["Small pleural effusion and cardiomegaly."])  # eval-report's answers as consensus

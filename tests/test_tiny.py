@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from apo.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_model
+from apo.world.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, build_tiny_model
 
 
 def _digest(folder) -> dict:
@@ -21,8 +21,18 @@ def _image(synth_dir) -> Image.Image:
 
 
 def _messages(answer=None):
-    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text":
-            "What findings on this chest X-ray support the diagnosis of pleural effusion?"}]}]
+    msgs = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image"},
+                {
+                    "type": "text",
+                    "text": "What findings on this chest X-ray support the diagnosis of pleural effusion?",
+                },
+            ],
+        }
+    ]
     if answer:
         msgs.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
     return msgs
@@ -32,7 +42,9 @@ def _messages(answer=None):
 def loaded(tiny_model_dir):
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    return AutoProcessor.from_pretrained(tiny_model_dir), Qwen2_5_VLForConditionalGeneration.from_pretrained(tiny_model_dir)
+    return AutoProcessor.from_pretrained(tiny_model_dir), Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        tiny_model_dir
+    )
 
 
 def test_loads_with_the_auto_classes(tiny_model_dir, loaded):
@@ -67,10 +79,13 @@ def test_tokenizer_speaks_radiology_and_round_trips_any_text(loaded):
 
 def test_forward_backward_with_an_image_through_the_chat_template(loaded, synth_dir):
     processor, model = loaded
-    text = processor.apply_chat_template(_messages("Blunted left costophrenic angle: left pleural effusion."),
-                                         tokenize=False)
-    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-                           "<|vision_start|><|image_pad|><|vision_end|>What findings")
+    text = processor.apply_chat_template(
+        _messages("Blunted left costophrenic angle: left pleural effusion."), tokenize=False
+    )
+    assert text.startswith(
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>What findings"
+    )
     batch = processor(text=[text], images=[_image(synth_dir)], return_tensors="pt")
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8]]  # 112x112 -> 8x8 patches
     assert int((batch["input_ids"] == model.config.image_token_id).sum()) == 16  # 2x2 merge
@@ -92,7 +107,7 @@ def test_generate_appends_tokens(loaded, synth_dir):
     batch = processor(text=[prompt], images=[_image(synth_dir)], return_tensors="pt")
     out = model.generate(**batch, max_new_tokens=6, do_sample=False)
     assert out.shape[0] == 1 and batch["input_ids"].shape[1] < out.shape[1] <= batch["input_ids"].shape[1] + 6
-    assert isinstance(processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:]), str)
+    assert isinstance(processor.tokenizer.decode(out[0, batch["input_ids"].shape[1] :]), str)
 
 
 def test_same_seed_same_bytes_other_seed_other_weights(tiny_model_dir, tmp_path):
@@ -141,8 +156,12 @@ def test_ms_swift_encodes_like_the_processor(tiny_model_dir, synth_dir, tmp_path
 
     image_path = tmp_path / "x.png"
     _image(synth_dir).save(image_path)
-    r = subprocess.run([sys.executable, "-c", SWIFT_CHECK, str(tiny_model_dir), str(image_path)],
-                       capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-c", SWIFT_CHECK, str(tiny_model_dir), str(image_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and "OK" in r.stdout, r.stderr[-3000:]
 
 

@@ -7,12 +7,12 @@ import shutil
 
 import pytest
 import torch
+from trainer_helpers import make_groups
 
 from apo.trainer import cli
 from apo.trainer.collator import load_groups
 from apo.trainer.config import parse_config
 from apo.trainer.trainer import APOTrainer, build_model
-from trainer_helpers import make_groups
 
 DEMO = "configs/apo/demo.yaml"
 
@@ -26,14 +26,26 @@ LR = ("--learning_rate", "5e-3")  # faster than the demo's 1e-3: a 10-step run m
 
 
 def _config(tiny_model_dir, groups_file, out, *overrides):
-    return parse_config(DEMO, ["--model_name_or_path", str(tiny_model_dir), "--groups_file", str(groups_file),
-                               "--output_dir", str(out), *LR, *map(str, overrides)])
+    return parse_config(
+        DEMO,
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--groups_file",
+            str(groups_file),
+            "--output_dir",
+            str(out),
+            *LR,
+            *map(str, overrides),
+        ],
+    )
 
 
 def _trainer(config):
     model, processor = build_model(config)
-    return APOTrainer(model=model, args=config, train_dataset=load_groups(config.groups_file),
-                      processing_class=processor)
+    return APOTrainer(
+        model=model, args=config, train_dataset=load_groups(config.groups_file), processing_class=processor
+    )
 
 
 def _perturb_lora(model, seed=0):
@@ -46,9 +58,20 @@ def _perturb_lora(model, seed=0):
 
 
 def _train(tiny_model_dir, groups_file, out, *overrides) -> list[dict]:
-    args = argparse.Namespace(config=DEMO, help_config=False, rest=[
-        "--model_name_or_path", str(tiny_model_dir), "--groups_file", str(groups_file), "--output_dir", str(out),
-        *LR, *map(str, overrides)])
+    args = argparse.Namespace(
+        config=DEMO,
+        help_config=False,
+        rest=[
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--groups_file",
+            str(groups_file),
+            "--output_dir",
+            str(out),
+            *LR,
+            *map(str, overrides),
+        ],
+    )
     assert cli.run(args) == 0
     return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
@@ -58,7 +81,7 @@ def test_lora_targets_language_model_only(tiny_model_dir, groups_file, tmp_path)
     lora = {n for n, _ in model.named_parameters() if "lora_A" in n}
     assert lora and not any("visual" in n for n in lora)
     for proj in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
-        assert any(f"language_model.layers.0." in n and proj in n for n in lora), proj
+        assert any("language_model.layers.0." in n and proj in n for n in lora), proj
     assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
 
 
@@ -88,8 +111,15 @@ def test_reference_is_the_base_model_with_the_adapter_disabled(tiny_model_dir, g
 def test_gradient_checkpointing_passes_lora_grads(tiny_model_dir, groups_file, tmp_path, reentrant):
     grads = {}
     for gc in (False, True):
-        config = _config(tiny_model_dir, groups_file, tmp_path, "--gradient_checkpointing", gc,
-                         "--gradient_checkpointing_kwargs", json.dumps({"use_reentrant": reentrant}))
+        config = _config(
+            tiny_model_dir,
+            groups_file,
+            tmp_path,
+            "--gradient_checkpointing",
+            gc,
+            "--gradient_checkpointing_kwargs",
+            json.dumps({"use_reentrant": reentrant}),
+        )
         trainer = _trainer(config)
         _perturb_lora(trainer.model)
         model = trainer.model
@@ -110,12 +140,15 @@ def test_checkpointing_is_reentrant_except_under_plain_ddp(tiny_model_dir, group
     """ms-swift's rule: reentrant (no autograd graph in the first forward) alone and under DeepSpeed; non-reentrant
     under DDP. An explicit --gradient_checkpointing_kwargs wins."""
     reentrant = lambda *o: _config(tiny_model_dir, groups_file, tmp_path, *o).gradient_checkpointing_kwargs[
-        "use_reentrant"]
+        "use_reentrant"
+    ]
     from apo.trainer.config import default_reentrant
 
     assert reentrant() is True
     assert reentrant("--gradient_checkpointing_kwargs", '{"use_reentrant": false}') is False
-    assert default_reentrant(1, False, False) and default_reentrant(4, True, False) and default_reentrant(4, False, True)
+    assert (
+        default_reentrant(1, False, False) and default_reentrant(4, True, False) and default_reentrant(4, False, True)
+    )
     assert not default_reentrant(2, False, False)  # torchrun without DeepSpeed/FSDP
 
 
@@ -152,12 +185,30 @@ def test_end_to_end_apo_run(tiny_model_dir, groups_file, tmp_path, capsys):
 
 
 def test_resume_gives_the_same_next_steps(tiny_model_dir, groups_file, tmp_path):
-    common = ("--max_steps", 4, "--save_strategy", "steps", "--save_steps", 2, "--lora_dropout", 0.1,
-              "--lr_scheduler_type", "linear", "--merge_on_save", "false")
+    common = (
+        "--max_steps",
+        4,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        2,
+        "--lora_dropout",
+        0.1,
+        "--lr_scheduler_type",
+        "linear",
+        "--merge_on_save",
+        "false",
+    )
     straight = _train(tiny_model_dir, groups_file, tmp_path / "a", *common)
     shutil.copytree(tmp_path / "a" / "checkpoint-2", tmp_path / "b" / "checkpoint-2")
-    resumed = _train(tiny_model_dir, groups_file, tmp_path / "b", *common,
-                     "--resume_from_checkpoint", tmp_path / "b" / "checkpoint-2")
+    resumed = _train(
+        tiny_model_dir,
+        groups_file,
+        tmp_path / "b",
+        *common,
+        "--resume_from_checkpoint",
+        tmp_path / "b" / "checkpoint-2",
+    )
     assert [h["step"] for h in resumed] == [1, 2, 3, 4]  # the checkpoint's log history, then the new steps
     for h in resumed[2:]:  # same weights, optimizer moments, data order and dropout RNG as the uninterrupted run
         assert h["loss"] == pytest.approx(straight[h["step"] - 1]["loss"], rel=1e-5, abs=1e-6), h["step"]
@@ -168,32 +219,61 @@ def test_precomputed_reference_matches_and_is_reused(tiny_model_dir, groups_file
     common = ("--max_steps", 3, "--merge_on_save", "false")
     live = _train(tiny_model_dir, groups_file, tmp_path / "live", *common)
     cache = tmp_path / "ref"
-    cached = _train(tiny_model_dir, groups_file, tmp_path / "c1", *common, "--precompute_ref", "true",
-                    "--ref_cache_dir", cache)
+    cached = _train(
+        tiny_model_dir, groups_file, tmp_path / "c1", *common, "--precompute_ref", "true", "--ref_cache_dir", cache
+    )
     files = {p.name: p.read_bytes() for p in cache.iterdir()}
     assert sum(len(b.splitlines()) for n, b in files.items() if n.startswith("ref_logps")) == 4 + 9  # all candidates
-    again = _train(tiny_model_dir, groups_file, tmp_path / "c2", *common, "--precompute_ref", "true",
-                   "--ref_cache_dir", cache)
+    again = _train(
+        tiny_model_dir, groups_file, tmp_path / "c2", *common, "--precompute_ref", "true", "--ref_cache_dir", cache
+    )
     assert {p.name: p.read_bytes() for p in cache.iterdir()} == files  # reused, nothing recomputed
     for a, b, c in zip(live, cached, again):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4) and b["loss"] == pytest.approx(c["loss"], abs=1e-6)
     from apo.errors import ApoError
 
     with pytest.raises(ApoError, match="reference cache was computed for"):
-        _train(tiny_model_dir, groups_file, tmp_path / "c3", *common, "--precompute_ref", "true",
-               "--ref_cache_dir", cache, "--max_length", 512)
+        _train(
+            tiny_model_dir,
+            groups_file,
+            tmp_path / "c3",
+            *common,
+            "--precompute_ref",
+            "true",
+            "--ref_cache_dir",
+            cache,
+            "--max_length",
+            512,
+        )
 
 
-@pytest.mark.parametrize("loss,use_lora,precompute", [("dpo", "true", "false"), ("apo", "false", "false"),
-                                                      ("apo", "false", "true")])
+@pytest.mark.parametrize(
+    "loss,use_lora,precompute", [("dpo", "true", "false"), ("apo", "false", "false"), ("apo", "false", "true")]
+)
 def test_first_step_loss_is_the_uniform_ranking(tiny_model_dir, tmp_path, loss, use_lora, precompute):
     """Step 1, policy = reference: every reward is 0, so APO's loss is log(1+N) and DPO's log 2. Covers the DPO
     ablation, full fine-tuning (frozen reference copy, or the reference precomputed before the first update) and
     the SFT term."""
     groups_file = make_groups(tmp_path / "g", n_groups=4, n_negatives=(3,))
-    steps = _train(tiny_model_dir, groups_file, tmp_path / "run", "--max_steps", 3, "--loss", loss,
-                   "--use_lora", use_lora, "--sft_weight", 0.1, "--learning_rate", 1e-3, "--merge_on_save", "false",
-                   "--precompute_ref", precompute)
+    steps = _train(
+        tiny_model_dir,
+        groups_file,
+        tmp_path / "run",
+        "--max_steps",
+        3,
+        "--loss",
+        loss,
+        "--use_lora",
+        use_lora,
+        "--sft_weight",
+        0.1,
+        "--learning_rate",
+        1e-3,
+        "--merge_on_save",
+        "false",
+        "--precompute_ref",
+        precompute,
+    )
     nll = steps[0]["nll/positive"]
     assert nll > 0
     assert steps[0]["loss"] == pytest.approx((math.log(4) if loss == "apo" else math.log(2)) + 0.1 * nll, rel=1e-4)

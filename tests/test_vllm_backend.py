@@ -8,17 +8,17 @@ import sys
 import types
 
 import pytest
+from test_consensus import write_dataset
 
 from apo.cli import main
 from apo.errors import ApoError
-from test_consensus import write_dataset
 
 
 class FakeLLM:
     instances = []
 
     def __init__(self, model, **kw):
-        from apo.generation import load_model
+        from apo.model.generation import load_model
 
         self.kw = dict(model=model, **kw)
         self.model, self.processor = load_model(model)
@@ -36,9 +36,16 @@ class FakeLLM:
             enc = self.processor(text=[x["prompt"]], images=images, return_tensors="pt")
             assert params.temperature == 0.0  # greedy
             with torch.inference_mode():
-                seq = self.model.generate(**enc, max_new_tokens=params.max_tokens, do_sample=False, temperature=None,
-                                          top_p=None, top_k=None, pad_token_id=0)
-            text = self.processor.tokenizer.decode(seq[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                seq = self.model.generate(
+                    **enc,
+                    max_new_tokens=params.max_tokens,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
+                    pad_token_id=0,
+                )
+            text = self.processor.tokenizer.decode(seq[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
             outs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(text=text)]))
         return outs
 
@@ -62,8 +69,17 @@ def fake_vllm(monkeypatch):
 
 def test_vllm_backend_writes_what_the_hf_backend_writes(tmp_path, tiny_model_dir, fake_vllm):
     data = write_dataset(tmp_path, n_cases=3, repeat=1)
-    common = ["consensus", "--model", str(tiny_model_dir), "--dataset", str(data), "--max-new-tokens", "6",
-              "--max-length", "1500"]
+    common = [
+        "consensus",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--max-new-tokens",
+        "6",
+        "--max-length",
+        "1500",
+    ]
     assert main([*common, "--out", str(tmp_path / "hf.jsonl"), "--batch-size", "1"]) == 0
     assert main([*common, "--out", str(tmp_path / "vllm.jsonl"), "--backend", "vllm", "--batch-size", "2"]) == 0
     assert (tmp_path / "vllm.jsonl").read_bytes() == (tmp_path / "hf.jsonl").read_bytes()
@@ -78,7 +94,7 @@ def test_vllm_backend_writes_what_the_hf_backend_writes(tmp_path, tiny_model_dir
 
 
 def test_vllm_backend_serves_an_adapter_as_lora(tmp_path, tiny_model_dir, fake_vllm):
-    from apo.generation import VllmEngine, generate
+    from apo.model.generation import VllmEngine, generate
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -101,12 +117,26 @@ def test_vllm_backend_serves_an_adapter_as_lora(tmp_path, tiny_model_dir, fake_v
 
 
 def test_vllm_backend_errors_are_clear(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    from apo.generation import VllmEngine
+    from apo.model.generation import VllmEngine
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # not installed: import fails
     data = write_dataset(tmp_path, n_cases=1, repeat=1)
-    assert main(["consensus", "--model", str(tiny_model_dir), "--dataset", str(data), "--out",
-                 str(tmp_path / "x.jsonl"), "--backend", "vllm"]) == 2
+    assert (
+        main(
+            [
+                "consensus",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(data),
+                "--out",
+                str(tmp_path / "x.jsonl"),
+                "--backend",
+                "vllm",
+            ]
+        )
+        == 2
+    )
     assert "pip install -e '.[vllm]'" in capsys.readouterr().err
     monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
     sys.modules["vllm"].LLM = FakeLLM

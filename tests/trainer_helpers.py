@@ -34,7 +34,17 @@ def make_groups(directory, n_groups=4, n_negatives=(3, 1, 2, 3), seed=0) -> Path
     with open(path, "w") as fh:
         for i in range(n_groups):
             negs = NEGATIVES[: n_negatives[i % len(n_negatives)]]
-            fh.write(json.dumps({"case_id": f"c{i}", "prompt": "what findings support the diagnosis of effusion?",
-                                 "images": [images[i]], "positive": POSITIVE,
-                                 "negatives": [t for _, t in negs], "teachers": [n for n, _ in negs]}) + "\n")
+            fh.write(
+                json.dumps(
+                    {
+                        "case_id": f"c{i}",
+                        "prompt": "what findings support the diagnosis of effusion?",
+                        "images": [images[i]],
+                        "positive": POSITIVE,
+                        "negatives": [t for _, t in negs],
+                        "teachers": [n for n, _ in negs],
+                    }
+                )
+                + "\n"
+            )
     return path

@@ -33,8 +33,11 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def _files(folder: Path) -> dict[str, int]:
-    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")}
+    return {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER and not p.name.endswith(".tmp")
+    }
 
 
 def mark_complete(folder) -> None:

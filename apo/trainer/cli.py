@@ -20,9 +20,12 @@ log = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML/JSON file of APOConfig values (configs/apo/*.yaml)")
     parser.add_argument("--help-config", action="store_true", help="list every APOConfig field and exit")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest complete checkpoint in output_dir (from scratch if there is "
-                             "none); same as --resume_from_checkpoint auto. A half-written checkpoint is never used")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest complete checkpoint in output_dir (from scratch if there is "
+        "none); same as --resume_from_checkpoint auto. A half-written checkpoint is never used",
+    )
     parser.epilog = "Any other --key value is an APOConfig override (see --help-config), e.g. --learning_rate 1e-4."
     # argparse.REMAINDER does not take options that come first (`--output_dir X`), so this sub-parser keeps every
     # option it does not know in `args.rest` for HfArgumentParser instead of handing it back as an error.
@@ -57,15 +60,23 @@ def run(args) -> int:
     trainer = APOTrainer(model=model, args=config, train_dataset=groups, processing_class=processor)
     if trainer.is_world_process_zero():
         n_neg = sum(len(g["negatives"]) for g in groups)
-        log.info("APO (%s loss, beta %g): %d groups, %d negatives, teachers %s; trainable %s", config.loss,
-                 config.beta, len(groups), n_neg, trainer.teachers, _trainable(model))
+        log.info(
+            "APO (%s loss, beta %g): %d groups, %d negatives, teachers %s; trainable %s",
+            config.loss,
+            config.beta,
+            len(groups),
+            n_neg,
+            trainer.teachers,
+            _trainable(model),
+        )
     if resume and _finished(resume, config):  # killed after the last step: do not train again, write the output
         from transformers import TrainerState
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         if is_deepspeed_zero3_enabled():
-            raise ApoError(f"{resume} is the run's last step (its weights are there); rerun without --resume to train "
-                           "again")
+            raise ApoError(
+                f"{resume} is the run's last step (its weights are there); rerun without --resume to train again"
+            )
         log.info("%s is the run's last step; writing the final output from it", resume)
         trainer._load_from_checkpoint(resume)
         trainer.state = TrainerState.load_from_json(os.path.join(resume, "trainer_state.json"))
@@ -87,13 +98,18 @@ def resume_point(config, resume_flag=False) -> str | None:
     if not want:
         done = [p for p in checkpoints(config.output_dir) if checkpoint_problem(p) is None]
         if done:
-            log.warning("%s already holds %s; training from scratch (pass --resume to continue from it)",
-                        config.output_dir, done[0].name)
+            log.warning(
+                "%s already holds %s; training from scratch (pass --resume to continue from it)",
+                config.output_dir,
+                done[0].name,
+            )
         return None
     if want.lower() in ("true", "last", "auto"):
         found = last_complete_checkpoint(config.output_dir)
-        log.info("resuming from %s" if found else "no complete checkpoint in %s; training from scratch",
-                 found or config.output_dir)
+        log.info(
+            "resuming from %s" if found else "no complete checkpoint in %s; training from scratch",
+            found or config.output_dir,
+        )
         return found
     problem = checkpoint_problem(want, require_marker=False)
     if problem:
@@ -125,6 +141,8 @@ def summary(log_history: list[dict], output_dir: str) -> str:
     head, tail = steps[:k], steps[-k:]
     mean = lambda part, key: sum(h.get(key, float("nan")) for h in part) / len(part)
     span = lambda part: f"step {part[0]['step']}" if len(part) == 1 else f"steps {part[0]['step']}-{part[-1]['step']}"
-    return (f"apo train: loss {mean(head, 'loss'):.4f} ({span(head)}) -> {mean(tail, 'loss'):.4f} ({span(tail)}); "
-            f"reward margin {mean(tail, 'rewards/margins'):.4f}, accuracy {mean(tail, 'rewards/accuracies'):.3f} "
-            f"({span(tail)}); output in {output_dir}")
+    return (
+        f"apo train: loss {mean(head, 'loss'):.4f} ({span(head)}) -> {mean(tail, 'loss'):.4f} ({span(tail)}); "
+        f"reward margin {mean(tail, 'rewards/margins'):.4f}, accuracy {mean(tail, 'rewards/accuracies'):.3f} "
+        f"({span(tail)}); output in {output_dir}"
+    )

@@ -4,7 +4,7 @@ A group {prompt, images, positive t+, negatives t_1..t_N} becomes 1+N rows, each
 candidate response, in the processor's own chat template, so APO scores exactly what SFT trained and eval prompts.
 The group structure stays explicit: `group_index`/`candidate_index` per row and `valid` [B, 1+N] per group, so the
 trainer can scatter row log-probs back into the [B, 1+N] matrix the loss takes. This is the plain path (`--packed
-false`); `apo.trainer.packing.PackedGroupCollator` reuses `encode_group` and packs each group's image and prompt once.
+false`); `apo.model.packing.PackedGroupCollator` reuses `encode_group` and packs each group's image and prompt once.
 
 Over-length policy: the prompt (with its image tokens) is never cut, since cutting image tokens breaks the model and
 cutting the question changes the task; each response is truncated to `max_length - prompt length` tokens. A
@@ -18,13 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-
 from pathlib import Path
 
 import torch
 
-from apo.chat import assistant_message, load_images, user_message
 from apo.errors import ApoError, DataError
+from apo.model.chat import assistant_message, load_images, user_message
 
 log = logging.getLogger(__name__)
 
@@ -43,15 +42,19 @@ def _group_problem(g) -> str | None:
         return "missing or invalid case_id"
     if not isinstance(g["images"], list) or not all(isinstance(p, str) and p.strip() for p in g["images"]):
         return "images must be a list of paths"
-    if not isinstance(g["negatives"], list) or not isinstance(g["teachers"], list) \
-            or len(g["teachers"]) != len(g["negatives"]):
+    if (
+        not isinstance(g["negatives"], list)
+        or not isinstance(g["teachers"], list)
+        or len(g["teachers"]) != len(g["negatives"])
+    ):
         return "negatives and teachers must be lists of the same length"
     if not g["negatives"]:
         return "a group needs at least one negative"
     if not all(isinstance(t, str) and t.strip() for t in g["teachers"]):
         return "teachers must be non-empty strings"
-    for what, text in [("prompt", g["prompt"]), ("positive", g["positive"])] + \
-                      [(f"negative {i + 1}", t) for i, t in enumerate(g["negatives"])]:
+    for what, text in [("prompt", g["prompt"]), ("positive", g["positive"])] + [
+        (f"negative {i + 1}", t) for i, t in enumerate(g["negatives"])
+    ]:
         if not isinstance(text, str) or not text.strip():  # an empty candidate would score log-prob 0
             return f"{what} must be a non-empty string"
         if len(text) > MAX_TEXT_CHARS:
@@ -86,7 +89,9 @@ def load_groups(path, max_negatives: int | None = None) -> list[dict]:
                 raise DataError(path, lineno, problem)
             g["case_id"] = str(g["case_id"])
             if g["case_id"] in first:
-                raise DataError(path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})")
+                raise DataError(
+                    path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})"
+                )
             first[g["case_id"]] = lineno
             images = []
             for p in g["images"]:
@@ -134,7 +139,7 @@ class GroupCollator:
             full = self.processor.apply_chat_template(messages + [assistant_message(text)], tokenize=False)
             if not full.startswith(prompt_text):
                 raise ValueError("chat template: prompt+response does not start with the generation prompt")
-            suffix = full[len(prompt_text):]
+            suffix = full[len(prompt_text) :]
             end = suffix.rfind(self.end_token)  # label through the closing <|im_end|>, not the template's "\n"
             suffix = suffix[: end + len(self.end_token)] if end >= 0 else suffix
             ids = self.tokenizer(suffix, add_special_tokens=False)["input_ids"][: max(budget, 0)]
@@ -142,7 +147,10 @@ class GroupCollator:
         if responses[0] is None or not any(responses[1:]):  # nothing left to rank: the whole group goes
             (log.warning if self.dropped == 0 else log.debug)(
                 "case %s: prompt is %d tokens, >= max_length %d; group dropped (raise max_length or shrink images)",
-                g["case_id"], enc["input_ids"].shape[1], self.max_length)
+                g["case_id"],
+                enc["input_ids"].shape[1],
+                self.max_length,
+            )
             self.dropped += len(responses)
             responses = [None] * len(responses)
         return enc, responses
@@ -170,7 +178,9 @@ class GroupCollator:
         pad = lambda seq, v: seq + [v] * (width - len(seq))  # right padding
         batch = {
             "input_ids": torch.tensor([pad(r[0], self.pad_id) for r in rows], dtype=torch.long).view(len(rows), width),
-            "attention_mask": torch.tensor([pad([1] * len(r[0]), 0) for r in rows], dtype=torch.long).view(len(rows), width),
+            "attention_mask": torch.tensor([pad([1] * len(r[0]), 0) for r in rows], dtype=torch.long).view(
+                len(rows), width
+            ),
             "mm_token_type_ids": torch.tensor([pad(r[1], 0) for r in rows], dtype=torch.long).view(len(rows), width),
             "labels": torch.tensor([pad(r[2], -100) for r in rows], dtype=torch.long).view(len(rows), width),
             "group_index": torch.tensor(gidx, dtype=torch.long),

@@ -8,7 +8,6 @@ Parsed by `HfArgumentParser` from a YAML/JSON file plus command-line overrides (
 from __future__ import annotations
 
 import os
-
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
@@ -28,69 +27,109 @@ def default_reentrant(world_size: int, deepspeed: bool, fsdp: bool) -> bool:
 class APOConfig(TrainingArguments):
     # --- model ---
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "Base MLLM (local folder or hub id), e.g. Qwen/Qwen2.5-VL-7B-Instruct."})
+        default=None, metadata={"help": "Base MLLM (local folder or hub id), e.g. Qwen/Qwen2.5-VL-7B-Instruct."}
+    )
     adapter_name_or_path: str | None = field(
-        default=None, metadata={"help": "Stage-1 SFT LoRA adapter. It is merged into the base before training, so the "
-                                        "reference policy pi_st = base+SFT and the APO LoRA (fresh) learns on top of "
-                                        "it; the saved adapter then applies to base+SFT (see reference.json), while "
-                                        "merged/ is standalone."})
+        default=None,
+        metadata={
+            "help": "Stage-1 SFT LoRA adapter. It is merged into the base before training, so the "
+            "reference policy pi_st = base+SFT and the APO LoRA (fresh) learns on top of "
+            "it; the saved adapter then applies to base+SFT (see reference.json), while "
+            "merged/ is standalone."
+        },
+    )
     torch_dtype: str = field(
-        default="auto", metadata={"help": "Weights dtype: auto (bfloat16 when --bf16, else float32), bfloat16, "
-                                          "float16, float32."})
+        default="auto",
+        metadata={"help": "Weights dtype: auto (bfloat16 when --bf16, else float32), bfloat16, float16, float32."},
+    )
     attn_implementation: str | None = field(
-        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2."})
+        default="sdpa", metadata={"help": "Attention kernel: sdpa, eager, flash_attention_2."}
+    )
     # --- data ---
     groups_file: str | None = field(
-        default=None, metadata={"help": "groups.jsonl from `apo build-pairs`: {case_id, prompt, images, positive, "
-                                        "negatives, teachers} per line."})
+        default=None,
+        metadata={
+            "help": "groups.jsonl from `apo build-pairs`: {case_id, prompt, images, positive, "
+            "negatives, teachers} per line."
+        },
+    )
     max_length: int = field(
-        default=4096, metadata={"help": "Max tokens per candidate row (prompt + image tokens + response). The prompt "
-                                        "is never cut; the response is truncated to fit."})
+        default=4096,
+        metadata={
+            "help": "Max tokens per candidate row (prompt + image tokens + response). The prompt "
+            "is never cut; the response is truncated to fit."
+        },
+    )
     max_negatives: int | None = field(
-        default=None, metadata={"help": "Keep at most this many teacher negatives per group (the first ones)."})
+        default=None, metadata={"help": "Keep at most this many teacher negatives per group (the first ones)."}
+    )
     packed: bool = field(
-        default=True, metadata={"help": "The fast step (apo.trainer.packing): each group's image and prompt computed "
-                                        "once, its candidates packed after it in one row with block attention and "
-                                        "exact mrope positions, no padding; log-probs from a chunked lm-head. false = "
-                                        "the plain path, 1+N padded rows each carrying the image (same numbers to "
-                                        "1e-5 in fp32, slower)."})
+        default=True,
+        metadata={
+            "help": "The fast step (apo.model.packing): each group's image and prompt computed "
+            "once, its candidates packed after it in one row with block attention and "
+            "exact mrope positions, no padding; log-probs from a chunked lm-head. false = "
+            "the plain path, 1+N padded rows each carrying the image (same numbers to "
+            "1e-5 in fp32, slower)."
+        },
+    )
     logps_chunk_size: int = field(
-        default=1024, metadata={"help": "Tokens per lm-head chunk when computing log-probs (peak logits memory)."})
+        default=1024, metadata={"help": "Tokens per lm-head chunk when computing log-probs (peak logits memory)."}
+    )
     # --- objective ---
     loss: Literal["apo", "dpo"] = field(
-        default="apo", metadata={"help": "apo: Plackett-Luce over {t+, all teachers}; dpo: pairwise sigmoid loss over "
-                                         "every (t+, teacher) pair (the paper's ablation)."})
+        default="apo",
+        metadata={
+            "help": "apo: Plackett-Luce over {t+, all teachers}; dpo: pairwise sigmoid loss over "
+            "every (t+, teacher) pair (the paper's ablation)."
+        },
+    )
     beta: float = field(default=0.1, metadata={"help": "Reward scale: r = beta * (log pi - log pi_ref)."})
     sft_weight: float = field(
-        default=0.0, metadata={"help": "Weight of an extra NLL term on the positive (token mean); 0 = pure APO."})
+        default=0.0, metadata={"help": "Weight of an extra NLL term on the positive (token mean); 0 = pure APO."}
+    )
     # --- LoRA ---
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (PEFT); false = full fine-tuning."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
     lora_target_modules: str = field(
-        default="all-linear", metadata={"help": "all-linear: every nn.Linear of the language model (not the vision "
-                                                "tower, not lm_head); all-linear+vision: also the vision tower; "
-                                                "otherwise comma-separated module names or one regex, given to PEFT."})
+        default="all-linear",
+        metadata={
+            "help": "all-linear: every nn.Linear of the language model (not the vision "
+            "tower, not lm_head); all-linear+vision: also the vision tower; "
+            "otherwise comma-separated module names or one regex, given to PEFT."
+        },
+    )
     # --- reference policy ---
     precompute_ref: bool = field(
-        default=False, metadata={"help": "Compute reference log-probs once, before the first step, into "
-                                         "ref_cache_dir (reused across epochs and restarts); needed for full "
-                                         "fine-tuning without a frozen model copy."})
+        default=False,
+        metadata={
+            "help": "Compute reference log-probs once, before the first step, into "
+            "ref_cache_dir (reused across epochs and restarts); needed for full "
+            "fine-tuning without a frozen model copy."
+        },
+    )
     ref_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where precomputed reference log-probs live (default: OUTPUT_DIR/ref_cache)."})
+        default=None, metadata={"help": "Where precomputed reference log-probs live (default: OUTPUT_DIR/ref_cache)."}
+    )
     # --- output ---
     merge_on_save: bool = field(
-        default=False, metadata={"help": "At the end, also write base(+SFT)+APO-adapter merged to OUTPUT_DIR/merged."})
+        default=False, metadata={"help": "At the end, also write base(+SFT)+APO-adapter merged to OUTPUT_DIR/merged."}
+    )
     # --- TrainingArguments defaults that APO needs different ---
     remove_unused_columns: bool = field(
-        default=False, metadata={"help": "Keep the group fields (the collator needs them); leave false."})
+        default=False, metadata={"help": "Keep the group fields (the collator needs them); leave false."}
+    )
     save_only_model: bool = field(default=False, metadata={"help": "Checkpoints without optimizer state."})
 
     def __post_init__(self):
         if self.gradient_checkpointing_kwargs is None:
-            self.gradient_checkpointing_kwargs = {"use_reentrant": default_reentrant(
-                int(os.environ.get("WORLD_SIZE", "1")), bool(self.deepspeed), bool(self.fsdp))}
+            self.gradient_checkpointing_kwargs = {
+                "use_reentrant": default_reentrant(
+                    int(os.environ.get("WORLD_SIZE", "1")), bool(self.deepspeed), bool(self.fsdp)
+                )
+            }
         super().__post_init__()
         if self.loss not in ("apo", "dpo"):
             raise ApoError(f"--loss must be apo or dpo, not {self.loss!r}")

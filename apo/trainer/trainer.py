@@ -1,6 +1,6 @@
 """APOTrainer: stage 3 ("critique") as a `transformers.Trainer` subclass (TRL's DPOTrainer shape, smaller).
 
-Per step: every candidate of the batch goes through the policy - by default packed (apo.trainer.packing: each
+Per step: every candidate of the batch goes through the policy - by default packed (apo.model.packing: each
 group's image and prompt computed once, its candidates after it in one row with block attention), or as 1+N
 padded rows (`--packed false`, the plain path; same log-probs to 1e-5); the reference log-probs come from the SAME
 model with its LoRA adapter disabled (no second copy; with an SFT adapter merged in at load time, that is pi_st),
@@ -26,20 +26,27 @@ from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from apo.errors import ApoError
+from apo.io.resumable import ResumableJsonl, write_json_atomic
 from apo.loss import LOSSES
-from apo.resumable import ResumableJsonl, write_json_atomic
+from apo.model.logps import eval_mode, forward_logps
+from apo.model.packing import PackedGroupCollator, packed_logps
 from apo.trainer.collator import GroupCollator, candidate_key
-from apo.trainer.logps import eval_mode, forward_logps
-from apo.trainer.packing import PackedGroupCollator, packed_logps
 
 log = logging.getLogger(__name__)
 
-METRICS = ("rewards/positive", "rewards/negatives", "rewards/margins", "rewards/accuracies",
-           "logps/positive", "logps/negatives")
+METRICS = (
+    "rewards/positive",
+    "rewards/negatives",
+    "rewards/margins",
+    "rewards/accuracies",
+    "logps/positive",
+    "logps/negatives",
+)
 PER_GROUP = {"rewards/positive", "rewards/margins", "rewards/accuracies", "logps/positive"}  # weight: active groups
 
 
 # ---------------------------------------------------------------------------------------------------- model
+
 
 def lora_targets(model: nn.Module, spec: str):
     """PEFT `target_modules` for our spec: 'all-linear' = the language model's nn.Linear layers only."""
@@ -47,8 +54,11 @@ def lora_targets(model: nn.Module, spec: str):
         return "all-linear"  # PEFT's own: every linear layer except the output head
     if spec != "all-linear":
         return [s.strip() for s in spec.split(",")] if "," in spec or spec.isidentifier() else spec
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-             if isinstance(m, nn.Linear) and not re.search(r"visual|vision", n) and "lm_head" not in n}
+    names = {
+        n.rsplit(".", 1)[-1]
+        for n, m in model.named_modules()
+        if isinstance(m, nn.Linear) and not re.search(r"visual|vision", n) and "lm_head" not in n
+    }
     return rf"^(?!.*(?:visual|vision)).*\.(?:{'|'.join(sorted(names))})$"
 
 
@@ -66,15 +76,23 @@ def build_model(args):
     if args.deepspeed:
         _init_deepspeed_comm()
     processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype,
-                                                        attn_implementation=args.attn_implementation)
+    model = AutoModelForImageTextToText.from_pretrained(
+        args.model_name_or_path, dtype=args.dtype, attn_implementation=args.attn_implementation
+    )
     model.config.use_cache = False
     if args.adapter_name_or_path:  # the reference policy pi_st = base + SFT adapter, merged
         model = PeftModel.from_pretrained(model, args.adapter_name_or_path).merge_and_unload()
     if args.use_lora:
-        model = get_peft_model(model, LoraConfig(
-            r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout, task_type="CAUSAL_LM",
-            target_modules=lora_targets(model, args.lora_target_modules)))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=args.lora_r,
+                lora_alpha=args.lora_alpha,
+                lora_dropout=args.lora_dropout,
+                task_type="CAUSAL_LM",
+                target_modules=lora_targets(model, args.lora_target_modules),
+            ),
+        )
         if args.gradient_checkpointing and (args.gradient_checkpointing_kwargs or {}).get("use_reentrant", True):
             model.enable_input_require_grads()  # reentrant checkpointing drops grads unless inputs require them
     return model, processor
@@ -114,6 +132,7 @@ def merge_and_save(args, adapter_dir, out_dir, processor=None):
 
 # ---------------------------------------------------------------------------------------------------- reference cache
 
+
 class RefCache:
     """Reference log-probs on disk, keyed by case_id + candidate hash: one JSONL per process, all read back."""
 
@@ -124,8 +143,10 @@ class RefCache:
         if meta_path.exists():
             old = json.loads(meta_path.read_text())
             if old != meta:
-                raise ApoError(f"{self.dir}: reference cache was computed for {old}, not {meta}; "
-                               "delete it or choose another --ref_cache_dir")
+                raise ApoError(
+                    f"{self.dir}: reference cache was computed for {old}, not {meta}; "
+                    "delete it or choose another --ref_cache_dir"
+                )
         elif rank == 0:
             write_json_atomic(meta_path, meta)
         self.writer = ResumableJsonl(self.dir / f"ref_logps.{rank}-of-{world}.jsonl", key="key")
@@ -153,14 +174,21 @@ class _PrecomputeRef(TrainerCallback):
 
 # ---------------------------------------------------------------------------------------------------- trainer
 
+
 class APOTrainer(Trainer):
     def __init__(self, model, args, train_dataset, processing_class, ref_model=None, **kwargs):
         from peft import PeftModel
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 
         collator = (PackedGroupCollator if args.packed else GroupCollator)(processing_class, args.max_length)
-        super().__init__(model=model, args=args, train_dataset=train_dataset, processing_class=processing_class,
-                         data_collator=collator, **kwargs)
+        super().__init__(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            processing_class=processing_class,
+            data_collator=collator,
+            **kwargs,
+        )
         self.model_accepts_loss_kwargs = False  # our loss is a per-batch mean: let the Trainer divide by grad-acc
         self.loss_fn = LOSSES[args.loss]
         self.is_peft = isinstance(model, PeftModel)
@@ -173,8 +201,11 @@ class APOTrainer(Trainer):
             ref_model.eval().requires_grad_(False).to(self.args.device)
         self.ref_model = ref_model
         self.teachers = sorted({t for g in train_dataset for t in g["teachers"]})
-        self.metric_keys = list(METRICS) + (["nll/positive"] if args.sft_weight else []) + [
-            f"rewards/teacher/{t}" for t in self.teachers]
+        self.metric_keys = (
+            list(METRICS)
+            + (["nll/positive"] if args.sft_weight else [])
+            + [f"rewards/teacher/{t}" for t in self.teachers]
+        )
         self._acc = torch.zeros(2, len(self.metric_keys), dtype=torch.float64, device=self.args.device)
         self.ref_cache = None
         if args.precompute_ref:
@@ -202,8 +233,9 @@ class APOTrainer(Trainer):
             from peft.utils.other import AuxiliaryTrainingWrapper
 
             base = self.accelerator.unwrap_model(model).base_model.model
-            self._tuner_layers = [m for m in base.modules()
-                                  if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))]
+            self._tuner_layers = [
+                m for m in base.modules() if isinstance(m, (BaseTunerLayer, AuxiliaryTrainingWrapper))
+            ]
         for m in self._tuner_layers:
             m.enable_adapters(False)
         try:
@@ -233,28 +265,36 @@ class APOTrainer(Trainer):
     def precompute_reference(self):
         """Fill the on-disk cache for every candidate of the training set; each process does 1/world of it."""
         args, acc = self.args, self.accelerator
-        meta = {"model": args.model_name_or_path, "adapter": args.adapter_name_or_path, "max_length": args.max_length,
-                "dtype": str(args.dtype)}
-        self.ref_cache = RefCache(args.ref_cache_dir or os.path.join(args.output_dir, "ref_cache"), meta,
-                                  acc.process_index, acc.num_processes)
+        meta = {
+            "model": args.model_name_or_path,
+            "adapter": args.adapter_name_or_path,
+            "max_length": args.max_length,
+            "dtype": str(args.dtype),
+        }
+        self.ref_cache = RefCache(
+            args.ref_cache_dir or os.path.join(args.output_dir, "ref_cache"), meta, acc.process_index, acc.num_processes
+        )
         data = self.train_dataset
         keys = [[candidate_key(g["case_id"], t) for t in [g["positive"], *g["negatives"]]] for g in data]
         todo = [i for i, ks in enumerate(keys) if any(k not in self.ref_cache.values for k in ks)]
         acc.wait_for_everyone()  # every process has read the cache before anyone appends to it: the same `todo`
         if todo and not self.is_peft and self.ref_model is None and self.state.global_step > 0:
-            raise ApoError("full fine-tuning: the reference cache is incomplete and the model has already been "
-                           "updated; restart from scratch with an empty --ref_cache_dir")
+            raise ApoError(
+                "full fine-tuning: the reference cache is incomplete and the model has already been "
+                "updated; restart from scratch with an empty --ref_cache_dir"
+            )
         if not todo:  # the same on every process: all read the same files
-            log.info("reference log-probs: all %d candidates found in %s", len(self.ref_cache.values),
-                     self.ref_cache.dir)
+            log.info(
+                "reference log-probs: all %d candidates found in %s", len(self.ref_cache.values), self.ref_cache.dir
+            )
             return
         bs, world = args.per_device_train_batch_size, acc.num_processes
         n_batches = math.ceil(len(todo) / (bs * world))
-        mine = todo[acc.process_index::world]
+        mine = todo[acc.process_index :: world]
         mine += [todo[-1]] * (n_batches * bs - len(mine))  # equal forwards on every rank (ZeRO-3 gathers)
         model = self.model_wrapped  # _reference_forward runs it in eval mode
         for n in range(n_batches):
-            idx = mine[n * bs:(n + 1) * bs]
+            idx = mine[n * bs : (n + 1) * bs]
             batch = self._prepare_inputs(self.data_collator([data[i] for i in idx]))
             logps = self._reference_forward(model, batch).tolist() if self.n_rows(batch) else []
             got = dict(zip(batch["ref_keys"], logps))
@@ -263,8 +303,12 @@ class APOTrainer(Trainer):
                     self.ref_cache.put(k, got.get(k))  # None: dropped for length, never asked for
         acc.wait_for_everyone()
         self.ref_cache.reload()
-        log.info("reference log-probs: %d candidates cached in %s (%d computed here)", len(self.ref_cache.values),
-                 self.ref_cache.dir, len(set(mine)))
+        log.info(
+            "reference log-probs: %d candidates cached in %s (%d computed here)",
+            len(self.ref_cache.values),
+            self.ref_cache.dir,
+            len(set(mine)),
+        )
 
     # ---- loss
     def _empty_batch_loss(self, model):
@@ -296,13 +340,14 @@ class APOTrainer(Trainer):
     def _record(self, metrics, policy_g, ref_g, valid, teachers):
         neg = valid[:, 1:]
         n_active, n_neg = float(neg.any(1).sum()), float(neg.sum())
-        for i, k in enumerate(self.metric_keys[:len(METRICS) + bool(self.args.sft_weight)]):
+        for i, k in enumerate(self.metric_keys[: len(METRICS) + bool(self.args.sft_weight)]):
             w = 1.0 if k == "nll/positive" else (n_active if k in PER_GROUP else n_neg)
             self._acc[0, i] += metrics[k].double() * w
             self._acc[1, i] += w
         col = {t: len(METRICS) + bool(self.args.sft_weight) + j for j, t in enumerate(self.teachers)}
-        tid = torch.tensor([[col[t] for t in ts] + [0] * (neg.shape[1] - len(ts)) for ts in teachers],
-                           device=neg.device)
+        tid = torch.tensor(
+            [[col[t] for t in ts] + [0] * (neg.shape[1] - len(ts)) for ts in teachers], device=neg.device
+        )
         r = self.args.beta * (policy_g[:, 1:] - ref_g[:, 1:]).double()
         self._acc[0].index_add_(0, tid[neg], r[neg])
         self._acc[1].index_add_(0, tid[neg], torch.ones_like(r[neg]))
@@ -336,8 +381,12 @@ class APOTrainer(Trainer):
         self.accelerator.wait_for_everyone()  # every process has written its part (ZeRO shards, RNG states)
         if self.args.should_save:
             mark_complete(folder)
-            rotate_checkpoints(output_dir=run_dir, save_total_limit=limit, use_mtime=True,
-                               best_model_checkpoint=self.state.best_model_checkpoint)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                use_mtime=True,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
 
     # ---- the end
     def save_final(self):
@@ -347,9 +396,14 @@ class APOTrainer(Trainer):
         if self.accelerator.is_main_process:
             self.state.save_to_json(os.path.join(out, "trainer_state.json"))
             if self.is_peft and self.args.adapter_name_or_path:
-                write_json_atomic(os.path.join(out, "reference.json"), {
-                    "base": self.args.model_name_or_path, "sft_adapter": self.args.adapter_name_or_path,
-                    "note": "this adapter applies to base with sft_adapter merged in; merged/ is standalone"})
+                write_json_atomic(
+                    os.path.join(out, "reference.json"),
+                    {
+                        "base": self.args.model_name_or_path,
+                        "sft_adapter": self.args.adapter_name_or_path,
+                        "note": "this adapter applies to base with sft_adapter merged in; merged/ is standalone",
+                    },
+                )
             if self.args.merge_on_save:
                 if self.is_peft:
                     merge_and_save(self.args, out, os.path.join(out, "merged"), self.processing_class)

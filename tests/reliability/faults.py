@@ -32,8 +32,13 @@ def kill_when(argv, when, log_path, timeout=300.0, poll=0.005) -> dict:
     """Start `python -m apo.cli ARGV` in its own process group; SIGKILL the group as soon as when(elapsed) is true.
     -> {"killed": bool, "at": seconds, "rc": exit code if it finished first}."""
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "apo.cli", *map(str, argv)], cwd=REPO, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "apo.cli", *map(str, argv)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         start = time.monotonic()
         try:
             while True:
@@ -56,8 +61,13 @@ def kill_when(argv, when, log_path, timeout=300.0, poll=0.005) -> dict:
 def run_apo(argv, log_path, timeout=600.0) -> int:
     """Run `python -m apo.cli ARGV` to the end; its exit code."""
     with open(log_path, "ab") as log:
-        return subprocess.run([sys.executable, "-m", "apo.cli", *map(str, argv)], cwd=REPO, stdout=log,
-                              stderr=subprocess.STDOUT, timeout=timeout).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "apo.cli", *map(str, argv)],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=timeout,
+        ).returncode
 
 
 def partial_keys(path, key="case_id") -> list[str]:

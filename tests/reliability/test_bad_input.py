@@ -16,7 +16,7 @@ import pytest
 from apo.cli import main
 from apo.consensus import read_consensus
 from apo.errors import DataError
-from apo.mscxrt import read_pairs
+from apo.evaluation.mscxrt import read_pairs
 
 from .world import CASES, MSCXRT_HEADER, TEXTS, build, csv_text, data_rows
 
@@ -52,9 +52,16 @@ def assert_one_line(err, command, path, line):
 
 # ----------------------------------------------------------------------------------------------- the data file
 
+
 def _row(**kw):
-    return {"case_id": "bad", "image": "c0.jpg", "question": "What supports it?", "model": "GPT-5-nano",
-            "response": "Left pleural effusion.", **kw}
+    return {
+        "case_id": "bad",
+        "image": "c0.jpg",
+        "question": "What supports it?",
+        "model": "GPT-5-nano",
+        "response": "Left pleural effusion.",
+        **kw,
+    }
 
 
 def _drop(key):
@@ -73,8 +80,9 @@ DATA_BAD = {
     "empty_trajectory": json.dumps(_row(response="  \n\t")).encode(),
     "empty_teacher_name": json.dumps(_row(model=" ")).encode(),
     "teacher_name_wrong_type": json.dumps(_row(model=["GPT"])).encode(),
-    "duplicate_case_id": json.dumps({"case_id": "c0", "image": "c0.jpg", "question": "q",
-                                     "trajectories": {"Grok-4": "x"}}).encode(),
+    "duplicate_case_id": json.dumps(
+        {"case_id": "c0", "image": "c0.jpg", "question": "q", "trajectories": {"Grok-4": "x"}}
+    ).encode(),
     "duplicate_teacher_answer": json.dumps(next(data_rows()) | {"response": "another answer"}).encode(),
     "huge_text": json.dumps(_row(response="effusion " * 12_000)).encode(),
     "image_not_found": json.dumps(_row(image="nope.jpg")).encode(),
@@ -156,6 +164,7 @@ def test_unknown_teacher_is_one_line(world, tmp_path, capsys):
 
 # ----------------------------------------------------------------------------------------------- --consensus
 
+
 def _cons(**kw):
     return json.dumps({"case_id": "c9", "strategy": "vote", "text": "Left pleural effusion.", **kw}).encode()
 
@@ -182,16 +191,19 @@ def test_bad_consensus_record(world, tmp_path, capsys, kind):
     line = len(good.splitlines()) + 1
     cons.write_bytes(good + CONSENSUS_BAD[kind] + b"\n")
     common = ["--dataset", world["data"], "--image-root", world["root"], "--consensus", cons]
-    commands = {"build-pairs": ["build-pairs", *common, "--out", tmp_path / "groups.jsonl"],
-                "drift": ["drift", *common, "--out", tmp_path / "drift"]}
+    commands = {
+        "build-pairs": ["build-pairs", *common, "--out", tmp_path / "groups.jsonl"],
+        "drift": ["drift", *common, "--out", tmp_path / "drift"],
+    }
     for command, argv in commands.items():
         rc, err = run(capsys, argv)
         assert rc == 2 and not (tmp_path / ("groups.jsonl" if command == "build-pairs" else "drift")).exists()
         assert_one_line(err, command, cons, line)
         rc, err = run(capsys, [*argv, "--skip-bad"])
         assert rc == 0, err
-        rejects = tmp_path / ("groups.jsonl.consensus_rejects.jsonl" if command == "build-pairs"
-                              else "drift/consensus_rejects.jsonl")
+        rejects = tmp_path / (
+            "groups.jsonl.consensus_rejects.jsonl" if command == "build-pairs" else "drift/consensus_rejects.jsonl"
+        )
         assert [json.loads(ln)["record"] for ln in rejects.read_text().splitlines()] == [line]
     assert _kept("build-pairs", tmp_path) == CASES
     assert json.loads((tmp_path / "drift" / "drift.json").read_text())["n_consensus"] == len(CASES)
@@ -200,13 +212,26 @@ def test_bad_consensus_record(world, tmp_path, capsys, kind):
 def test_torn_last_consensus_line_is_a_run_in_progress(world, tmp_path, capsys):
     cons = tmp_path / "consensus.jsonl"
     cons.write_bytes(world["consensus"].read_bytes() + b'{"case_id": "c9", "te')  # no newline: still being written
-    rc, _ = run(capsys, ["build-pairs", "--dataset", world["data"], "--image-root", world["root"], "--consensus", cons,
-                         "--out", tmp_path / "groups.jsonl"])
+    rc, _ = run(
+        capsys,
+        [
+            "build-pairs",
+            "--dataset",
+            world["data"],
+            "--image-root",
+            world["root"],
+            "--consensus",
+            cons,
+            "--out",
+            tmp_path / "groups.jsonl",
+        ],
+    )
     assert rc == 0 and _kept("build-pairs", tmp_path) == CASES
     assert "torn last line" in run.out  # told, not silent
 
 
 # ----------------------------------------------------------------------------------------------- groups.jsonl
+
 
 def _group(world, **kw):
     g = json.loads(world["groups"].read_text().splitlines()[0])
@@ -230,9 +255,17 @@ GROUPS_BAD = {
     "no_negatives": lambda w: _group(w, negatives=[], teachers=[]),
     "duplicate_case_id": lambda w: _group(w, case_id="c0"),
     "huge_text": lambda w: _group(w, positive="effusion " * 12_000),
-    **{f"image_{k}": (lambda name: lambda w: _group(w, images=[str(w["root"] / name)]))(name)
-       for k, name in [("not_found", "nope.jpg"), ("corrupt", "corrupt.jpg"), ("truncated", "truncated.jpg"),
-                       ("zero_bytes", "empty.jpg"), ("not_an_image", "text.jpg"), ("enormous", "enormous.png")]},
+    **{
+        f"image_{k}": (lambda name: lambda w: _group(w, images=[str(w["root"] / name)]))(name)
+        for k, name in [
+            ("not_found", "nope.jpg"),
+            ("corrupt", "corrupt.jpg"),
+            ("truncated", "truncated.jpg"),
+            ("zero_bytes", "empty.jpg"),
+            ("not_an_image", "text.jpg"),
+            ("enormous", "enormous.png"),
+        ]
+    },
     "image_relative_escapes": lambda w: _group(w, images=["../c0.jpg"]),
 }
 
@@ -242,14 +275,27 @@ def test_bad_group_record(world, tmp_path, capsys, kind):
     groups = tmp_path / "groups.jsonl"
     good = world["groups"].read_bytes()
     groups.write_bytes(good + GROUPS_BAD[kind](world) + b"\n")
-    rc, err = run(capsys, ["train", "--config", DEMO, "--model_name_or_path", tmp_path, "--groups_file", groups,
-                           "--output_dir", tmp_path / "apo"])
+    rc, err = run(
+        capsys,
+        [
+            "train",
+            "--config",
+            DEMO,
+            "--model_name_or_path",
+            tmp_path,
+            "--groups_file",
+            groups,
+            "--output_dir",
+            tmp_path / "apo",
+        ],
+    )
     assert rc == 2
     assert_one_line(err, "train", groups, len(good.splitlines()) + 1)
     assert not (tmp_path / "apo").exists()  # stopped before the model loaded
 
 
 # ----------------------------------------------------------------------------------------------- MS-CXR-T CSV
+
 
 def _csv_row(dicom="bad-x", prev="okprev", study="59999999", prev_study="59999998", subject="19999999", label="stable"):
     return [dicom, prev, study, prev_study, subject, label, "", "", "", ""]
@@ -268,25 +314,45 @@ CSV_BAD = {  # kind -> the bad row (a list of fields, or raw bytes)
     "huge_field": _csv_row(dicom="x" * 200_000),
     "duplicate_pair": ["cur0", "prev0", "50000000", "51000000", "10000000", "improving", "", "", "", ""],
     "image_not_found": _csv_row(dicom="bad-nope"),
-    **{f"image_{k}": _csv_row(dicom=f"bad-{k2}") for k, k2 in [
-        ("corrupt", "corrupt"), ("truncated", "truncated"), ("zero_bytes", "empty"), ("not_an_image", "text"),
-        ("enormous", "enormous")]},
+    **{
+        f"image_{k}": _csv_row(dicom=f"bad-{k2}")
+        for k, k2 in [
+            ("corrupt", "corrupt"),
+            ("truncated", "truncated"),
+            ("zero_bytes", "empty"),
+            ("not_an_image", "text"),
+            ("enormous", "enormous"),
+        ]
+    },
 }
 
 
 def _csv_file(world, tmp_path, kind):
     p = tmp_path / "mscxrt.csv"
     bad = CSV_BAD[kind]
-    p.write_bytes(csv_text(world["csv_rows"]).encode() + (bad if isinstance(bad, bytes) else ",".join(bad).encode())
-                  + b"\n")
+    p.write_bytes(
+        csv_text(world["csv_rows"]).encode() + (bad if isinstance(bad, bytes) else ",".join(bad).encode()) + b"\n"
+    )
     return p, len(world["csv_rows"]) + 2  # line 1 is the header
 
 
 @pytest.mark.parametrize("kind", sorted(CSV_BAD))
 def test_bad_mscxrt_row(world, tmp_path, capsys, kind):
     csv_path, line = _csv_file(world, tmp_path, kind)
-    rc, err = run(capsys, ["eval-mscxrt", "--csv", csv_path, "--image-root", world["root"],
-                           "--model", tmp_path / "never-loaded", "--out", tmp_path / "ev"])
+    rc, err = run(
+        capsys,
+        [
+            "eval-mscxrt",
+            "--csv",
+            csv_path,
+            "--image-root",
+            world["root"],
+            "--model",
+            tmp_path / "never-loaded",
+            "--out",
+            tmp_path / "ev",
+        ],
+    )
     assert rc == 2
     assert_one_line(err, "eval-mscxrt", csv_path, line)
     items, rejects = read_pairs(csv_path, world["root"], skip_bad=True)  # --skip-bad: the CLI run is below
@@ -297,23 +363,43 @@ def test_bad_mscxrt_row(world, tmp_path, capsys, kind):
 def test_mscxrt_csv_without_the_columns(world, tmp_path, capsys, header):
     p = tmp_path / "x.csv"
     p.write_text(",".join(header) + "\n1,2\n")
-    rc, err = run(capsys, ["eval-mscxrt", "--csv", p, "--image-root", world["root"], "--model", tmp_path / "m",
-                           "--out", tmp_path / "ev"])
+    rc, err = run(
+        capsys,
+        ["eval-mscxrt", "--csv", p, "--image-root", world["root"], "--model", tmp_path / "m", "--out", tmp_path / "ev"],
+    )
     assert rc == 2 and assert_one_line(err, "eval-mscxrt", p, 1)
 
 
 # ----------------------------------------------------------------------------------------------- through the models
 
+
 def test_skip_bad_through_the_models(world, tmp_path, capsys, tiny_model_dir, monkeypatch):
     """eval-report and eval-mscxrt with every bad class at once and --skip-bad: each rejected record listed, every
     good case answered and scored."""
-    import apo.metrics
+    import apo.evaluation.metrics
 
-    monkeypatch.setattr(apo.metrics, "nlg_scores", lambda refs, hyps: {"BLEU-1": 0.0})  # METEOR's JVM: not the point
+    monkeypatch.setattr(
+        apo.evaluation.metrics, "nlg_scores", lambda refs, hyps: {"BLEU-1": 0.0}
+    )  # METEOR's JVM: not the point
     data = tmp_path / "data.jsonl"
     data.write_bytes(world["data"].read_bytes() + b"\n".join(DATA_BAD[k] for k in sorted(DATA_BAD)) + b"\n")
-    rc, err = run(capsys, ["eval-report", "--dataset", data, "--image-root", world["root"], "--model", tiny_model_dir,
-                           "--max-new-tokens", 2, "--out", tmp_path / "ev", "--skip-bad"])
+    rc, err = run(
+        capsys,
+        [
+            "eval-report",
+            "--dataset",
+            data,
+            "--image-root",
+            world["root"],
+            "--model",
+            tiny_model_dir,
+            "--max-new-tokens",
+            2,
+            "--out",
+            tmp_path / "ev",
+            "--skip-bad",
+        ],
+    )
     assert rc == 0, err
     preds = [json.loads(ln)["case_id"] for ln in (tmp_path / "ev" / "predictions.jsonl").read_text().splitlines()]
     assert preds == CASES
@@ -323,14 +409,30 @@ def test_skip_bad_through_the_models(world, tmp_path, capsys, tiny_model_dir, mo
     rows = [r for k in sorted(CSV_BAD) if not isinstance(r := CSV_BAD[k], bytes)]
     csv_path = tmp_path / "m.csv"
     csv_path.write_text(csv_text(world["csv_rows"] + rows))
-    rc, err = run(capsys, ["eval-mscxrt", "--csv", csv_path, "--image-root", world["root"], "--model", tiny_model_dir,
-                           "--max-new-tokens", 2, "--out", tmp_path / "ms", "--skip-bad"])
+    rc, err = run(
+        capsys,
+        [
+            "eval-mscxrt",
+            "--csv",
+            csv_path,
+            "--image-root",
+            world["root"],
+            "--model",
+            tiny_model_dir,
+            "--max-new-tokens",
+            2,
+            "--out",
+            tmp_path / "ms",
+            "--skip-bad",
+        ],
+    )
     assert rc == 0, err
     assert sum(json.loads((tmp_path / "ms" / "mscxrt.json").read_text())["n"].values()) == len(world["csv_rows"])
     assert len((tmp_path / "ms" / "mscxrt_rejects.jsonl").read_text().splitlines()) == len(rows)
 
 
 # ----------------------------------------------------------------------------------------------- random fuzz
+
 
 def _mutate(rng, line: bytes) -> bytes:
     """One random corruption of a good JSONL line: cut, byte noise, a field deleted / retyped / emptied / bloated."""
@@ -367,8 +469,10 @@ def test_fuzz_consensus_and_groups(world, tmp_path):
     path = tmp_path / "c.jsonl"
     for _ in range(30):
         lines = [_mutate(rng, ln) if i % 2 else ln for i, ln in enumerate(good * 5)][:20]
-        lines = [json.dumps({**json.loads(ln), "case_id": f"k{i}"}).encode() if i % 2 == 0 else ln
-                 for i, ln in enumerate(lines)]
+        lines = [
+            json.dumps({**json.loads(ln), "case_id": f"k{i}"}).encode() if i % 2 == 0 else ln
+            for i, ln in enumerate(lines)
+        ]
         path.write_bytes(b"\n".join(lines) + b"\n")
         records, rejects = read_consensus(path, skip_bad=True)
         assert {f"k{i}" for i in range(0, 20, 2)} <= set(records)
@@ -399,16 +503,19 @@ def test_fuzz_mscxrt_rows(world, tmp_path):
     good = [",".join(r) for r in world["csv_rows"]]
     bad = []
     for _ in range(300):
-        fields = _csv_row(dicom=rng.choice(["cur0", "bad-corrupt", "x/../y", "*", "", "cur1"]),
-                          label=rng.choice(["stable", "Worse", "", "improving"]))
+        fields = _csv_row(
+            dicom=rng.choice(["cur0", "bad-corrupt", "x/../y", "*", "", "cur1"]),
+            label=rng.choice(["stable", "Worse", "", "improving"]),
+        )
         i = rng.randrange(len(fields))
         fields[i] = rng.choice(["", "..", '"', "a,b", "\x00", "é", "1" * 300, "p1/../../"])
         bad.append(",".join(fields))
     path = tmp_path / "m.csv"
     path.write_text("\n".join([",".join(MSCXRT_HEADER), *good, *bad]) + "\n", encoding="utf-8")
     items, rejects = read_pairs(path, world["root"], skip_bad=True)
-    assert {it["case_id"] for it in items} == {f"prev{i}->cur{i}/{f}" for i, f in
-                                               enumerate(["consolidation", "edema", "pleural_effusion"])}
+    assert {it["case_id"] for it in items} == {
+        f"prev{i}->cur{i}/{f}" for i, f in enumerate(["consolidation", "edema", "pleural_effusion"])
+    }
     root = str(world["root"].resolve())
     assert all(p.startswith(root) for it in items for p in it["images"])  # nothing outside --image-root
     assert len(items) == 3 and rejects and all(r["reason"] for r in rejects)  # no bad row got through

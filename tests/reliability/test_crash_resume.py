@@ -43,8 +43,11 @@ def kill_chain(argv, out_file, n, tmp_path, seed, startup=(0.3, 2.0), min_kills=
         if complete_lines(out_file) >= n:  # the last run was not killed in time: kill a fresh one
             Path(out_file).unlink()
         base = complete_lines(out_file)
-        when = (after_seconds(rng.uniform(*startup)) if kind == "delay" else
-                after_records(out_file, base + (1 if kind == "first record" else rng.randint(1, max(1, n - base - 1)))))
+        when = (
+            after_seconds(rng.uniform(*startup))
+            if kind == "delay"
+            else after_records(out_file, base + (1 if kind == "first record" else rng.randint(1, max(1, n - base - 1))))
+        )
         kills.append((kind, kill_when(argv, when, log)))
         partial_keys(out_file)  # whole, distinct records only (a torn last line is allowed)
     if Path(out_file).exists():
@@ -77,8 +80,21 @@ def test_consensus_vote_killed_and_rerun(synth_dir, tmp_path):
 @pytest.mark.slow
 def test_consensus_model_killed_and_rerun(world, tiny_model_dir, tmp_path):
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
-    argv = ["consensus", "--strategy", "model", "--model", tiny_model_dir, "--dataset", world["data"],
-            "--max-new-tokens", 6, "--batch-size", 2, "--max-length", 1024]
+    argv = [
+        "consensus",
+        "--strategy",
+        "model",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        world["data"],
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        2,
+        "--max-length",
+        1024,
+    ]
     assert main([str(a) for a in argv + ["--out", ref]]) == 0
     kill_chain(argv + ["--out", out], out, len(world["cases"]), tmp_path, seed=1)
     assert out.read_bytes() == ref.read_bytes()
@@ -87,12 +103,21 @@ def test_consensus_model_killed_and_rerun(world, tiny_model_dir, tmp_path):
 
 @pytest.mark.slow
 def test_eval_report_killed_and_rerun(world, tiny_model_dir, tmp_path, monkeypatch):
-    import apo.metrics
+    import apo.evaluation.metrics
 
-    argv = ["eval-report", "--model", tiny_model_dir, "--dataset", world["data"], "--max-new-tokens", 6,
-            "--batch-size", 1]
+    argv = [
+        "eval-report",
+        "--model",
+        tiny_model_dir,
+        "--dataset",
+        world["data"],
+        "--max-new-tokens",
+        6,
+        "--batch-size",
+        1,
+    ]
     # killed runs die during generation; the in-process runs skip METEOR's JVM (~15 s), the same way both times
-    monkeypatch.setattr(apo.metrics, "nlg_scores", lambda refs, hyps: {"BLEU-1": float(len(" ".join(hyps)))})
+    monkeypatch.setattr(apo.evaluation.metrics, "nlg_scores", lambda refs, hyps: {"BLEU-1": float(len(" ".join(hyps)))})
     assert main([str(a) for a in argv + ["--out", tmp_path / "ref"]]) == 0
     out = tmp_path / "out" / "predictions.jsonl"
     kill_chain(argv + ["--out", tmp_path / "out"], out, len(world["cases"]), tmp_path, seed=2)
@@ -103,8 +128,19 @@ def test_eval_report_killed_and_rerun(world, tiny_model_dir, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_eval_mscxrt_killed_and_rerun(world, tiny_model_dir, tmp_path):
-    argv = ["eval-mscxrt", "--model", tiny_model_dir, "--csv", world["csv"], "--image-root", world["root"],
-            "--max-new-tokens", 4, "--batch-size", 1]
+    argv = [
+        "eval-mscxrt",
+        "--model",
+        tiny_model_dir,
+        "--csv",
+        world["csv"],
+        "--image-root",
+        world["root"],
+        "--max-new-tokens",
+        4,
+        "--batch-size",
+        1,
+    ]
     assert main([str(a) for a in argv + ["--out", tmp_path / "ref"]]) == 0
     out = tmp_path / "out" / "mscxrt_predictions.jsonl"
     n = complete_lines(tmp_path / "ref" / "mscxrt_predictions.jsonl")
@@ -120,10 +156,32 @@ STEPS = 12
 
 
 def _train_argv(world, tiny_model_dir, out, *extra):
-    return ["train", "--config", DEMO, "--model_name_or_path", tiny_model_dir, "--groups_file", world["groups"],
-            "--output_dir", out, "--max_steps", STEPS, "--save_strategy", "steps", "--save_steps", 1,
-            "--save_total_limit", 2, "--lora_dropout", 0.1, "--learning_rate", 1e-3, "--merge_on_save", "false",
-            *extra]
+    return [
+        "train",
+        "--config",
+        DEMO,
+        "--model_name_or_path",
+        tiny_model_dir,
+        "--groups_file",
+        world["groups"],
+        "--output_dir",
+        out,
+        "--max_steps",
+        STEPS,
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        1,
+        "--save_total_limit",
+        2,
+        "--lora_dropout",
+        0.1,
+        "--learning_rate",
+        1e-3,
+        "--merge_on_save",
+        "false",
+        *extra,
+    ]
 
 
 def _adapter(out):
@@ -150,8 +208,9 @@ def test_train_killed_and_resumed_ends_with_the_same_adapter(world, tiny_model_d
     # kill 2: the moment a new checkpoint folder appears, before its commit record: a save cut short (a save takes
     # milliseconds, so on a fast machine this may miss and the run finish: then the final rerun only rewrites)
     before = {p.name for p in checkpoints(out)}
-    kill = kill_when(argv, lambda t: any(p.name not in before and not (p / MARKER).exists()
-                                         for p in checkpoints(out)), log)
+    kill = kill_when(
+        argv, lambda t: any(p.name not in before and not (p / MARKER).exists() for p in checkpoints(out)), log
+    )
     kills = [first, kill]
     cut = [p for p in checkpoints(out) if checkpoint_problem(p)]
     print("train kills:", kills, "cut short:", [p.name for p in cut])
@@ -162,8 +221,9 @@ def test_train_killed_and_resumed_ends_with_the_same_adapter(world, tiny_model_d
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == STEPS
     losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-    ref_losses = {h["step"]: h["loss"] for h in json.loads((ref / "trainer_state.json").read_text())["log_history"]
-                  if "loss" in h}
+    ref_losses = {
+        h["step"]: h["loss"] for h in json.loads((ref / "trainer_state.json").read_text())["log_history"] if "loss" in h
+    }
     assert losses.keys() == ref_losses.keys()
     assert losses == pytest.approx(ref_losses, rel=1e-5)
     # killed while writing the final output, after the last checkpoint: the rerun writes it again, trains no more
@@ -189,8 +249,9 @@ def _fake_checkpoint(folder: Path, step: int):
     return folder
 
 
-@pytest.mark.parametrize("damage", ["no_marker", "truncated_weights", "missing_optimizer", "grown_file",
-                                    "bad_marker", "empty_folder"])
+@pytest.mark.parametrize(
+    "damage", ["no_marker", "truncated_weights", "missing_optimizer", "grown_file", "bad_marker", "empty_folder"]
+)
 def test_a_half_written_checkpoint_is_never_picked(tmp_path, damage):
     good = _fake_checkpoint(tmp_path / "checkpoint-2", 2)
     bad = _fake_checkpoint(tmp_path / "checkpoint-4", 4)
@@ -233,7 +294,20 @@ def test_an_unmarked_checkpoint_is_checked_structurally(world, tmp_path, damage,
         (ck / "trainer_state.json").unlink()
     else:
         (ck / "adapter_model.safetensors").unlink()
-    rc = main(["train", "--config", DEMO, "--model_name_or_path", str(tmp_path / "never-loaded"), "--groups_file",
-               str(world["groups"]), "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(ck)])
+    rc = main(
+        [
+            "train",
+            "--config",
+            DEMO,
+            "--model_name_or_path",
+            str(tmp_path / "never-loaded"),
+            "--groups_file",
+            str(world["groups"]),
+            "--output_dir",
+            str(tmp_path),
+            "--resume_from_checkpoint",
+            str(ck),
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and f"--resume_from_checkpoint {ck}: not a complete checkpoint" in err, err

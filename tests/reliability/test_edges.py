@@ -7,7 +7,7 @@ Over-length policy, as documented where it lives:
   consensus (apo.consensus)     teacher trajectories cut per teacher (water-filling) to fit --max-length; a case whose
                                 image(s) + question alone do not fit stops the run naming it, or with --skip-bad is
                                 recorded with an empty text and "skipped" (build-pairs drops it).
-  eval-report (apo.evaluate)    no limit unless --max-length; then an over-long case stops the run naming it, or with
+  eval-report (apo.evaluation.report)    no limit unless --max-length; then an over-long case stops the run naming it, or with
                                 --skip-bad is left out of generation and scoring (OUT/too_long.jsonl).
 """
 
@@ -36,14 +36,25 @@ def trainer(world, tiny_model_dir, tmp_path_factory):
     from apo.trainer.config import parse_config
     from apo.trainer.trainer import APOTrainer, build_model
 
-    config = parse_config(DEMO, ["--model_name_or_path", str(tiny_model_dir), "--groups_file", str(world["groups"]),
-                                 "--output_dir", str(tmp_path_factory.mktemp("edges_apo"))])
+    config = parse_config(
+        DEMO,
+        [
+            "--model_name_or_path",
+            str(tiny_model_dir),
+            "--groups_file",
+            str(world["groups"]),
+            "--output_dir",
+            str(tmp_path_factory.mktemp("edges_apo")),
+        ],
+    )
     model, processor = build_model(config)
-    return APOTrainer(model=model, args=config, train_dataset=load_groups(config.groups_file),
-                      processing_class=processor)
+    return APOTrainer(
+        model=model, args=config, train_dataset=load_groups(config.groups_file), processing_class=processor
+    )
 
 
 # ------------------------------------------------------------------------------------------------ training side
+
 
 def test_a_dropped_group_is_left_out_of_the_loss_not_counted_as_zero(trainer):
     """[normal group, group whose prompt fills max_length]: same loss and logged metrics as [normal group] alone."""
@@ -93,6 +104,7 @@ def test_extreme_log_probs_keep_loss_gradient_and_logged_metrics_finite(trainer,
 
 # ------------------------------------------------------------------------------------------------ consensus, eval
 
+
 def test_consensus_cuts_trajectories_to_fit_max_length(world, tiny_model_dir, tmp_path):
     long = tmp_path / "long.jsonl"
     rows = [json.loads(ln) for ln in world["data"].read_text().splitlines()]
@@ -101,9 +113,28 @@ def test_consensus_cuts_trajectories_to_fit_max_length(world, tiny_model_dir, tm
             r["response"] = "Left pleural effusion. " * 400  # ~2000 tokens
     long.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "c.jsonl"
-    assert main(["consensus", "--strategy", "model", "--model", str(tiny_model_dir), "--dataset", str(long),
-                 "--image-root", str(world["root"]), "--max-length", "600", "--max-new-tokens", "4",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "consensus",
+                "--strategy",
+                "model",
+                "--model",
+                str(tiny_model_dir),
+                "--dataset",
+                str(long),
+                "--image-root",
+                str(world["root"]),
+                "--max-length",
+                "600",
+                "--max-new-tokens",
+                "4",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     recs = [json.loads(ln) for ln in out.read_text().splitlines()]
     assert len(recs) == len(world["cases"])
     for r in recs:
@@ -118,8 +149,21 @@ def test_consensus_question_alone_too_long(world, tiny_model_dir, tmp_path, caps
         if r["case_id"] == "c1":
             r["question"] = "Which findings support it? " * 200
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["consensus", "--strategy", "model", "--model", str(tiny_model_dir), "--dataset", str(data),
-            "--image-root", str(world["root"]), "--max-length", "400", "--max-new-tokens", "4"]
+    argv = [
+        "consensus",
+        "--strategy",
+        "model",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--image-root",
+        str(world["root"]),
+        "--max-length",
+        "400",
+        "--max-new-tokens",
+        "4",
+    ]
     capsys.readouterr()
     assert main(argv + ["--out", str(tmp_path / "a.jsonl")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]
@@ -129,25 +173,50 @@ def test_consensus_question_alone_too_long(world, tiny_model_dir, tmp_path, caps
     assert sorted(recs) == world["cases"] and recs["c1"]["text"] == "" and "--max-length 400" in recs["c1"]["skipped"]
     assert all(r["text"] and "skipped" not in r for k, r in recs.items() if k != "c1")
     # build-pairs drops it with a reason, keeps the others
-    assert main(["build-pairs", "--dataset", str(data), "--image-root", str(world["root"]), "--consensus",
-                 str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "g.jsonl")]) == 0
+    assert (
+        main(
+            [
+                "build-pairs",
+                "--dataset",
+                str(data),
+                "--image-root",
+                str(world["root"]),
+                "--consensus",
+                str(tmp_path / "b.jsonl"),
+                "--out",
+                str(tmp_path / "g.jsonl"),
+            ]
+        )
+        == 0
+    )
     dropped = [json.loads(ln) for ln in (tmp_path / "g.jsonl.dropped.jsonl").read_text().splitlines()]
     assert {"case_id": "c1", "what": "case", "reason": "empty_positive"} in dropped
     assert len((tmp_path / "g.jsonl").read_text().splitlines()) == len(world["cases"]) - 1
 
 
 def test_eval_report_max_length(world, tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import apo.metrics
+    import apo.evaluation.metrics
 
-    monkeypatch.setattr(apo.metrics, "nlg_scores", lambda refs, hyps: {"BLEU-1": 0.0})
+    monkeypatch.setattr(apo.evaluation.metrics, "nlg_scores", lambda refs, hyps: {"BLEU-1": 0.0})
     data = tmp_path / "q.jsonl"
     rows = [json.loads(ln) for ln in world["data"].read_text().splitlines()]
     for r in rows:
         if r["case_id"] == "c2":
             r["question"] = "Which findings support it? " * 200
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    argv = ["eval-report", "--model", str(tiny_model_dir), "--dataset", str(data), "--image-root", str(world["root"]),
-            "--max-length", "300", "--max-new-tokens", "4"]
+    argv = [
+        "eval-report",
+        "--model",
+        str(tiny_model_dir),
+        "--dataset",
+        str(data),
+        "--image-root",
+        str(world["root"]),
+        "--max-length",
+        "300",
+        "--max-new-tokens",
+        "4",
+    ]
     capsys.readouterr()
     assert main(argv + ["--out", str(tmp_path / "a")]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if "error:" in ln]

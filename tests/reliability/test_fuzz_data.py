@@ -8,11 +8,11 @@ import random
 import pytest
 from PIL import Image
 
-pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-
 from apo.cli import main
 from apo.data import read_cases
 from apo.errors import DataError
+
+pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 
 N_FILES, GOOD, BAD = 40, 15, 26  # 40 x 26 = 1,040 malformed records
 
@@ -33,8 +33,14 @@ def images(tmp_path_factory):
 
 
 def good_row(i, teacher="GPT-5-nano"):
-    return {"case_id": f"c{i}", "image": "good.jpg", "question": f"What supports finding {i}?", "model": teacher,
-            "response": f"Reasoning {i}.", "labels": {"Edema": 1}}
+    return {
+        "case_id": f"c{i}",
+        "image": "good.jpg",
+        "question": f"What supports finding {i}?",
+        "model": teacher,
+        "response": f"Reasoning {i}.",
+        "labels": {"Edema": 1},
+    }
 
 
 def _mutations(rng, i, first_good):
@@ -43,24 +49,28 @@ def _mutations(rng, i, first_good):
     j = lambda d: json.dumps(d).encode()  # noqa: E731
     pick = rng.randrange(22)
     if pick == 0:
-        return j(row)[: rng.randrange(1, 20)]                       # broken JSON
+        return j(row)[: rng.randrange(1, 20)]  # broken JSON
     if pick == 1:
-        return b'{"case_id": "\xff\xfe", "model": "x"}'             # not UTF-8
+        return b'{"case_id": "\xff\xfe", "model": "x"}'  # not UTF-8
     if pick == 2:
-        return j([row])                                             # not an object
+        return j([row])  # not an object
     if pick == 3:
         drop = rng.choice(["question", "image", "case_id"])
         return j({k: v for k, v in row.items() if k != drop})  # missing field
     if pick == 4:
         return j({**row, "response": rng.choice(["", "   ", "\n\t"])})  # empty trajectory
     if pick == 5:
-        return j({**row, "response": rng.choice([3, None, ["a"], {"t": 1}, True])} if rng.random() < .8 else {**row, "model": None})
+        return j(
+            {**row, "response": rng.choice([3, None, ["a"], {"t": 1}, True])}
+            if rng.random() < 0.8
+            else {**row, "model": None}
+        )
     if pick == 6:
         return j({**row, "model": rng.choice(["", 7, ["GPT"], " "])})  # bad teacher name
     if pick == 7:
         return j({**row, "question": rng.choice([1.5, [], {}, ""])})  # wrong type prompt
     if pick == 8:
-        return j({**row, "response": "x" * 100_001})                 # huge text
+        return j({**row, "response": "x" * 100_001})  # huge text
     if pick == 9:
         return j({**row, "labels": rng.choice([{"Edema": 2}, {"Edema": "yes"}, {"Nope": 1}, [1, 0], "Edema"])})
     if pick == 10:
@@ -74,7 +84,7 @@ def _mutations(rng, i, first_good):
     if pick == 18:
         return j({**row, "image": rng.choice(["../outside.jpg", "/etc/hostname", "a/../../x.jpg"])})  # escapes root
     if pick == 19:
-        return j({**first_good, "response": "another answer"})        # duplicate (case, teacher)
+        return j({**first_good, "response": "another answer"})  # duplicate (case, teacher)
     if pick == 20:
         return j({**first_good, "model": "Grok-4", "question": "a different question?"})  # same case, other prompt
     return j({**row, "sides": rng.choice([{"Edema": "up"}, "left", 3])})  # bad sides

@@ -48,19 +48,25 @@ def test_no_remote_code_no_pickle(path):
     for call in _calls(tree, "load"):
         if ast.unparse(call.func) == "torch.load":
             v = _kw(call, "weights_only")
-            assert isinstance(v, ast.Constant) and v.value is True, f"{path}:{call.lineno}: torch.load without weights_only=True"
+            assert isinstance(v, ast.Constant) and v.value is True, (
+                f"{path}:{call.lineno}: torch.load without weights_only=True"
+            )
     for node in ast.walk(tree):
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [a.name for a in node.names] + [getattr(node, "module", None) or ""]
-            assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names), \
+            assert not any(n.split(".")[0] in ("pickle", "dill", "cloudpickle", "joblib") for n in names), (
                 f"{path}:{node.lineno}: pickle import"
+            )
 
 
 def test_trust_remote_code_is_off_unless_asked():
     from apo.cli import build_parser
 
-    for argv in (["consensus", "--dataset", "d", "--out", "o"], ["eval-report", "--model", "m", "--dataset", "d",
-                 "--out", "o"], ["eval-mscxrt", "--model", "m", "--csv", "c", "--image-root", "r", "--out", "o"]):
+    for argv in (
+        ["consensus", "--dataset", "d", "--out", "o"],
+        ["eval-report", "--model", "m", "--dataset", "d", "--out", "o"],
+        ["eval-mscxrt", "--model", "m", "--csv", "c", "--image-root", "r", "--out", "o"],
+    ):
         assert build_parser(argv[0]).parse_args(argv).trust_remote_code is False
         assert build_parser(argv[0]).parse_args(argv + ["--trust-remote-code"]).trust_remote_code is True
 
@@ -68,7 +74,7 @@ def test_trust_remote_code_is_off_unless_asked():
 def test_a_model_folder_that_ships_code_does_not_run_it(tiny_model_dir, tmp_path):
     """config.json/processor_config.json name modules in the folder (auto_map); importing them would drop a file.
     Generation and training load the folder with the library's classes, and the file never appears."""
-    from apo.generation import load_model
+    from apo.model.generation import load_model
     from apo.trainer.config import parse_config
     from apo.trainer.trainer import build_model
 
@@ -78,13 +84,17 @@ def test_a_model_folder_that_ships_code_does_not_run_it(tiny_model_dir, tmp_path
     (model / "evil.py").write_text(f"open({str(sentinel)!r}, 'w').write('x')\nclass Evil: pass\n")
     for name in ("config.json", "processor_config.json"):
         cfg = json.loads((model / name).read_text())
-        cfg["auto_map"] = {k: "evil.Evil" for k in ("AutoConfig", "AutoModel", "AutoModelForImageTextToText",
-                                                    "AutoProcessor", "AutoImageProcessor")}
+        cfg["auto_map"] = {
+            k: "evil.Evil"
+            for k in ("AutoConfig", "AutoModel", "AutoModelForImageTextToText", "AutoProcessor", "AutoImageProcessor")
+        }
         (model / name).write_text(json.dumps(cfg))
     net, processor = load_model(str(model))
     assert type(net).__name__ == "Qwen2_5_VLForConditionalGeneration" and not sentinel.exists()
-    config = parse_config(str(REPO / "configs/apo/demo.yaml"), ["--model_name_or_path", str(model),
-                                                                "--groups_file", "g", "--output_dir", str(tmp_path)])
+    config = parse_config(
+        str(REPO / "configs/apo/demo.yaml"),
+        ["--model_name_or_path", str(model), "--groups_file", "g", "--output_dir", str(tmp_path)],
+    )
     build_model(config)
     assert not sentinel.exists()
 
@@ -105,7 +115,7 @@ def test_trainer_resume_loads_only_weights_only_pickles():
 
 
 def test_mimic_report_ids_cannot_leave_reports_dir(tmp_path):
-    from apo.evaluate import mimic_report_path
+    from apo.evaluation.report import mimic_report_path
 
     (tmp_path / "secret.txt").write_text("FINDINGS: leaked.")
     reports = tmp_path / "reports"

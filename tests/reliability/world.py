@@ -31,7 +31,9 @@ def write_bad_images(folder: Path, stem="") -> dict:
     """{kind: file name} of broken images in `folder` (`stem` prefixes the names)."""
     good = _jpeg(99)
     names = {k: stem + k for k in BAD_IMAGES}
-    (folder / names["corrupt.jpg"]).write_bytes(b"\xff\xd8\xff" + bytes(random.Random(0).randrange(256) for _ in range(400)))
+    (folder / names["corrupt.jpg"]).write_bytes(
+        b"\xff\xd8\xff" + bytes(random.Random(0).randrange(256) for _ in range(400))
+    )
     (folder / names["truncated.jpg"]).write_bytes(good[: len(good) // 2])
     (folder / names["empty.jpg"]).write_bytes(b"")
     (folder / names["text.jpg"]).write_text("not an image")
@@ -42,9 +44,16 @@ def write_bad_images(folder: Path, stem="") -> dict:
 def data_rows(cases=CASES):
     for i, cid in enumerate(cases):
         for teacher, text in TEXTS.items():
-            yield {"case_id": cid, "image": f"{cid}.jpg", "question": f"What supports the diagnosis in case {i}?",
-                   "model": teacher, "response": text, "labels": {"Pleural Effusion": 1},
-                   "sides": {"Pleural Effusion": "left"}, "report": "Small left pleural effusion."}
+            yield {
+                "case_id": cid,
+                "image": f"{cid}.jpg",
+                "question": f"What supports the diagnosis in case {i}?",
+                "model": teacher,
+                "response": text,
+                "labels": {"Pleural Effusion": 1},
+                "sides": {"Pleural Effusion": "left"},
+                "report": "Small left pleural effusion.",
+            }
 
 
 def jsonl(rows) -> bytes:
@@ -61,17 +70,60 @@ def build(root: Path, n_cases=len(CASES), n_pairs=3) -> dict:
     data = root / "data.jsonl"
     data.write_bytes(jsonl(data_rows(cases)))
     consensus, groups = root / "consensus.jsonl", root / "groups.jsonl"
-    assert main(["consensus", "--strategy", "vote", "--dataset", str(data), "--image-root", str(root),
-                 "--out", str(consensus)]) == 0
-    assert main(["build-pairs", "--dataset", str(data), "--image-root", str(root), "--consensus", str(consensus),
-                 "--out", str(groups)]) == 0
-    return {"root": root, "data": data, "cases": cases, "consensus": consensus, "groups": groups,
-            **write_mscxrt(root, n_pairs)}
+    assert (
+        main(
+            [
+                "consensus",
+                "--strategy",
+                "vote",
+                "--dataset",
+                str(data),
+                "--image-root",
+                str(root),
+                "--out",
+                str(consensus),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "build-pairs",
+                "--dataset",
+                str(data),
+                "--image-root",
+                str(root),
+                "--consensus",
+                str(consensus),
+                "--out",
+                str(groups),
+            ]
+        )
+        == 0
+    )
+    return {
+        "root": root,
+        "data": data,
+        "cases": cases,
+        "consensus": consensus,
+        "groups": groups,
+        **write_mscxrt(root, n_pairs),
+    }
 
 
-MSCXRT_HEADER = ["dicom_id", "previous_dicom_id", "study_id", "previous_study_id", "subject_id",
-                 "consolidation_progression", "edema_progression", "pleural_effusion_progression",
-                 "pneumonia_progression", "pneumothorax_progression"]
+MSCXRT_HEADER = [
+    "dicom_id",
+    "previous_dicom_id",
+    "study_id",
+    "previous_study_id",
+    "subject_id",
+    "consolidation_progression",
+    "edema_progression",
+    "pleural_effusion_progression",
+    "pneumonia_progression",
+    "pneumothorax_progression",
+]
 
 
 def write_mscxrt(root: Path, n=3) -> dict:

@@ -30,20 +30,45 @@ from apo.errors import ApoError
 log = logging.getLogger(__name__)
 
 MSCXRT_CSV = "mscxrt/MS_CXR_T_temporal_image_classification_v1.0.0.csv"
-MSCXRT_COLUMNS = ("dicom_id", "previous_dicom_id", "study_id", "previous_study_id", "subject_id",
-                  *(f"{f}_progression" for f in MSCXRT_FINDINGS))
-MSCXRT_OBS = {"consolidation": "Consolidation", "edema": "Edema", "pleural_effusion": "Pleural Effusion",
-              "pneumonia": "Pneumonia", "pneumothorax": "Pneumothorax"}
+MSCXRT_COLUMNS = (
+    "dicom_id",
+    "previous_dicom_id",
+    "study_id",
+    "previous_study_id",
+    "subject_id",
+    *(f"{f}_progression" for f in MSCXRT_FINDINGS),
+)
+MSCXRT_OBS = {
+    "consolidation": "Consolidation",
+    "edema": "Edema",
+    "pleural_effusion": "Pleural Effusion",
+    "pneumonia": "Pneumonia",
+    "pneumothorax": "Pneumothorax",
+}
 # How often each finding appears in an abnormal case (relative weights) and how its side is drawn.
-FINDING_WEIGHTS = {"Pleural Effusion": 0.32, "Cardiomegaly": 0.26, "Atelectasis": 0.2, "Pneumothorax": 0.14,
-                   "Consolidation": 0.12, "Pneumonia": 0.12, "Edema": 0.1}
-SIDE_WEIGHTS = {"Pleural Effusion": (0.4, 0.3, 0.3), "Pneumothorax": (0.5, 0.45, 0.05), "Atelectasis": (0.35, 0.35, 0.3),
-                "Consolidation": (0.55, 0.45, 0.0), "Pneumonia": (0.55, 0.45, 0.0)}
+FINDING_WEIGHTS = {
+    "Pleural Effusion": 0.32,
+    "Cardiomegaly": 0.26,
+    "Atelectasis": 0.2,
+    "Pneumothorax": 0.14,
+    "Consolidation": 0.12,
+    "Pneumonia": 0.12,
+    "Edema": 0.1,
+}
+SIDE_WEIGHTS = {
+    "Pleural Effusion": (0.4, 0.3, 0.3),
+    "Pneumothorax": (0.5, 0.45, 0.05),
+    "Atelectasis": (0.35, 0.35, 0.3),
+    "Consolidation": (0.55, 0.45, 0.0),
+    "Pneumonia": (0.55, 0.45, 0.0),
+}
 P_NORMAL = 0.25
 MAX_MASKS = 96  # distinct lung shapes per run; decoding the 2000-px PNG masks is the slow part
-QUESTIONS = ("What findings on this chest X-ray support the {what}?",
-             "Which imaging findings on this chest radiograph support the {what}?",
-             "Describe the radiographic evidence on this chest X-ray that supports the {what}.")
+QUESTIONS = (
+    "What findings on this chest X-ray support the {what}?",
+    "Which imaging findings on this chest radiograph support the {what}?",
+    "Describe the radiographic evidence on this chest X-ray that supports the {what}.",
+)
 # Generator streams: (seed, stream, index) -> independent, order-free randomness.
 S_TRUTH, S_ANATOMY, S_STUDY, S_REPORT, S_TEACHER, S_IDS, S_PAIR = range(7)
 
@@ -54,6 +79,7 @@ def _rng(*key) -> np.random.Generator:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Identifiers shaped like MIMIC-CXR's
+
 
 class _Ids:
     def __init__(self, seed):
@@ -73,7 +99,7 @@ class _Ids:
         return self._unique(50_000_000, 60_000_000)
 
     def dicom(self) -> str:
-        return "-".join(f"{int(self.rng.integers(0, 2 ** 32)):08x}" for _ in range(5))
+        return "-".join(f"{int(self.rng.integers(0, 2**32)):08x}" for _ in range(5))
 
 
 def image_path(subject: int, study: int, dicom: str) -> str:
@@ -84,9 +110,10 @@ def image_path(subject: int, study: int, dicom: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # One case
 
+
 def _sample_truth(rng) -> dict:
     """{obs: {side, severity, zone, seed[, device, text]}} for the positive findings of one case."""
-    from apo.synth.reports import device_side, sentence_bank
+    from apo.world.synth.reports import device_side, sentence_bank
 
     truth = {}
     if rng.random() >= P_NORMAL:
@@ -97,7 +124,7 @@ def _sample_truth(rng) -> dict:
             obs = str(obs)
             if obs in ("Consolidation", "Pneumonia") and ("Consolidation" in truth or "Pneumonia" in truth):
                 continue  # one kind of airspace opacity per case
-            f = {"severity": round(float(rng.uniform(0.3, 1.0)), 3), "seed": int(rng.integers(2 ** 31))}
+            f = {"severity": round(float(rng.uniform(0.3, 1.0)), 3), "seed": int(rng.integers(2**31))}
             if obs in SIDE_WEIGHTS:
                 f["side"] = ("right", "left", "bilateral")[int(rng.choice(3, p=SIDE_WEIGHTS[obs]))]
             if obs in ("Consolidation", "Pneumonia"):
@@ -111,7 +138,7 @@ def _sample_truth(rng) -> dict:
 
 
 def question_for(truth: dict, rng) -> str:
-    from apo.synth.teachers import join
+    from apo.world.synth.teachers import join
 
     dx = [{"Edema": "pulmonary edema"}.get(o, o.lower()) for o in truth if o != "Support Devices"]
     what = f"diagnosis of {join(dx)}" if dx else "impression of no acute cardiopulmonary abnormality"
@@ -120,7 +147,7 @@ def question_for(truth: dict, rng) -> str:
 
 def _report_and_labels(truth: dict, rng) -> tuple[str, dict, dict]:
     """A report whose tagged content agrees with the truth, and the CheXpert labels it implies."""
-    from apo.synth.reports import OPACITY_CHILDREN, build_report, tag
+    from apo.world.synth.reports import OPACITY_CHILDREN, build_report, tag
 
     want = set(truth)
     for _ in range(20):
@@ -143,12 +170,15 @@ def _report_and_labels(truth: dict, rng) -> tuple[str, dict, dict]:
 
 # ----------------------------------------------------------------------------------------------------------------
 
+
 def _prepare(out: Path) -> None:
     """Refuse to write into a non-empty folder that is not an earlier synth output; clear our own outputs."""
     if out.exists() and any(out.iterdir()):
         if not (out / "teachers.json").is_file():
-            raise ApoError(f"{out} is not empty and holds no earlier `apo synth` output (teachers.json); "
-                           "choose an empty or new folder")
+            raise ApoError(
+                f"{out} is not empty and holds no earlier `apo synth` output (teachers.json); "
+                "choose an empty or new folder"
+            )
         for name in ("files", "mscxrt"):
             shutil.rmtree(out / name, ignore_errors=True)
         for name in ("cxrmax_train.jsonl", "cxrmax_test.jsonl", "teachers.json", "DATA_CARD.md"):
@@ -156,14 +186,21 @@ def _prepare(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def generate(out_dir, cases: int = 200, seed: int = 0, test_fraction: float = 0.2,
-             temporal_pairs: int | None = None, teachers: dict | None = None) -> dict:
+def generate(
+    out_dir,
+    cases: int = 200,
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    temporal_pairs: int | None = None,
+    teachers: dict | None = None,
+) -> dict:
     """Write the synthetic CXR-MAX-format benchmark to `out_dir`; returns a summary (counts, measured drift).
 
     temporal_pairs: MS-CXR-T pairs (default: 15 * ceil(cases / 60), at least 15 = one per finding and class).
     teachers: per-teacher overrides of the drift rates, e.g. {"Grok-4": {"hallucinate": 0.8}}.
     """
-    from apo.synth import images, teachers as T
+    from apo.world.synth import images
+    from apo.world.synth import teachers as T
 
     if cases < 1:
         raise ApoError("--cases must be at least 1")
@@ -201,9 +238,21 @@ def generate(out_dir, cases: int = 200, seed: int = 0, test_fraction: float = 0.
             answers[name], _ = T.answer(name, truth, profiles[name], _rng(seed, S_TEACHER, i, t))
         split = "test" if i in test_idx else "train"
         for name in TEACHERS:
-            rows[split].append({"case_id": f"synth-{i:05d}", "subject_id": str(subject), "study_id": str(study),
-                                "dicom_id": dicom, "image": rel, "question": question, "model": name,
-                                "response": answers[name], "labels": labels, "sides": sides, "report": report})
+            rows[split].append(
+                {
+                    "case_id": f"synth-{i:05d}",
+                    "subject_id": str(subject),
+                    "study_id": str(study),
+                    "dicom_id": dicom,
+                    "image": rel,
+                    "question": question,
+                    "model": name,
+                    "response": answers[name],
+                    "labels": labels,
+                    "sides": sides,
+                    "report": report,
+                }
+            )
         measured_input.append({"truth": truth, "answers": answers, "labels": labels})
     for split, rs in rows.items():
         with open(out / f"cxrmax_{split}.jsonl", "w", encoding="utf-8", newline="\n") as fh:
@@ -213,27 +262,49 @@ def generate(out_dir, cases: int = 200, seed: int = 0, test_fraction: float = 0.
     pair_counts = _write_mscxrt(out, pairs, seed, ids, masks, cases)
     measured = T.measure(measured_input)
     summary = {
-        "out_dir": str(out), "seed": seed, "cases": cases, "train_cases": cases - n_test, "test_cases": n_test,
-        "rows": {k: len(v) for k, v in rows.items()}, "temporal_pairs": pairs, "mscxrt_counts": pair_counts,
-        "report_sentences": sentence_stats, "measured": measured,
+        "out_dir": str(out),
+        "seed": seed,
+        "cases": cases,
+        "train_cases": cases - n_test,
+        "test_cases": n_test,
+        "rows": {k: len(v) for k, v in rows.items()},
+        "temporal_pairs": pairs,
+        "mscxrt_counts": pair_counts,
+        "report_sentences": sentence_stats,
+        "measured": measured,
         "label_counts": _label_counts(measured_input),
     }
-    (out / "teachers.json").write_text(json.dumps({
-        "teachers": {n: {k: p[k] for k in ("drift", "style", "negatives", *T.RATES)} for n, p in profiles.items()},
-        "measured": measured,
-        "notes": "Rates are probabilities per finding (omit, omit_minor, wrong_side, hedge), per answer (hallucinate, "
-                 "refuse), or per sentence of the answer (late_add_per_sentence). `measured` re-derives them from "
-                 "the generated texts with apo.synth.reports.tag; see DATA_CARD.md.",
-    }, indent=2) + "\n", encoding="utf-8")
+    (out / "teachers.json").write_text(
+        json.dumps(
+            {
+                "teachers": {
+                    n: {k: p[k] for k in ("drift", "style", "negatives", *T.RATES)} for n, p in profiles.items()
+                },
+                "measured": measured,
+                "notes": "Rates are probabilities per finding (omit, omit_minor, wrong_side, hedge), per answer (hallucinate, "
+                "refuse), or per sentence of the answer (late_add_per_sentence). `measured` re-derives them from "
+                "the generated texts with apo.world.synth.reports.tag; see DATA_CARD.md.",
+            },
+            indent=2,
+        )
+        + "\n",
+        encoding="utf-8",
+    )
     (out / "DATA_CARD.md").write_text(_data_card(summary, profiles, test_fraction), encoding="utf-8")
-    log.info("wrote %d cases (%d train / %d test rows), %d MS-CXR-T pairs to %s", cases, len(rows["train"]),
-             len(rows["test"]), pairs, out)
+    log.info(
+        "wrote %d cases (%d train / %d test rows), %d MS-CXR-T pairs to %s",
+        cases,
+        len(rows["train"]),
+        len(rows["test"]),
+        pairs,
+        out,
+    )
     return summary
 
 
 def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: int) -> dict:
     """Balanced previous/current pairs: each finding x class equally often, the extent rendered smaller/equal/larger."""
-    from apo.synth import images
+    from apo.world.synth import images
 
     plan = [(f, c) for f in MSCXRT_FINDINGS for c in MSCXRT_CLASSES]
     plan = (plan * math.ceil(n / len(plan)))[:n]
@@ -244,12 +315,15 @@ def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: 
         r = _rng(seed, S_PAIR, 1, int(j))
         obs = MSCXRT_OBS[finding]
         if cls == "worsening":
-            v0 = float(r.uniform(0.2, 0.5)); v1 = v0 + float(r.uniform(0.3, 0.45))
+            v0 = float(r.uniform(0.2, 0.5))
+            v1 = v0 + float(r.uniform(0.3, 0.45))
         elif cls == "improving":
-            v1 = float(r.uniform(0.2, 0.5)); v0 = v1 + float(r.uniform(0.3, 0.45))
+            v1 = float(r.uniform(0.2, 0.5))
+            v0 = v1 + float(r.uniform(0.3, 0.45))
         else:
-            v0 = float(r.uniform(0.25, 0.85)); v1 = v0 + float(r.uniform(-0.03, 0.03))
-        f = {"seed": int(r.integers(2 ** 31))}
+            v0 = float(r.uniform(0.25, 0.85))
+            v1 = v0 + float(r.uniform(-0.03, 0.03))
+        f = {"seed": int(r.integers(2**31))}
         if obs in SIDE_WEIGHTS:
             f["side"] = ("right", "left")[int(r.integers(2))]
         if obs in ("Consolidation", "Pneumonia"):
@@ -265,8 +339,9 @@ def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: 
             findings = {**background, obs: {**f, "severity": v}}
             rel = image_path(subject, study, dicom)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            images.save_jpeg(images.render(anatomy, findings, _rng(seed, S_PAIR, 3 if when == "previous" else 4, int(j))),
-                             out / rel)
+            images.save_jpeg(
+                images.render(anatomy, findings, _rng(seed, S_PAIR, 3 if when == "previous" else 4, int(j))), out / rel
+            )
             row["previous_dicom_id" if when == "previous" else "dicom_id"] = dicom
             row["previous_study_id" if when == "previous" else "study_id"] = study
         row["subject_id"] = subject
@@ -293,24 +368,29 @@ def _label_counts(cases: list[dict]) -> dict:
 
 
 def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
-    from apo.synth.teachers import RATES
+    from apo.world.synth.teachers import RATES
 
     m = s["measured"]
     lines = [
-        "# Synthetic CXR-MAX-format benchmark (`apo synth`)", "",
+        "# Synthetic CXR-MAX-format benchmark (`apo synth`)",
+        "",
         f"Generated by `apo synth --out OUT --cases {s['cases']} --seed {s['seed']} --test-fraction {test_fraction} "
         f"--temporal-pairs {s['temporal_pairs']}`. Same seed, same bytes. Nothing here is patient data: images are "
-        "drawn, reports are assembled from public report sentences, teachers are simulated.", "",
-        "## Contents", "",
+        "drawn, reports are assembled from public report sentences, teachers are simulated.",
+        "",
+        "## Contents",
+        "",
         f"- `cxrmax_train.jsonl` / `cxrmax_test.jsonl`: {s['train_cases']} / {s['test_cases']} cases, "
         f"{s['rows']['train']} / {s['rows']['test']} rows (one per teacher answer, {len(TEACHERS)} teachers). "
         "Fields: case_id, subject_id, study_id, dicom_id, image (relative to this folder, MIMIC-CXR-JPG layout), "
         "question, model, response, labels (14 CheXpert observations: 1 / 0 / -1 / null), sides (lateral findings: "
         "left / right / bilateral, the patient's side), report (ground-truth FINDINGS + IMPRESSION).",
-        f"- `files/`: 224x224 grayscale JPEGs (quality 90), one per case and two per MS-CXR-T pair.",
+        "- `files/`: 224x224 grayscale JPEGs (quality 90), one per case and two per MS-CXR-T pair.",
         f"- `{MSCXRT_CSV}`: {s['temporal_pairs']} previous/current pairs with the official columns "
         f"({', '.join(MSCXRT_COLUMNS)}); one finding rated per pair (other cells empty), classes balanced:",
-        "", "| finding | " + " | ".join(MSCXRT_CLASSES) + " |", "|---|" + "---|" * len(MSCXRT_CLASSES),
+        "",
+        "| finding | " + " | ".join(MSCXRT_CLASSES) + " |",
+        "|---|" + "---|" * len(MSCXRT_CLASSES),
     ]
     for f, c in s["mscxrt_counts"].items():
         lines.append(f"| {f} | " + " | ".join(str(c[k]) for k in MSCXRT_CLASSES) + " |")
@@ -318,7 +398,9 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
     lines += [f"| {o} | {n} |" for o, n in s["label_counts"].items() if n]
     rs = s["report_sentences"]
     lines += [
-        "", "## How it is made", "",
+        "",
+        "## How it is made",
+        "",
         "- **Images.** Lung fields are real: one of the 516 lung segmentation masks in torchxrayvision "
         "(`semantic_masks_v7labs_lungs.zip`, read from the installed package) per subject, resized onto the canvas. "
         "Body, mediastinum, trachea, heart, ribs, clavicles and hilar vessel markings are drawn around them. Findings: "
@@ -333,42 +415,54 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
         "findings the corpus lacks for a side/severity). Labels: 1 for the drawn findings (Lung Opacity when an "
         "opacity is drawn, No Finding when nothing pathological is), 0 where the report negates an observation, "
         "null otherwise.",
-        "- **Questions.** CXR-MAX style: the diagnosis is given, the imaging basis is asked (\"What findings on this "
-        "chest X-ray support the diagnosis of pleural effusion and cardiomegaly?\"); normal cases ask about \"no acute "
-        "cardiopulmonary abnormality\". No `<image>` tag in the text: the chat template adds the image.",
+        '- **Questions.** CXR-MAX style: the diagnosis is given, the imaging basis is asked ("What findings on this '
+        'chest X-ray support the diagnosis of pleural effusion and cardiomegaly?"); normal cases ask about "no acute '
+        'cardiopulmonary abnormality". No `<image>` tag in the text: the chat template adds the image.',
         "- **Teachers.** Each writes a reasoning trajectory (imaging basis of each finding, pertinent negatives, "
         "conclusion) after its drift profile perturbs what it says. Errors are drawn independently per teacher, so each "
-        "is wrong in its own way while the majority is right.", "",
-        "## Teachers: set rates and rates measured on the text", "",
-        "Measured with `apo.synth.reports.tag` on the generated answers. omission / hedge: share of true findings not "
+        "is wrong in its own way while the majority is right.",
+        "",
+        "## Teachers: set rates and rates measured on the text",
+        "",
+        "Measured with `apo.world.synth.reports.tag` on the generated answers. omission / hedge: share of true findings not "
         "reported / reported as uncertain; wrong side: share of lateral findings reported on the wrong side; "
         "hallucination: share of answers asserting a finding the image lacks; late addition: share of answers whose "
         "extra finding first appears in the last sentence; refusal: share of questions refused; exact: share of "
-        "answers whose certain (finding, side) set equals the truth.", "",
+        "answers whose certain (finding, side) set equals the truth.",
+        "",
         "| teacher | drift | set rates | words | omission | hedge | wrong side | hallucination | late addition | "
-        "refusal | exact |", "|---|---|---|---|---|---|---|---|---|---|---|",
+        "refusal | exact |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name in TEACHERS:
         p, r = profiles[name], m[name]
         set_rates = ", ".join(f"{k}={p[k]}" for k in RATES if p[k])
-        lines.append(f"| {name} | {p['drift']} | {set_rates} | {r['mean_words']} | {r['omission']} | {r['hedge']} | "
-                     f"{r['wrong_side']} | {r['hallucination']} | {r['late_addition']} | {r['refusal']} | {r['exact']} |")
+        lines.append(
+            f"| {name} | {p['drift']} | {set_rates} | {r['mean_words']} | {r['omission']} | {r['hedge']} | "
+            f"{r['wrong_side']} | {r['hallucination']} | {r['late_addition']} | {r['refusal']} | {r['exact']} |"
+        )
     best = max(m[n]["exact"] for n in TEACHERS)
     lines += [
-        "", f"Majority vote over the teachers that answered (a finding counts when more than half assert it, with the "
+        "",
+        f"Majority vote over the teachers that answered (a finding counts when more than half assert it, with the "
         f"same side): exact {m['majority_vote']['exact']} against {best} for the best single teacher. A consensus "
-        "recovers the truth; SFT on all seven trajectories learns every teacher's drift.", "",
-        "## Licences and sources", "",
+        "recovers the truth; SFT on all seven trajectories learns every teacher's drift.",
+        "",
+        "## Licences and sources",
+        "",
         "- Indiana University chest X-ray reports (Demner-Fushman et al., 2016), CC BY-NC-ND 4.0, as shipped in "
         "torchxrayvision's package data; read at generation time, not redistributed by the repository. The generated "
         "reports quote its sentences: keep derived data non-commercial.",
         "- Lung masks: `semantic_masks_v7labs_lungs.zip` from torchxrayvision (V7 Labs COVID-19 X-ray lung "
         "annotations); only their shapes are used.",
-        "- Teacher names follow CXR-MAX (CC BY-NC-SA 4.0); the texts are simulated, not outputs of those models.", "",
-        "## Limits", "",
+        "- Teacher names follow CXR-MAX (CC BY-NC-SA 4.0); the texts are simulated, not outputs of those models.",
+        "",
+        "## Limits",
+        "",
         "- The images are schematic: a model can learn the drawn findings, not real radiographs.",
         "- The tagger is a small rule system tuned to this text; it is not the CheXpert labeler.",
-        "- MS-CXR-T here rates one finding per pair; the real set sometimes rates several.", "",
+        "- MS-CXR-T here rates one finding per pair; the real set sometimes rates several.",
+        "",
     ]
     return "\n".join(lines)
 
@@ -376,15 +470,23 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # CLI
 
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (new, empty, or an earlier synth output)")
     parser.add_argument("--cases", type=int, default=200, help="number of cases (7 teacher rows each)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--test-fraction", type=float, default=0.2, help="share of cases in cxrmax_test.jsonl")
-    parser.add_argument("--temporal-pairs", type=int, default=None,
-                        help="MS-CXR-T previous/current pairs (default: 15 per 60 cases, at least 15)")
-    parser.add_argument("--teachers", default=None,
-                        help="JSON file of drift-rate overrides {teacher: {rate: value}} (or a teachers.json)")
+    parser.add_argument(
+        "--temporal-pairs",
+        type=int,
+        default=None,
+        help="MS-CXR-T previous/current pairs (default: 15 per 60 cases, at least 15)",
+    )
+    parser.add_argument(
+        "--teachers",
+        default=None,
+        help="JSON file of drift-rate overrides {teacher: {rate: value}} (or a teachers.json)",
+    )
 
 
 def run(args) -> int:
@@ -395,11 +497,21 @@ def run(args) -> int:
         except (OSError, ValueError) as e:
             raise ApoError(f"{args.teachers}: cannot read teacher overrides ({e})") from None
         overrides = data.get("teachers", data)
-    s = generate(args.out, cases=args.cases, seed=args.seed, test_fraction=args.test_fraction,
-                 temporal_pairs=args.temporal_pairs, teachers=overrides)
+    s = generate(
+        args.out,
+        cases=args.cases,
+        seed=args.seed,
+        test_fraction=args.test_fraction,
+        temporal_pairs=args.temporal_pairs,
+        teachers=overrides,
+    )
     m = s["measured"]
-    print(f"wrote {s['cases']} cases ({s['rows']['train']} train / {s['rows']['test']} test rows) and "
-          f"{s['temporal_pairs']} MS-CXR-T pairs to {s['out_dir']}")
-    print(f"majority-vote exact {m['majority_vote']['exact']} vs best teacher "
-          f"{max(m[t]['exact'] for t in TEACHERS)}; see DATA_CARD.md")
+    print(
+        f"wrote {s['cases']} cases ({s['rows']['train']} train / {s['rows']['test']} test rows) and "
+        f"{s['temporal_pairs']} MS-CXR-T pairs to {s['out_dir']}"
+    )
+    print(
+        f"majority-vote exact {m['majority_vote']['exact']} vs best teacher "
+        f"{max(m[t]['exact'] for t in TEACHERS)}; see DATA_CARD.md"
+    )
     return 0

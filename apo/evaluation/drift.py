@@ -2,7 +2,7 @@
 
     apo drift --dataset DATA [--image-root DIR] [--consensus consensus.jsonl] --out DIR
 
-Every trajectory is read with the labeler (`apo.labeler.label`, `laterality`) and compared with the case's
+Every trajectory is read with the labeler (`apo.evaluation.labeler.label`, `laterality`) and compared with the case's
 ground-truth labels (`case.labels`) and sides (`case.meta["sides"]`). Per teacher, and for the consensus t+ as a
 pseudo-teacher when given (JSONL of {"case_id", "text", ...}, what `apo consensus` writes):
 
@@ -19,7 +19,7 @@ pseudo-teacher when given (JSONL of {"case_id", "text", ...}, what `apo consensu
                           wrong side: left/right/bilateral must match
   consensus_f1/_exact     the answer's positive findings against the consensus's for the same case
 Refused answers count only in refusal_rate and mean_words; the other rates are over the answers that label
-something. The per-answer definitions follow `apo.synth.teachers.measure` (rates per answer, per true finding,
+something. The per-answer definitions follow `apo.world.synth.teachers.measure` (rates per answer, per true finding,
 per lateral finding), so the synthetic benchmark's designed rates can be read back here.
 
 Divergence: for each teacher and observation, the distribution of its labels (1, 0, -1, unmentioned) over the
@@ -70,7 +70,7 @@ def _prf(tp, fp, fn):
 def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
     """Drift statistics of one source: `texts[i]` answers `cases[i]` (None = no answer, skipped).
     `consensus`: {case_id: text} to compare with. See the module docstring for the definitions."""
-    from apo.labeler import is_refusal, label, laterality
+    from apo.evaluation.labeler import is_refusal, label, laterality
 
     n = refused = words = answered = labelled = exact = halluc = 0
     pos_truth = omitted = hedged = side_n = side_err = 0
@@ -96,7 +96,11 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
             cl = label(consensus[case.case_id])
             want = {o for o in FINDINGS if cl[o] == 1}
             cons_n += 1
-            cons[0], cons[1], cons[2] = cons[0] + len(said & want), cons[1] + len(said - want), cons[2] + len(want - said)
+            cons[0], cons[1], cons[2] = (
+                cons[0] + len(said & want),
+                cons[1] + len(said - want),
+                cons[2] + len(want - said),
+            )
             cons[3] += said == want
         if not case.labels:
             continue
@@ -123,17 +127,35 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
     per_obs = {}
     for o, (a, b, c, d) in per.items():
         po, ro, fo = _prf(a, b, c)
-        per_obs[o] = {"accuracy": _ratio(a + d, a + b + c + d), "precision": po, "recall": ro, "f1": fo,
-                      "support": a + c, "tp": a, "fp": b, "fn": c}
+        per_obs[o] = {
+            "accuracy": _ratio(a + d, a + b + c + d),
+            "precision": po,
+            "recall": ro,
+            "f1": fo,
+            "support": a + c,
+            "tp": a,
+            "fp": b,
+            "fn": c,
+        }
     out = {
-        "answers": n, "answered": answered, "labelled": labelled,
-        "refusal_rate": _ratio(refused, n), "mean_words": _ratio(words, n),
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn), "precision": p, "recall": r, "f1": f,
+        "answers": n,
+        "answered": answered,
+        "labelled": labelled,
+        "refusal_rate": _ratio(refused, n),
+        "mean_words": _ratio(words, n),
+        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
+        "precision": p,
+        "recall": r,
+        "f1": f,
         "exact": _ratio(exact, labelled),
-        "hallucination_rate": _ratio(halluc, labelled), "omission_rate": _ratio(omitted, pos_truth),
-        "hedge_rate": _ratio(hedged, pos_truth), "side_error_rate": _ratio(side_err, side_n), "side_n": side_n,
+        "hallucination_rate": _ratio(halluc, labelled),
+        "omission_rate": _ratio(omitted, pos_truth),
+        "hedge_rate": _ratio(hedged, pos_truth),
+        "side_error_rate": _ratio(side_err, side_n),
+        "side_n": side_n,
         "true_findings": pos_truth,
-        "consensus_f1": _prf(*cons[:3])[2] if cons_n else None, "consensus_exact": _ratio(cons[3], cons_n),
+        "consensus_f1": _prf(*cons[:3])[2] if cons_n else None,
+        "consensus_exact": _ratio(cons[3], cons_n),
         "per_observation": per_obs,
         "label_distribution": {o: {str(k): v for k, v in d.items()} for o, d in dist.items()},
     }
@@ -142,8 +164,10 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
 
 def _js(p: list[float], q: list[float]) -> float:
     """Jensen-Shannon divergence, base 2 (0 = same distribution, 1 = disjoint support)."""
+
     def kl(a, b):
         return sum(x * math.log2(x / y) for x, y in zip(a, b) if x > 0)
+
     m = [(x + y) / 2 for x, y in zip(p, q)]
     return max(0.0, 0.5 * kl(p, m) + 0.5 * kl(q, m))
 
@@ -176,16 +200,24 @@ def drift_stats(cases, consensus: dict | list | None = None) -> dict:
     if consensus is not None:
         per[CONSENSUS] = answer_stats(cases, [consensus.get(c.case_id) for c in cases], consensus)
     names = list(per)
-    matrix = {a: {b: js_divergence(per[a]["label_distribution"], per[b]["label_distribution"]) for b in names}
-              for a in names}
-    return {"n_cases": len(cases), "n_labelled": sum(bool(c.labels) for c in cases),
-            "n_consensus": sum(1 for c in cases if consensus and consensus.get(c.case_id) is not None),
-            "sources": names, "per_teacher": per,
-            "divergence": {"method": "Jensen-Shannon (base 2) of per-observation label distributions, mean over "
-                                     "the 14 observations", "matrix": matrix}}
+    matrix = {
+        a: {b: js_divergence(per[a]["label_distribution"], per[b]["label_distribution"]) for b in names} for a in names
+    }
+    return {
+        "n_cases": len(cases),
+        "n_labelled": sum(bool(c.labels) for c in cases),
+        "n_consensus": sum(1 for c in cases if consensus and consensus.get(c.case_id) is not None),
+        "sources": names,
+        "per_teacher": per,
+        "divergence": {
+            "method": "Jensen-Shannon (base 2) of per-observation label distributions, mean over the 14 observations",
+            "matrix": matrix,
+        },
+    }
 
 
 # ----------------------------------------------------------------------------- I/O
+
 
 def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
     """{case_id: text} from a consensus JSONL ({"case_id", "text", ...} per line; checked by apo.consensus)."""
@@ -206,29 +238,51 @@ def _fmt(x, pct=False):
 
 def markdown(stats: dict) -> str:
     per, names = stats["per_teacher"], stats["sources"]
-    lines = [f"# Teacher drift", "",
-             f"{stats['n_cases']} cases ({stats['n_labelled']} with ground-truth labels"
-             + (f", {stats['n_consensus']} with a consensus t+" if stats.get("n_consensus") else "") + "). "
-             "Labels read with `apo.labeler`; definitions in `apo/drift.py`.", "",
-             "| source | answers | refusal | words | accuracy | F1 | exact | hallucination | omission | hedge | "
-             "side error | F1 vs consensus |", "|---|" + "---:|" * 11]
+    lines = [
+        "# Teacher drift",
+        "",
+        f"{stats['n_cases']} cases ({stats['n_labelled']} with ground-truth labels"
+        + (f", {stats['n_consensus']} with a consensus t+" if stats.get("n_consensus") else "")
+        + "). "
+        "Labels read with `apo.evaluation.labeler`; definitions in `apo/evaluation/drift.py`.",
+        "",
+        "| source | answers | refusal | words | accuracy | F1 | exact | hallucination | omission | hedge | "
+        "side error | F1 vs consensus |",
+        "|---|" + "---:|" * 11,
+    ]
     for n in names:
         s = per[n]
         words = "-" if s["mean_words"] is None else f"{s['mean_words']:.1f}"
-        lines.append(f"| {n} | {s['answers']} | {_fmt(s['refusal_rate'], 1)} | {words} | "
-                     f"{_fmt(s['accuracy'])} | {_fmt(s['f1'])} | {_fmt(s['exact'], 1)} | {_fmt(s['hallucination_rate'], 1)} | "
-                     f"{_fmt(s['omission_rate'], 1)} | {_fmt(s['hedge_rate'], 1)} | {_fmt(s['side_error_rate'], 1)} | "
-                     f"{_fmt(s['consensus_f1'])} |")
+        lines.append(
+            f"| {n} | {s['answers']} | {_fmt(s['refusal_rate'], 1)} | {words} | "
+            f"{_fmt(s['accuracy'])} | {_fmt(s['f1'])} | {_fmt(s['exact'], 1)} | {_fmt(s['hallucination_rate'], 1)} | "
+            f"{_fmt(s['omission_rate'], 1)} | {_fmt(s['hedge_rate'], 1)} | {_fmt(s['side_error_rate'], 1)} | "
+            f"{_fmt(s['consensus_f1'])} |"
+        )
     obs = [o for o in OBSERVATIONS if any(per[n]["per_observation"][o]["support"] for n in names)]
     if obs:
-        lines += ["", "## F1 per observation (support = truly positive answers)", "",
-                  "| observation | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        lines += [
+            "",
+            "## F1 per observation (support = truly positive answers)",
+            "",
+            "| observation | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
         for o in obs:
-            cells = [f"{_fmt(per[n]['per_observation'][o]['f1'])} ({per[n]['per_observation'][o]['support']})" for n in names]
+            cells = [
+                f"{_fmt(per[n]['per_observation'][o]['f1'])} ({per[n]['per_observation'][o]['support']})" for n in names
+            ]
             lines.append(f"| {o} | " + " | ".join(cells) + " |")
     m = stats["divergence"]["matrix"]
-    lines += ["", "## Pairwise divergence", "", stats["divergence"]["method"] + ".", "",
-              "| | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+    lines += [
+        "",
+        "## Pairwise divergence",
+        "",
+        stats["divergence"]["method"] + ".",
+        "",
+        "| | " + " | ".join(names) + " |",
+        "|---|" + "---:|" * len(names),
+    ]
     for a in names:
         lines.append(f"| {a} | " + " | ".join(_fmt(m[a][b]) for b in names) + " |")
     return "\n".join(lines) + "\n"
@@ -266,8 +320,15 @@ def plot(stats: dict, out_dir) -> list[str]:
     ax.set_yticks(range(len(names)), names)
     for i in range(len(names)):
         for j in range(len(names)):
-            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if m[i, j] < m.max() / 2 else "black")
+            ax.text(
+                j,
+                i,
+                f"{m[i, j]:.2f}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if m[i, j] < m.max() / 2 else "black",
+            )
     fig.colorbar(im, ax=ax, label="JS divergence (bits)")
     ax.set_title("Pairwise divergence of label distributions")
     fig.tight_layout()
@@ -282,22 +343,28 @@ def add_arguments(parser) -> None:
 
     add_data_arguments(parser)
     parser.set_defaults(verify_images="none")  # drift reads text only: check that images exist, do not decode them
-    parser.add_argument("--consensus", default=None,
-                        help="consensus JSONL ({case_id, text} per line, as `apo consensus` writes): scored as a "
-                             "pseudo-teacher and compared with every teacher")
-    parser.add_argument("--out", required=True, help="output folder: drift.json, DRIFT.md, error_rates.png, js_divergence.png")
+    parser.add_argument(
+        "--consensus",
+        default=None,
+        help="consensus JSONL ({case_id, text} per line, as `apo consensus` writes): scored as a "
+        "pseudo-teacher and compared with every teacher",
+    )
+    parser.add_argument(
+        "--out", required=True, help="output folder: drift.json, DRIFT.md, error_rates.png, js_divergence.png"
+    )
 
 
 def run(args) -> int:
     from apo.data import cases_from_args
-    from apo.resumable import write_json_atomic
+    from apo.io.resumable import write_json_atomic
 
     out = Path(args.out)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     if not cases:
         raise ApoError(f"{args.dataset}: no case to analyse")
-    consensus = (read_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl")
-                 if args.consensus else None)
+    consensus = (
+        read_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl") if args.consensus else None
+    )
     if consensus is not None:
         known = {c.case_id for c in cases}
         missing = sum(c.case_id not in consensus for c in cases)
@@ -305,13 +372,17 @@ def run(args) -> int:
         if missing == len(cases):
             raise ApoError(f"--consensus {args.consensus}: none of its case ids is in {args.dataset}")
         if missing or extra:
-            log.warning("consensus: %d cases have no consensus text, %d consensus records match no case", missing, extra)
+            log.warning(
+                "consensus: %d cases have no consensus text, %d consensus records match no case", missing, extra
+            )
     stats = drift_stats(cases, consensus)
     write_json_atomic(out / "drift.json", stats)
     (out / "DRIFT.md").write_text(markdown(stats), encoding="utf-8")
     pngs = plot(stats, out)
     if not stats["n_labelled"]:
-        log.warning("no case has ground-truth labels: only refusal, length, consensus agreement and divergence are measured")
+        log.warning(
+            "no case has ground-truth labels: only refusal, length, consensus agreement and divergence are measured"
+        )
     print(markdown(stats).split("\n## ")[0])
     print(f"drift: wrote {out / 'drift.json'}, {out / 'DRIFT.md'}, " + ", ".join(Path(p).name for p in pngs))
     return 0

@@ -32,7 +32,7 @@ MASKS_ZIP = "semantic_masks_v7labs_lungs.zip"
 
 @functools.lru_cache(maxsize=1)
 def _zip():
-    from apo.synth.reports import package_data
+    from apo.world.synth.reports import package_data
 
     return zipfile.ZipFile(package_data(MASKS_ZIP))
 
@@ -121,15 +121,23 @@ def make_anatomy(mask_name: str, rng) -> Anatomy:
     x0 = int(SIZE // 2 - w // 2 + rng.integers(-4, 5))
     right = np.zeros((SIZE, SIZE), bool)
     left = np.zeros((SIZE, SIZE), bool)
-    right[y0:y0 + h, x0:x0 + w] = _resize_mask(right_c, w, h)
-    left[y0:y0 + h, x0:x0 + w] = _resize_mask(left_c, w, h)
+    right[y0 : y0 + h, x0 : x0 + w] = _resize_mask(right_c, w, h)
+    left[y0 : y0 + h, x0 : x0 + w] = _resize_mask(left_c, w, h)
     rx = np.nonzero(right.any(0))[0]
     lx = np.nonzero(left.any(0))[0]
     mid = (rx.max() + lx.min()) / 2 if len(rx) and len(lx) else SIZE / 2
     box = (y0, y0 + h, x0, x0 + w)
-    return Anatomy(right, left, box, float(mid), float(rng.uniform(0.40, 0.47)), _markings(right, left, box, mid, rng),
-                   _ribs(box, mid, rng), float(rng.uniform(0.13, 0.19)),
-                   (float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.03, 0.03)), float(rng.uniform(0.9, 1.1))))
+    return Anatomy(
+        right,
+        left,
+        box,
+        float(mid),
+        float(rng.uniform(0.40, 0.47)),
+        _markings(right, left, box, mid, rng),
+        _ribs(box, mid, rng),
+        float(rng.uniform(0.13, 0.19)),
+        (float(rng.uniform(0.9, 1.1)), float(rng.uniform(-0.03, 0.03)), float(rng.uniform(0.9, 1.1))),
+    )
 
 
 def _markings(right, left, box, mid, rng) -> np.ndarray:
@@ -164,11 +172,11 @@ def _ribs(box, mid, rng) -> np.ndarray:
     h, w = y1 - y0, x1 - x0
     dx = np.abs(xx - mid) / (w / 2)
     gap = h / 9.2
-    first = y0 - 0.06 * h + rng.uniform(-0.03, 0.03) * h + 0.22 * h * dx ** 1.6 - 0.05 * h * dx
+    first = y0 - 0.06 * h + rng.uniform(-0.03, 0.03) * h + 0.22 * h * dx**1.6 - 0.05 * h * dx
     k = np.rint((yy - first) / gap)  # nearest rib: ribs are 6-7 sigmas apart, the others add nothing visible
     dist = yy - first - k * gap
     out = np.exp(-((dist / 2.4) ** 2)) * (dx < 1.08) * (k >= 0) * (k <= 9)
-    clav = y0 - 0.02 * h + 0.08 * h * dx - 0.06 * h * dx ** 2
+    clav = y0 - 0.02 * h + 0.08 * h * dx - 0.06 * h * dx**2
     out += 1.6 * np.exp(-(((yy - clav) / 2.6) ** 2)) * (dx > 0.12) * (dx < 0.85)
     return out.astype(np.float32)
 
@@ -213,7 +221,7 @@ def render(a: Anatomy, findings: dict, rng) -> np.ndarray:
     f = findings.get("Pneumothorax")
     if f:
         v = float(f.get("severity", 0.5))
-        for s in (["right", "left"] if f.get("side") == "bilateral" else [f.get("side")]):
+        for s in ["right", "left"] if f.get("side") == "bilateral" else [f.get("side")]:
             lung = a.lung(s)
             ys = np.nonzero(lung.any(1))[0]
             xs = np.nonzero(lung.any(0))[0]
@@ -250,7 +258,7 @@ def render(a: Anatomy, findings: dict, rng) -> np.ndarray:
                 ys = np.nonzero(lung.any(1))[0]
                 lat, med = (xs.min(), xs.max()) if s == "right" else (xs.max(), xs.min())
                 t = np.clip((xx - med) / (lat - med), 0, 1)
-                level = ys.max() - (0.10 + 0.38 * v) * (ys.max() - ys.min()) * (1 + 0.5 * t ** 2)
+                level = ys.max() - (0.10 + 0.38 * v) * (ys.max() - ys.min()) * (1 + 0.5 * t**2)
                 region = (yy > level) & (np.abs(xx - (xs.min() + xs.max()) / 2) <= (xs.max() - xs.min()) / 2 + 2)
                 region &= (lung | (yy > bottom[None, :] - 8)) & (yy < ys.max() + 8)
                 fluid = ndimage.gaussian_filter(region.astype(np.float32), 2.0)
@@ -278,7 +286,7 @@ def render(a: Anatomy, findings: dict, rng) -> np.ndarray:
                     py, px = pts[int(place.integers(len(pts)))]
                     py += rows[0]
                     rad = place.uniform(6, 11) * (0.45 + 0.8 * v)
-                    field += np.exp(-(((xx - px) ** 2 + (yy - py) ** 2) / (2 * rad ** 2)))
+                    field += np.exp(-(((xx - px) ** 2 + (yy - py) ** 2) / (2 * rad**2)))
                 field = np.clip(field, 0, 1.2) * ndimage.gaussian_filter(lung.astype(np.float32), 2)
                 d += 0.36 * field * (1 - 0.5 * a.markings)
         elif obs == "Edema":
@@ -286,7 +294,7 @@ def render(a: Anatomy, findings: dict, rng) -> np.ndarray:
                 lung = a.lung(s)
                 hx, hy = a.mid + sign * 0.16 * w, y0 + 0.5 * h
                 sig = 0.22 * w * (0.7 + 0.6 * v)
-                haze = np.exp(-(((xx - hx) ** 2 + (yy - hy) ** 2) / (2 * sig ** 2)))
+                haze = np.exp(-(((xx - hx) ** 2 + (yy - hy) ** 2) / (2 * sig**2)))
                 d += (0.08 + 0.30 * v) * haze * ndimage.gaussian_filter(lung.astype(np.float32), 2)
                 xs = np.nonzero(lung.any(0))[0]
                 lat = xs.min() if s == "right" else xs.max()
@@ -320,19 +328,33 @@ def _device(a: Anatomy, f: dict, heart_center) -> np.ndarray:
     sx = -1 if side == "right" else 1  # image direction of the device's side
     svc = (a.mid - 0.06 * w, y0 + 0.30 * h)
     if kind == "central_line":
-        pts = [(a.mid + sx * 0.16 * w, y0 - 30), (a.mid + sx * 0.12 * w, y0 - 6), (a.mid + sx * 0.06 * w, y0 + 0.1 * h),
-               (svc[0], y0 + 0.2 * h), svc]
+        pts = [
+            (a.mid + sx * 0.16 * w, y0 - 30),
+            (a.mid + sx * 0.12 * w, y0 - 6),
+            (a.mid + sx * 0.06 * w, y0 + 0.1 * h),
+            (svc[0], y0 + 0.2 * h),
+            svc,
+        ]
         dr.line(pts, fill=245, width=2, joint="curve")
     elif kind == "picc":
-        pts = [(0 if sx < 0 else SIZE - 1, y0 + 0.02 * h), (a.mid + sx * 0.45 * w, y0 - 2), (a.mid + sx * 0.2 * w, y0 + 0.04 * h),
-               (svc[0], y0 + 0.18 * h), (svc[0] + 1, y0 + 0.42 * h)]
+        pts = [
+            (0 if sx < 0 else SIZE - 1, y0 + 0.02 * h),
+            (a.mid + sx * 0.45 * w, y0 - 2),
+            (a.mid + sx * 0.2 * w, y0 + 0.04 * h),
+            (svc[0], y0 + 0.18 * h),
+            (svc[0] + 1, y0 + 0.42 * h),
+        ]
         dr.line(pts, fill=240, width=2, joint="curve")
     elif kind == "pacemaker":
         gx, gy = a.mid + sx * 0.33 * w, y0 + 0.02 * h
         dr.rounded_rectangle([gx - 9, gy - 6, gx + 9, gy + 6], radius=4, fill=250)
         for tip in ((hcx - 0.5 * hw, hcy - 0.6 * hh), (hcx + 0.3 * hw, hcy + 0.5 * hh)):
-            dr.line([(gx, gy), (a.mid + sx * 0.1 * w, y0 + 0.08 * h), (svc[0], svc[1] + 4), tip], fill=235, width=2,
-                    joint="curve")
+            dr.line(
+                [(gx, gy), (a.mid + sx * 0.1 * w, y0 + 0.08 * h), (svc[0], svc[1] + 4), tip],
+                fill=235,
+                width=2,
+                joint="curve",
+            )
     else:  # endotracheal tube: two parallel walls down the trachea
         for off in (-3, 3):
             dr.line([(a.mid + off, 0), (a.mid + off, y0 + 0.12 * h)], fill=220, width=1)
@@ -344,5 +366,6 @@ def save_jpeg(arr: np.ndarray, path) -> None:
     """Grayscale JPEG with fixed settings, so the same array always gives the same bytes."""
     from PIL import Image
 
-    Image.fromarray(arr, "L").save(path, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False,
-                                   subsampling=0)
+    Image.fromarray(arr, "L").save(
+        path, format="JPEG", quality=JPEG_QUALITY, optimize=False, progressive=False, subsampling=0
+    )

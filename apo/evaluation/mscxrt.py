@@ -22,15 +22,21 @@ from pathlib import Path
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
 
-PROMPT = ("The first image is the previous study, the second the current study. Compared with the previous study, "
-          "is the {finding} improving, stable or worsening? Answer with one word.")
+PROMPT = (
+    "The first image is the previous study, the second the current study. Compared with the previous study, "
+    "is the {finding} improving, stable or worsening? Answer with one word."
+)
 
 # ---------------------------------------------------------------- answer -> class
 
-_STABLE = (r"stable|unchanged|steady|similar|the same|no (?:significant |appreciable |substantial |definite |"
-           r"interval |major |real )?(?:interval )?change|not (?:significantly )?changed|without (?:significant )?change")
-_IMPROVING = (r"improv\w*|better|resolv\w*|resolution|decreas\w*|reduc\w*|smaller|regress\w*|clearing|"
-              r"diminish\w*|less(?:ened)?")
+_STABLE = (
+    r"stable|unchanged|steady|similar|the same|no (?:significant |appreciable |substantial |definite |"
+    r"interval |major |real )?(?:interval )?change|not (?:significantly )?changed|without (?:significant )?change"
+)
+_IMPROVING = (
+    r"improv\w*|better|resolv\w*|resolution|decreas\w*|reduc\w*|smaller|regress\w*|clearing|"
+    r"diminish\w*|less(?:ened)?"
+)
 _WORSENING = r"wors\w*|increas\w*|progress\w*|larger|enlarg\w*|deteriorat\w*|more extensive|more severe"
 _MENTION = re.compile(rf"\b(?:(?P<stable>{_STABLE})|(?P<improving>{_IMPROVING})|(?P<worsening>{_WORSENING}))\b")
 _SCOPE = re.compile(r"[.,;:!?]|\b(?:but|however|rather|although|though|and|or|instead)\b")
@@ -38,7 +44,7 @@ _NEGATED = re.compile(r"(?:\b(?:not|no|never|without|nor|neither|hardly)\b|n't)(
 
 
 def parse_progression(answer: str | None) -> str | None:
-    """"improving" | "stable" | "worsening" | None. The first class stated wins ("Worsening. It has increased.");
+    """ "improving" | "stable" | "worsening" | None. The first class stated wins ("Worsening. It has increased.");
     a negated direction ("not worsening", "has not improved", "no progression") means stable unless another class
     is stated too ("not worsening but improving" -> improving); "not stable", or nothing recognisable, is None."""
     if not answer:
@@ -47,7 +53,7 @@ def parse_progression(answer: str | None) -> str | None:
     stated, negated = [], []
     for m in _MENTION.finditer(text):
         cls = m.lastgroup
-        clause = _SCOPE.split(text[:m.start()])[-1]  # a negation reaches to the end of its clause only
+        clause = _SCOPE.split(text[: m.start()])[-1]  # a negation reaches to the end of its clause only
         (negated if cls != "stable" and _NEGATED.search(clause) else stated).append(cls)
         if cls == "stable" and _NEGATED.search(clause) and not m.group(0).startswith(("no ", "not ", "without ")):
             stated.pop()  # "not stable", "not unchanged": says only what it is not
@@ -60,6 +66,7 @@ def parse_progression(answer: str | None) -> str | None:
 
 
 # ---------------------------------------------------------------- the CSV
+
 
 def finding_name(finding: str) -> str:
     return finding.replace("_", " ")
@@ -120,8 +127,12 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     if 1 in bad_utf8:
         raise DataError(csv_path, 1, bad_utf8[1])
     if missing or not findings:
-        raise DataError(csv_path, 1, f"not an MS-CXR-T temporal CSV: missing column(s) "
-                                     f"{missing or [f + '_progression' for f in MSCXRT_FINDINGS]}")
+        raise DataError(
+            csv_path,
+            1,
+            f"not an MS-CXR-T temporal CSV: missing column(s) "
+            f"{missing or [f + '_progression' for f in MSCXRT_FINDINGS]}",
+        )
     while True:
         try:
             row = next(reader)
@@ -148,7 +159,9 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             for f in findings:
                 value = row.get(f"{f}_progression", "").lower()
                 if value and value not in MSCXRT_CLASSES:
-                    raise ValueError(f"unknown class {value[:80]!r} in {f}_progression (expected one of {MSCXRT_CLASSES})")
+                    raise ValueError(
+                        f"unknown class {value[:80]!r} in {f}_progression (expected one of {MSCXRT_CLASSES})"
+                    )
                 if value:
                     labelled.append((f, value))
             if not labelled:
@@ -157,7 +170,9 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             prev = _previous_image(root, row)
             for what, p in (("current", cur), ("previous", prev)):
                 if p is None or not p.is_file():
-                    raise ValueError(f"{what} image not found: {p or row['previous_dicom_id'] + '.jpg under the subject'}")
+                    raise ValueError(
+                        f"{what} image not found: {p or row['previous_dicom_id'] + '.jpg under the subject'}"
+                    )
                 if not p.resolve().is_relative_to(root):  # a symlink out of the tree
                     raise ValueError(f"{what} image {p} leaves --image-root {root}")
             new = []
@@ -165,8 +180,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
                 cid = f"{row['previous_dicom_id']}->{row['dicom_id']}/{f}"
                 if cid in seen:
                     raise ValueError(f"duplicate pair and finding {cid}")
-                new.append({"case_id": cid, "finding": f, "label": value, "images": [str(prev), str(cur)],
-                            "row": line})
+                new.append({"case_id": cid, "finding": f, "label": value, "images": [str(prev), str(cur)], "row": line})
         except ValueError as e:
             bad(line, str(e), row)
             continue
@@ -191,56 +205,88 @@ def score(items, records: dict) -> dict:
         n[it["finding"]] += 1
         hits[it["finding"]] += records[it["case_id"]]["prediction"] == it["label"]
     per = {f: round(hits[f] / n[f], 6) for f in MSCXRT_FINDINGS if n[f]}
-    return {"per_finding": per, "average": round(sum(per.values()) / len(per), 6) if per else None,
-            "micro": round(sum(hits.values()) / sum(n.values()), 6) if n else None, "n": dict(n),
-            "unparsed": sum(records[it["case_id"]]["prediction"] is None for it in items)}
+    return {
+        "per_finding": per,
+        "average": round(sum(per.values()) / len(per), 6) if per else None,
+        "micro": round(sum(hits.values()) / sum(n.values()), 6) if n else None,
+        "n": dict(n),
+        "unparsed": sum(records[it["case_id"]]["prediction"] is None for it in items),
+    }
 
 
 # ---------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
-    from apo.generation import add_model_arguments
+    from apo.model.generation import add_model_arguments
 
     add_model_arguments(parser)
     parser.set_defaults(max_new_tokens=16)
     parser.add_argument("--csv", required=True, help="MS_CXR_T_temporal_image_classification_v1.0.0.csv")
     parser.add_argument("--image-root", required=True, help="MIMIC-CXR-JPG root (holds files/pXX/...)")
-    parser.add_argument("--out", required=True, help="output folder: mscxrt.json, mscxrt_predictions.jsonl, unparsed.jsonl")
-    parser.add_argument("--skip-bad", action="store_true", help="put bad CSV rows in OUT/mscxrt_rejects.jsonl and go on")
+    parser.add_argument(
+        "--out", required=True, help="output folder: mscxrt.json, mscxrt_predictions.jsonl, unparsed.jsonl"
+    )
+    parser.add_argument(
+        "--skip-bad", action="store_true", help="put bad CSV rows in OUT/mscxrt_rejects.jsonl and go on"
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N questions only (a smoke test)")
 
 
 def run(args) -> int:
     from apo.errors import ApoError
-    from apo.generation import generate, model_from_args, run_resumable
-    from apo.resumable import write_json_atomic, write_jsonl_atomic
+    from apo.io.jobs import run_resumable
+    from apo.io.resumable import write_json_atomic, write_jsonl_atomic
+    from apo.model.generation import generate, model_from_args
 
     out = Path(args.out)
     items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad)
     if rejects:
         write_jsonl_atomic(out / "mscxrt_rejects.jsonl", rejects)
         print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'mscxrt_rejects.jsonl'}")
-    items = items[:args.limit] if args.limit else items
+    items = items[: args.limit] if args.limit else items
     if not items:
         raise ApoError(f"{args.csv}: no usable question")
     model, processor = model_from_args(args)
 
     def process(chunk):
-        answers = generate(model, processor, [(it["images"], PROMPT.format(finding=finding_name(it["finding"])))
-                                              for it in chunk],
-                           max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, progress=False)
-        return [{"case_id": it["case_id"], "finding": it["finding"], "label": it["label"], "answer": a,
-                 "prediction": parse_progression(a)} for it, a in zip(chunk, answers)]
+        answers = generate(
+            model,
+            processor,
+            [(it["images"], PROMPT.format(finding=finding_name(it["finding"]))) for it in chunk],
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            progress=False,
+        )
+        return [
+            {
+                "case_id": it["case_id"],
+                "finding": it["finding"],
+                "label": it["label"],
+                "answer": a,
+                "prediction": parse_progression(a),
+            }
+            for it, a in zip(chunk, answers)
+        ]
 
-    records = run_resumable(out / "mscxrt_predictions.jsonl", items, key=lambda it: it["case_id"], process=process,
-                            chunk_size=args.batch_size * 4, desc="ms-cxr-t")
+    records = run_resumable(
+        out / "mscxrt_predictions.jsonl",
+        items,
+        key=lambda it: it["case_id"],
+        process=process,
+        chunk_size=args.batch_size * 4,
+        desc="ms-cxr-t",
+    )
     if records is None:  # not rank 0
         return 0
     result = score(items, records)
     write_json_atomic(out / "mscxrt.json", result)
-    write_jsonl_atomic(out / "unparsed.jsonl", [records[it["case_id"]] for it in items
-                                                if records[it["case_id"]]["prediction"] is None])
+    write_jsonl_atomic(
+        out / "unparsed.jsonl", [records[it["case_id"]] for it in items if records[it["case_id"]]["prediction"] is None]
+    )
     print("MS-CXR-T Top-1: " + ", ".join(f"{f} {a:.3f} (n={result['n'][f]})" for f, a in result["per_finding"].items()))
-    print(f"  average (macro over findings) {result['average']:.3f}; unparsed answers {result['unparsed']} "
-          f"(counted wrong; listed in {out / 'unparsed.jsonl'})")
+    print(
+        f"  average (macro over findings) {result['average']:.3f}; unparsed answers {result['unparsed']} "
+        f"(counted wrong; listed in {out / 'unparsed.jsonl'})"
+    )
     return 0

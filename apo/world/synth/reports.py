@@ -28,7 +28,7 @@ MENTIONS = {
     "Pleural Effusion": r"(?<!pericardial )\beffusions?\b",
     "Pneumothorax": r"\bpneumothora(?:x|ces)\b",
     "Cardiomegaly": r"\bcardiomegaly\b|\b(?:heart|cardiac silhouette|cardiac size|heart size)\b[a-z ]{0,30}\benlarged\b"
-                    r"|\benlarged (?:heart|cardiac silhouette)\b",
+    r"|\benlarged (?:heart|cardiac silhouette)\b",
     "Enlarged Cardiomediastinum": r"\bwidened mediastinum\b|\bmediastin\w* (?:is )?widen",
     "Lung Opacity": r"\bopacit(?:y|ies)\b|\binfiltrates?\b|\bair ?space disease\b",
     "Lung Lesion": r"\bnodules?\b|\bmass(?:es)?\b|\blung lesion\b",
@@ -39,24 +39,34 @@ MENTIONS = {
     "Pleural Other": r"\bpleural thickening\b",
     "Fracture": r"\bfractures?\b",
     "Support Devices": r"\bcatheter\b|\bpacemaker\b|\bpicc\b|\bendotracheal tube\b|\btracheostomy tube\b"
-                       r"|\bcentral (?:venous )?line\b|\bsupport devices?\b|\bdefibrillator\b",
+    r"|\bcentral (?:venous )?line\b|\bsupport devices?\b|\bdefibrillator\b",
 }
 _MENTIONS = {k: re.compile(v) for k, v in MENTIONS.items()}
 # Normal-heart and no-acute-disease phrasings are negative statements without a negation word.
-_NORMAL_HEART = re.compile(r"\b(?:heart|cardiac|cardiomediastinal)\b[a-z ,]{0,40}\b(?:normal|within normal limits|"
-                           r"unremarkable|not (?:significantly )?enlarged)\b|\bnormal (?:heart|cardiac) size\b")
-_NORMAL_MEDIASTINUM = re.compile(r"\b(?:cardiomediastinal|mediastin\w*)\b[a-z ,]{0,40}\b(?:normal|within normal limits|"
-                                 r"unremarkable)\b|\bnormal heart size and mediastinal\b")
-_NO_FINDING = re.compile(r"\bno acute (?:cardiopulmonary|cardiothoracic|intrathoracic|pulmonary|radiographic)\b"
-                         r"|\bno active (?:cardiopulmonary )?disease\b|\bno acute (?:disease|abnormalit\w*|findings?)\b"
-                         r"|\bnormal chest\b")
+_NORMAL_HEART = re.compile(
+    r"\b(?:heart|cardiac|cardiomediastinal)\b[a-z ,]{0,40}\b(?:normal|within normal limits|"
+    r"unremarkable|not (?:significantly )?enlarged)\b|\bnormal (?:heart|cardiac) size\b"
+)
+_NORMAL_MEDIASTINUM = re.compile(
+    r"\b(?:cardiomediastinal|mediastin\w*)\b[a-z ,]{0,40}\b(?:normal|within normal limits|"
+    r"unremarkable)\b|\bnormal heart size and mediastinal\b"
+)
+_NO_FINDING = re.compile(
+    r"\bno acute (?:cardiopulmonary|cardiothoracic|intrathoracic|pulmonary|radiographic)\b"
+    r"|\bno active (?:cardiopulmonary )?disease\b|\bno acute (?:disease|abnormalit\w*|findings?)\b"
+    r"|\bnormal chest\b"
+)
 _NEGATION = re.compile(r"\b(?:no|not|without|negative for|free of|clear of|absence of)\b")
-_UNCERTAIN = re.compile(r"\b(?:may|might|possibl[ey]|probabl[ey]|likely|cannot be excluded|cannot exclude|"
-                        r"can not be excluded|not (?:be )?excluded|questionable|suspicious|"
-                        r"suggest\w*|concerning for|worrisome|could|versus|vs|differential)\b")
+_UNCERTAIN = re.compile(
+    r"\b(?:may|might|possibl[ey]|probabl[ey]|likely|cannot be excluded|cannot exclude|"
+    r"can not be excluded|not (?:be )?excluded|questionable|suspicious|"
+    r"suggest\w*|concerning for|worrisome|could|versus|vs|differential)\b"
+)
 # "The right pneumothorax is not seen" / "... has resolved": negation after the mention.
-_POST_NEGATION = re.compile(r"^[a-z ]{0,12}\b(?:is|are|has|have)? ?(?:not (?:seen|appreciated|identified|visualized|"
-                            r"present)|resolved|absent)\b")
+_POST_NEGATION = re.compile(
+    r"^[a-z ]{0,12}\b(?:is|are|has|have)? ?(?:not (?:seen|appreciated|identified|visualized|"
+    r"present)|resolved|absent)\b"
+)
 _BREAK = re.compile(r"\b(?:but|however|although|though|whereas|except)\b|;")
 _SIDE = re.compile(r"\b(right|left|bilateral|bilaterally|both|bibasilar|bibasal)\b")
 _CHUNK = re.compile(r",|;|\band\b|\bwith\b|\bwithout\b")
@@ -105,7 +115,7 @@ def tag(text: str) -> dict[str, dict]:
             else:
                 before = sent[:end]  # up to the mention's end: "the heart is not enlarged"
                 neg = list(_NEGATION.finditer(before))
-                negated = bool(neg) and not _BREAK.search(before[neg[-1].end():])
+                negated = bool(neg) and not _BREAK.search(before[neg[-1].end() :])
                 negated = negated or bool(_POST_NEGATION.search(sent[end:]))
                 label = 0 if negated else (-1 if hedged else 1)
                 lo = max([m.end() for m in _CHUNK.finditer(sent[:start])], default=0)
@@ -130,6 +140,7 @@ def labels_of(text: str) -> dict[str, int | None]:
 # ----------------------------------------------------------------------------------------------------------------
 # The IU corpus
 
+
 def package_data(name: str) -> str:
     """A data file shipped inside the installed torchxrayvision package."""
     import importlib.util
@@ -151,17 +162,28 @@ def iu_reports() -> tuple[tuple[str, str, str, tuple[str, ...]], ...]:
             if not m.isfile() or not m.name.endswith(".xml"):
                 continue
             x = tf.extractfile(m).read().decode("utf-8", "replace")
-            get = lambda label: (re.search(rf'<AbstractText Label="{label}">(.*?)</AbstractText>', x, re.S) or [None, ""])[1]
-            rows.append((os.path.basename(m.name)[:-4], get("FINDINGS").strip(), get("IMPRESSION").strip(),
-                         tuple(re.findall(r"<major>(.*?)</major>", x))))
+            get = lambda label: (
+                re.search(rf'<AbstractText Label="{label}">(.*?)</AbstractText>', x, re.S) or [None, ""]
+            )[1]
+            rows.append(
+                (
+                    os.path.basename(m.name)[:-4],
+                    get("FINDINGS").strip(),
+                    get("IMPRESSION").strip(),
+                    tuple(re.findall(r"<major>(.*?)</major>", x)),
+                )
+            )
     return tuple(rows)
 
 
 # Words that make a sentence unusable: anonymisation, numbers, comparison with priors (our cases have none), hedges,
 # and findings we do not render (a sentence naming them would contradict the image). Matched as word prefixes.
-_TEMPORAL = (r"xxxx|\d|[()/\[\]:]|\b(?:again|stable|unchanged|interval|previous|prior|compar|since|resolv|improv|"
-             r"worse|increas|decreas|new|persist|redemonstrat|residual|remain|recurr|develop|clearing|today|current)")
-_REJECT = re.compile(_TEMPORAL + r"|\b(?:otherwise|borderline|upper limit|top normal|slight|minimal|trace|tiny|"
+_TEMPORAL = (
+    r"xxxx|\d|[()/\[\]:]|\b(?:again|stable|unchanged|interval|previous|prior|compar|since|resolv|improv|"
+    r"worse|increas|decreas|new|persist|redemonstrat|residual|remain|recurr|develop|clearing|today|current)"
+)
+_REJECT = re.compile(
+    _TEMPORAL + r"|\b(?:otherwise|borderline|upper limit|top normal|slight|minimal|trace|tiny|"
     r"granulom|scar|fibros|emphysema|hyperinfla|hypoinfla|copd|degenerat|spondyl|osteophyt|scolio|kyphos|aort|tortuous|"
     r"calcif|hernia|sternotomy|surgical|clip|postoperative|wire|hila|lymph|adenopathy|thicken|pericard|diaphragm|"
     r"hemidiaphragm|bronch|lucen|cavit|bulla|bone|bony|osseous|skeletal|soft tissue|volume|crowding|lingul|"
@@ -171,24 +193,40 @@ _REJECT = re.compile(_TEMPORAL + r"|\b(?:otherwise|borderline|upper limit|top no
     r"diffuse|dependent|ventricle|expanded and clear|the present|in addition|associated|extensive|irregular|"
     r"parenchymal|alveolar|mixed|pneumonitis|typical|early|show|fibronodular|vascular injury|glenohumeral|"
     r"dislocation|supine|underpenetrat|hypoventilat|perihilar|allowing|limited|portable|rotat)"
-    r"|^no\b.*\bnormal\b")  # a garbled negation: "No heart size is normal."
+    r"|^no\b.*\bnormal\b"
+)  # a garbled negation: "No heart size is normal."
 # Two sentences run together: "... or The heart is normal."
 _RUN_ON = re.compile(r"\s(?:The|There|No|Heart|Lungs)\s")
 # A negative statement qualified like this ("no large effusion") leaves room for a small one.
 _REJECT_NEG = re.compile(r"\b(?:large|definite|significant|sizable|sizeable|gross)")
-_DEVICE_REJECT = re.compile(_TEMPORAL + r"|\b(?:inflammatory|may|possibl|grossly|recommend|retraction|limited|"
-                            r"the present|noted incidentally|abdom|midabdom|quadrant|neck|shoulder|humer|tubing|drainage|removed|"
-                            r"malposition|ng tube|heart|cardiomegaly)")
-_SEVERITY = {"small": "small", "mild": "small", "mildly": "small", "moderate": "moderate", "moderately": "moderate",
-             "large": "large", "marked": "large", "severe": "large"}
+_DEVICE_REJECT = re.compile(
+    _TEMPORAL + r"|\b(?:inflammatory|may|possibl|grossly|recommend|retraction|limited|"
+    r"the present|noted incidentally|abdom|midabdom|quadrant|neck|shoulder|humer|tubing|drainage|removed|"
+    r"malposition|ng tube|heart|cardiomegaly)"
+)
+_SEVERITY = {
+    "small": "small",
+    "mild": "small",
+    "mildly": "small",
+    "moderate": "moderate",
+    "moderately": "moderate",
+    "large": "large",
+    "marked": "large",
+    "severe": "large",
+}
 _SEV_RE = re.compile(r"\b(small|mild|mildly|moderate|moderately|large|marked|severe)\b")
 _ZONE_RE = re.compile(r"\b(upper|lower|base|basilar|basal|bases|bibasilar|bibasal|mid ?lung|midlung)\b")
 # Devices we can draw, keyed by the word the sentence uses.
-_DEVICE_RE = [("pacemaker", re.compile(r"\bpacemaker\b|\bdefibrillator\b")), ("picc", re.compile(r"\bpicc\b")),
-              ("central_line", re.compile(r"\bcatheter\b|\bcentral (?:venous )?line\b")),
-              ("et_tube", re.compile(r"\bendotracheal tube\b"))]
-_DEVICE_OK = re.compile(r"^[a-z ,.-]*(?:pacemaker|defibrillator|picc|catheter|central (?:venous )?line|endotracheal tube)"
-                        r"[a-z ,.-]*$")
+_DEVICE_RE = [
+    ("pacemaker", re.compile(r"\bpacemaker\b|\bdefibrillator\b")),
+    ("picc", re.compile(r"\bpicc\b")),
+    ("central_line", re.compile(r"\bcatheter\b|\bcentral (?:venous )?line\b")),
+    ("et_tube", re.compile(r"\bendotracheal tube\b")),
+]
+_DEVICE_OK = re.compile(
+    r"^[a-z ,.-]*(?:pacemaker|defibrillator|picc|catheter|central (?:venous )?line|endotracheal tube)"
+    r"[a-z ,.-]*$"
+)
 
 
 def severity_word(v: float) -> str:
@@ -237,8 +275,13 @@ def sentence_bank() -> dict[str, list[Sentence]]:
             continue
         s = Sentence(text, tags, n)
         if s.device:  # device sentences: only simple ones naming a device we draw
-            if _DEVICE_OK.match(low) and not _UNCERTAIN.search(low) and not _DEVICE_REJECT.search(low) \
-                    and set(s.pos) == {"Support Devices"} and not s.neg:
+            if (
+                _DEVICE_OK.match(low)
+                and not _UNCERTAIN.search(low)
+                and not _DEVICE_REJECT.search(low)
+                and set(s.pos) == {"Support Devices"}
+                and not s.neg
+            ):
                 bank.setdefault("pos:Support Devices", []).append(s)
             continue
         if _REJECT.search(low) or _RUN_ON.search(text):
@@ -271,6 +314,7 @@ def sentence_bank() -> dict[str, list[Sentence]]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Side adaptation
+
 
 def _case(word: str, like: str) -> str:
     return word.capitalize() if like[:1].isupper() else word
@@ -331,18 +375,24 @@ SEV_ADV = {"small": "mildly", "moderate": "moderately", "large": "markedly"}
 def fill_template(obs: str, f: dict) -> str:
     side = f.get("side") or ""
     sev = severity_word(f.get("severity", 0.5))
-    text = TEMPLATES[obs].format(sev=sev, side=side, zone=f.get("zone") or "lower", sevadj=SEV_ADJ[sev],
-                                 sevadv=SEV_ADV[sev])
+    text = TEMPLATES[obs].format(
+        sev=sev, side=side, zone=f.get("zone") or "lower", sevadj=SEV_ADJ[sev], sevadv=SEV_ADV[sev]
+    )
     if side == "bilateral":
-        text = re.sub(r"There is a (\w+) bilateral pleural effusion\.", r"There are \1 bilateral pleural effusions.", text)
+        text = re.sub(
+            r"There is a (\w+) bilateral pleural effusion\.", r"There are \1 bilateral pleural effusions.", text
+        )
         text = text.replace("bilateral apical pneumothorax", "bilateral apical pneumothoraces")
     return re.sub(r"\s+", " ", text)
 
 
 def device_side(text: str, device: str) -> str:
     """Where to draw a device a sentence describes: the side word that qualifies the device, else the usual side."""
-    m = re.search(r"\b(right|left)(?:-sided)?\s+(?:[a-z-]+\s+){0,3}?(?:picc|catheter|pacemaker|ij|internal jugular|"
-                  r"subclavian|upper extremity|venous|chest wall|mediport|tunneled|cardiac|biventricular)", text.lower())
+    m = re.search(
+        r"\b(right|left)(?:-sided)?\s+(?:[a-z-]+\s+){0,3}?(?:picc|catheter|pacemaker|ij|internal jugular|"
+        r"subclavian|upper extremity|venous|chest wall|mediport|tunneled|cardiac|biventricular)",
+        text.lower(),
+    )
     if m:
         return m.group(1)
     return {"pacemaker": "left"}.get(device, "right")
@@ -393,9 +443,11 @@ def impression_of(truth: dict) -> str:
         if obs not in truth or obs == "Support Devices":
             continue
         side, zone = truth[obs].get("side"), truth[obs].get("zone")
-        name = {"Pleural Effusion": "pleural effusion" + ("s" if side == "bilateral" else ""),
-                "Pneumothorax": "pneumothora" + ("ces" if side == "bilateral" else "x"),
-                "Edema": "pulmonary edema"}.get(obs, obs.lower())
+        name = {
+            "Pleural Effusion": "pleural effusion" + ("s" if side == "bilateral" else ""),
+            "Pneumothorax": "pneumothora" + ("ces" if side == "bilateral" else "x"),
+            "Edema": "pulmonary edema",
+        }.get(obs, obs.lower())
         if obs in ("Consolidation", "Pneumonia") and zone:
             name = f"{zone} lung {name}"
         parts.append(f"{side} {name}" if side else name)

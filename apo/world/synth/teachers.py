@@ -24,24 +24,49 @@ import copy
 import re
 
 from apo.constants import TEACHERS
-from apo.synth.reports import LATERAL, split_sentences, severity_word, tag
+from apo.world.synth.reports import LATERAL, severity_word, split_sentences, tag
 
 RATES = ("omit", "omit_minor", "wrong_side", "hedge", "hallucinate", "late_add_base", "late_add_per_sentence", "refuse")
 
 DEFAULT_PROFILES = {
-    "GPT-5-nano": {"style": "terse", "negatives": 1, "omit_minor": 0.6,
-                   "drift": "terse and precise; omits minor findings (support devices, atelectasis, small findings)"},
-    "Gemini-2.5-flash-lite": {"style": "plain", "negatives": 1, "wrong_side": 0.45,
-                              "drift": "wrong side (left/right) on lateral findings"},
-    "Claude-Sonnet-4": {"style": "verbose", "negatives": 3, "hedge": 0.45,
-                        "drift": "verbose; hedges findings with uncertainty (may represent, cannot be excluded)"},
-    "Grok-4": {"style": "confident", "negatives": 1, "hallucinate": 0.45,
-               "drift": "hallucinates an extra finding the image does not show"},
-    "Qwen-VL-Max": {"style": "structured", "negatives": 2, "late_add_base": 0.0, "late_add_per_sentence": 0.06,
-                    "drift": "mostly correct, drifts late in long answers: appends a finding after the conclusion"},
+    "GPT-5-nano": {
+        "style": "terse",
+        "negatives": 1,
+        "omit_minor": 0.6,
+        "drift": "terse and precise; omits minor findings (support devices, atelectasis, small findings)",
+    },
+    "Gemini-2.5-flash-lite": {
+        "style": "plain",
+        "negatives": 1,
+        "wrong_side": 0.45,
+        "drift": "wrong side (left/right) on lateral findings",
+    },
+    "Claude-Sonnet-4": {
+        "style": "verbose",
+        "negatives": 3,
+        "hedge": 0.45,
+        "drift": "verbose; hedges findings with uncertainty (may represent, cannot be excluded)",
+    },
+    "Grok-4": {
+        "style": "confident",
+        "negatives": 1,
+        "hallucinate": 0.45,
+        "drift": "hallucinates an extra finding the image does not show",
+    },
+    "Qwen-VL-Max": {
+        "style": "structured",
+        "negatives": 2,
+        "late_add_base": 0.0,
+        "late_add_per_sentence": 0.06,
+        "drift": "mostly correct, drifts late in long answers: appends a finding after the conclusion",
+    },
     "GLM-4.5V": {"style": "plain", "negatives": 1, "omit": 0.35, "drift": "omits findings"},
-    "Moonshot-v1": {"style": "brief", "negatives": 1, "refuse": 0.35,
-                    "drift": "refuses a fraction of questions (no medical diagnosis)"},
+    "Moonshot-v1": {
+        "style": "brief",
+        "negatives": 1,
+        "refuse": 0.35,
+        "drift": "refuses a fraction of questions (no medical diagnosis)",
+    },
 }
 assert tuple(DEFAULT_PROFILES) == TEACHERS
 
@@ -62,80 +87,107 @@ def profiles(overrides: dict | None = None) -> dict:
 
 BASIS = {
     "Pleural Effusion": {
-        "lateral": ["There is blunting of the {s} costophrenic angle with a meniscus-shaped density at the {s} base, "
-                    "consistent with a {sev} {s} pleural effusion.",
-                    "Homogeneous density layers at the {s} lung base and obscures the {s} hemidiaphragm, in keeping "
-                    "with a {sev} {s} pleural effusion.",
-                    "The {s} costophrenic angle is blunted by a {sev} {s} pleural effusion with a meniscus sign."],
-        "bilateral": ["Both costophrenic angles are blunted with meniscus-shaped densities at the bases, consistent "
-                      "with {sev} bilateral pleural effusions.",
-                      "Dense fluid layers at both lung bases and obscures the hemidiaphragms, in keeping with {sev} "
-                      "bilateral pleural effusions."],
+        "lateral": [
+            "There is blunting of the {s} costophrenic angle with a meniscus-shaped density at the {s} base, "
+            "consistent with a {sev} {s} pleural effusion.",
+            "Homogeneous density layers at the {s} lung base and obscures the {s} hemidiaphragm, in keeping "
+            "with a {sev} {s} pleural effusion.",
+            "The {s} costophrenic angle is blunted by a {sev} {s} pleural effusion with a meniscus sign.",
+        ],
+        "bilateral": [
+            "Both costophrenic angles are blunted with meniscus-shaped densities at the bases, consistent "
+            "with {sev} bilateral pleural effusions.",
+            "Dense fluid layers at both lung bases and obscures the hemidiaphragms, in keeping with {sev} "
+            "bilateral pleural effusions.",
+        ],
         "terse": ["Blunted {s} costophrenic angle: {s} pleural effusion.", "{S} basal meniscus: {s} pleural effusion."],
-        "hedged": ["Blunting of the {s} costophrenic angle may represent a {s} pleural effusion.",
-                   "A small {s} pleural effusion cannot be excluded given the blunted {s} costophrenic angle."],
+        "hedged": [
+            "Blunting of the {s} costophrenic angle may represent a {s} pleural effusion.",
+            "A small {s} pleural effusion cannot be excluded given the blunted {s} costophrenic angle.",
+        ],
     },
     "Pneumothorax": {
-        "lateral": ["At the {s} apex a thin visceral pleural line is visible and lung markings are absent beyond it, "
-                    "indicating a {sev} {s} pneumothorax.",
-                    "A lucent rim devoid of vascular markings along the {s} apex and lateral chest wall, bounded by "
-                    "the pleural line, represents a {sev} {s} pneumothorax."],
+        "lateral": [
+            "At the {s} apex a thin visceral pleural line is visible and lung markings are absent beyond it, "
+            "indicating a {sev} {s} pneumothorax.",
+            "A lucent rim devoid of vascular markings along the {s} apex and lateral chest wall, bounded by "
+            "the pleural line, represents a {sev} {s} pneumothorax.",
+        ],
         "bilateral": ["Thin pleural lines with absent lung markings at both apices indicate bilateral pneumothoraces."],
         "terse": ["{S} apical pleural line, absent markings beyond: {s} pneumothorax."],
-        "hedged": ["A faint lucency at the {s} apex may represent a small {s} pneumothorax.",
-                   "A small {s} apical pneumothorax cannot be excluded."],
+        "hedged": [
+            "A faint lucency at the {s} apex may represent a small {s} pneumothorax.",
+            "A small {s} apical pneumothorax cannot be excluded.",
+        ],
     },
     "Cardiomegaly": {
-        "central": ["The cardiac silhouette is enlarged, with a cardiothoracic ratio above 0.5, consistent with "
-                    "cardiomegaly.",
-                    "The transverse diameter of the heart exceeds half of the thoracic diameter, indicating "
-                    "cardiomegaly.",
-                    "The heart is enlarged, with its left border extending toward the lateral chest wall, "
-                    "consistent with cardiomegaly."],
+        "central": [
+            "The cardiac silhouette is enlarged, with a cardiothoracic ratio above 0.5, consistent with cardiomegaly.",
+            "The transverse diameter of the heart exceeds half of the thoracic diameter, indicating cardiomegaly.",
+            "The heart is enlarged, with its left border extending toward the lateral chest wall, "
+            "consistent with cardiomegaly.",
+        ],
         "terse": ["Cardiothoracic ratio above 0.5: cardiomegaly.", "Enlarged cardiac silhouette: cardiomegaly."],
-        "hedged": ["The cardiac silhouette appears prominent and may reflect mild cardiomegaly.",
-                   "Cardiomegaly is possible, although the projection limits assessment of heart size."],
+        "hedged": [
+            "The cardiac silhouette appears prominent and may reflect mild cardiomegaly.",
+            "Cardiomegaly is possible, although the projection limits assessment of heart size.",
+        ],
     },
     "Atelectasis": {
-        "lateral": ["A linear plate-like opacity at the {s} lung base with mild volume loss is consistent with {s} "
-                    "basilar atelectasis.",
-                    "Band-like opacity in the {s} lower zone indicates {s} basilar atelectasis."],
+        "lateral": [
+            "A linear plate-like opacity at the {s} lung base with mild volume loss is consistent with {s} "
+            "basilar atelectasis.",
+            "Band-like opacity in the {s} lower zone indicates {s} basilar atelectasis.",
+        ],
         "bilateral": ["Plate-like opacities at both lung bases are consistent with bibasilar atelectasis."],
         "terse": ["{S} basal linear opacity: {s} atelectasis."],
-        "hedged": ["A linear opacity at the {s} base likely represents {s} basilar atelectasis.",
-                   "Streaky {s} basilar opacity may reflect atelectasis."],
+        "hedged": [
+            "A linear opacity at the {s} base likely represents {s} basilar atelectasis.",
+            "Streaky {s} basilar opacity may reflect atelectasis.",
+        ],
     },
     "Consolidation": {
-        "lateral": ["There is a patchy confluent opacity in the {s} {zone} lung zone, consistent with {s} {zone} "
-                    "lung consolidation.",
-                    "Airspace opacity with air bronchograms occupies the {s} {zone} zone, indicating {s} "
-                    "consolidation."],
+        "lateral": [
+            "There is a patchy confluent opacity in the {s} {zone} lung zone, consistent with {s} {zone} "
+            "lung consolidation.",
+            "Airspace opacity with air bronchograms occupies the {s} {zone} zone, indicating {s} consolidation.",
+        ],
         "bilateral": ["Patchy confluent opacities in both {zone} zones indicate bilateral consolidation."],
         "terse": ["{S} {zone} zone airspace opacity: {s} consolidation."],
-        "hedged": ["Patchy opacity in the {s} {zone} zone may represent {s} consolidation.",
-                   "{S} {zone} zone consolidation cannot be excluded."],
+        "hedged": [
+            "Patchy opacity in the {s} {zone} zone may represent {s} consolidation.",
+            "{S} {zone} zone consolidation cannot be excluded.",
+        ],
     },
     "Pneumonia": {
-        "lateral": ["There is a focal airspace opacity in the {s} {zone} lung zone, in keeping with {s} {zone} lung "
-                    "pneumonia.",
-                    "Patchy airspace opacity in the {s} {zone} zone indicates {s} pneumonia."],
+        "lateral": [
+            "There is a focal airspace opacity in the {s} {zone} lung zone, in keeping with {s} {zone} lung pneumonia.",
+            "Patchy airspace opacity in the {s} {zone} zone indicates {s} pneumonia.",
+        ],
         "bilateral": ["Patchy airspace opacities in both {zone} zones are in keeping with bilateral pneumonia."],
         "terse": ["{S} {zone} zone airspace opacity: {s} pneumonia."],
-        "hedged": ["The {s} {zone} zone airspace opacity is suspicious for {s} pneumonia.",
-                   "{S} {zone} zone opacity could represent pneumonia."],
+        "hedged": [
+            "The {s} {zone} zone airspace opacity is suspicious for {s} pneumonia.",
+            "{S} {zone} zone opacity could represent pneumonia.",
+        ],
     },
     "Edema": {
-        "central": ["There is bilateral perihilar haziness with indistinct vascular margins and septal lines at the "
-                    "bases, consistent with pulmonary edema.",
-                    "Perihilar airspace haziness in a bat-wing distribution with Kerley B lines indicates pulmonary "
-                    "edema."],
+        "central": [
+            "There is bilateral perihilar haziness with indistinct vascular margins and septal lines at the "
+            "bases, consistent with pulmonary edema.",
+            "Perihilar airspace haziness in a bat-wing distribution with Kerley B lines indicates pulmonary edema.",
+        ],
         "terse": ["Perihilar haze and Kerley B lines: pulmonary edema."],
-        "hedged": ["Perihilar haziness may reflect mild pulmonary edema.",
-                   "Pulmonary edema cannot be excluded given the perihilar haziness."],
+        "hedged": [
+            "Perihilar haziness may reflect mild pulmonary edema.",
+            "Pulmonary edema cannot be excluded given the perihilar haziness.",
+        ],
     },
     "Lung Lesion": {  # never drawn: only ever hallucinated
-        "lateral": ["A well-circumscribed nodule projects over the {s} mid lung zone.",
-                    "There is a rounded nodule in the {s} mid lung."],
+        "lateral": [
+            "A well-circumscribed nodule projects over the {s} mid lung zone.",
+            "There is a rounded nodule in the {s} mid lung.",
+        ],
         "terse": ["{S} mid lung nodule."],
         "hedged": ["A rounded density in the {s} mid lung may represent a nodule."],
     },
@@ -147,7 +199,10 @@ DEVICES = {
     "et_tube": "An endotracheal tube is present with its tip above the carina.",
 }
 NEGATIVES = {
-    "Pleural Effusion": ["There is no pleural effusion.", "The costophrenic angles are sharp, without pleural effusion."],
+    "Pleural Effusion": [
+        "There is no pleural effusion.",
+        "The costophrenic angles are sharp, without pleural effusion.",
+    ],
     "Pneumothorax": ["No pneumothorax is seen.", "There is no pneumothorax."],
     "Cardiomegaly": ["The heart size is normal.", "The cardiac silhouette is within normal limits."],
     "Consolidation": ["There is no focal consolidation.", "No consolidation is identified."],
@@ -163,17 +218,32 @@ REFUSALS = [
 ]
 _REFUSAL = re.compile(r"\bI (?:cannot|can't|am unable to) provide\b|\bcannot provide (?:a )?medical", re.I)
 OPENERS = {
-    "verbose": ["Reviewing this frontal chest radiograph systematically, I will describe the relevant findings.",
-                "On this frontal chest radiograph, several features deserve attention."],
+    "verbose": [
+        "Reviewing this frontal chest radiograph systematically, I will describe the relevant findings.",
+        "On this frontal chest radiograph, several features deserve attention.",
+    ],
     "structured": ["Findings:"],
     "confident": ["The image is clear."],
 }
-HEDGED_ANY = ["There is a subtle density that may represent {name}.", "{Name} cannot be excluded.",
-              "The appearance is equivocal, possibly reflecting {name}."]
-FILLER = ["This finding is clearly visible on the frontal projection.",
-          "This is a relevant observation for the stated diagnosis.", "The appearance is typical on a frontal view."]
-HALLUCINATABLE = ("Pleural Effusion", "Pneumothorax", "Cardiomegaly", "Atelectasis", "Consolidation", "Edema",
-                  "Lung Lesion")
+HEDGED_ANY = [
+    "There is a subtle density that may represent {name}.",
+    "{Name} cannot be excluded.",
+    "The appearance is equivocal, possibly reflecting {name}.",
+]
+FILLER = [
+    "This finding is clearly visible on the frontal projection.",
+    "This is a relevant observation for the stated diagnosis.",
+    "The appearance is typical on a frontal view.",
+]
+HALLUCINATABLE = (
+    "Pleural Effusion",
+    "Pneumothorax",
+    "Cardiomegaly",
+    "Atelectasis",
+    "Consolidation",
+    "Edema",
+    "Lung Lesion",
+)
 MINOR = ("Support Devices", "Atelectasis")
 
 
@@ -182,8 +252,12 @@ def is_refusal(text: str) -> bool:
 
 
 def finding_name(obs: str, side: str | None, zone: str | None = None) -> str:
-    name = {"Pleural Effusion": "pleural effusion", "Pneumothorax": "pneumothorax", "Edema": "pulmonary edema",
-            "Lung Lesion": "lung nodule"}.get(obs, obs.lower())
+    name = {
+        "Pleural Effusion": "pleural effusion",
+        "Pneumothorax": "pneumothorax",
+        "Edema": "pulmonary edema",
+        "Lung Lesion": "lung nodule",
+    }.get(obs, obs.lower())
     if side == "bilateral":
         name = {"pleural effusion": "pleural effusions", "pneumothorax": "pneumothoraces"}.get(name, name)
     if obs in ("Consolidation", "Pneumonia") and zone:
@@ -197,7 +271,9 @@ def join(items: list[str]) -> str:
 
 def _fill(template: str, side, f: dict) -> str:
     s = side or ""
-    text = template.format(s=s, S=s.capitalize(), sev=severity_word(f.get("severity", 0.5)), zone=f.get("zone") or "lower")
+    text = template.format(
+        s=s, S=s.capitalize(), sev=severity_word(f.get("severity", 0.5)), zone=f.get("zone") or "lower"
+    )
     return re.sub(r"\s+", " ", text)
 
 
@@ -286,18 +362,21 @@ def answer(teacher: str, truth: dict, profile: dict, rng) -> tuple[str, dict]:
 def _late_phrase(obs, side, f) -> str:
     sev = severity_word(f.get("severity", 0.5))
     name = finding_name(obs, side, f.get("zone"))
-    return {"Cardiomegaly": "mild cardiomegaly", "Edema": "mild pulmonary edema",
-            "Atelectasis": f"{side} basilar atelectasis"}.get(obs, f"a {sev} {name}")
+    return {
+        "Cardiomegaly": "mild cardiomegaly",
+        "Edema": "mild pulmonary edema",
+        "Atelectasis": f"{side} basilar atelectasis",
+    }.get(obs, f"a {sev} {name}")
 
 
 def _conclusion(style, said, rng) -> str:
     pathologies = [(o, s, f, m) for o, s, f, m in said if o != "Support Devices"]
     if not pathologies:
-        return {"terse": "Conclusion: no acute cardiopulmonary abnormality.",
-                "verbose": "Taken together, these findings support the impression of no acute cardiopulmonary "
-                           "abnormality.",
-                "structured": "Impression: the findings support no acute cardiopulmonary abnormality.",
-                }.get(style, "These findings support the impression of no acute cardiopulmonary abnormality.")
+        return {
+            "terse": "Conclusion: no acute cardiopulmonary abnormality.",
+            "verbose": "Taken together, these findings support the impression of no acute cardiopulmonary abnormality.",
+            "structured": "Impression: the findings support no acute cardiopulmonary abnormality.",
+        }.get(style, "These findings support the impression of no acute cardiopulmonary abnormality.")
     certain = [finding_name(o, s, f.get("zone")) for o, s, f, m in pathologies if m != "hedged"]
     hedged = [finding_name(o, s, f.get("zone")) for o, s, f, m in pathologies if m == "hedged"]
     if style == "terse":
@@ -317,6 +396,7 @@ def _conclusion(style, said, rng) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 # Measuring drift from the text alone
 
+
 def truth_items(truth: dict) -> set:
     """(obs, side) pairs a correct answer reports: lateral findings carry their side."""
     return {(o, f.get("side") if o in LATERAL else None) for o, f in truth.items()}
@@ -325,8 +405,11 @@ def truth_items(truth: dict) -> set:
 def said_items(text: str) -> set:
     """(obs, side) pairs a text asserts as certain (tagger label 1)."""
     t = tag(text)
-    return {(o, v["side"] if o in LATERAL else None) for o, v in t.items()
-            if v["label"] == 1 and o not in ("No Finding", "Lung Opacity", "Enlarged Cardiomediastinum")}
+    return {
+        (o, v["side"] if o in LATERAL else None)
+        for o, v in t.items()
+        if v["label"] == 1 and o not in ("No Finding", "Lung Opacity", "Enlarged Cardiomediastinum")
+    }
 
 
 def measure(cases: list[dict]) -> dict:
@@ -336,8 +419,25 @@ def measure(cases: list[dict]) -> dict:
     per lateral finding reported, hallucination and late addition per answered question, refusal per question;
     exact = the answer's certain (finding, side) set equals the truth's.
     """
-    stats = {t: {k: 0 for k in ("answers", "refused", "pos", "omitted", "hedged", "lateral", "wrong_side",
-                                "hallucinated", "late_added", "exact", "words")} for t in TEACHERS}
+    stats = {
+        t: {
+            k: 0
+            for k in (
+                "answers",
+                "refused",
+                "pos",
+                "omitted",
+                "hedged",
+                "lateral",
+                "wrong_side",
+                "hallucinated",
+                "late_added",
+                "exact",
+                "words",
+            )
+        }
+        for t in TEACHERS
+    }
     vote_exact = 0
     for c in cases:
         truth, want = c["truth"], truth_items(c["truth"])

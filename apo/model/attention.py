@@ -1,6 +1,6 @@
 """Our attention functions as transformers attention kernels, each wrapping the kernel the model already had.
 
-`apo.trainer.packing.segment_attention` (the packed training step) and `apo.decoding.generation_attention` (batched
+`apo.model.packing.segment_attention` (the packed training step) and `apo.model.decoding.generation_attention` (batched
 generation) each handle only the calls they were written for and hand everything else to the model's own kernel.
 `wrap_kernel` registers such a function under PREFIX + the current kernel's name (with that kernel's mask function,
 so the model builds the masks it always did) and switches a config to it; `model_kernel` finds the wrapped one again.

@@ -64,8 +64,9 @@ class ResumableJsonl:
             self.records[k] = record
             good_end += len(raw) + 1
         if good_end != len(data) and not self.readonly:
-            log.warning("%s: dropping a torn last line (%d bytes); that case will be redone", self.path,
-                        len(data) - good_end)
+            log.warning(
+                "%s: dropping a torn last line (%d bytes); that case will be redone", self.path, len(data) - good_end
+            )
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)
                 fh.flush()
@@ -105,8 +106,9 @@ class ResumableJsonl:
         rank = {k: i for i, k in enumerate(order)}
         extra = sorted(k for k in self.records if k not in rank)
         if extra:
-            log.warning("%s: %d records are not in this dataset (kept at the end), e.g. %s", self.path, len(extra),
-                        extra[:3])
+            log.warning(
+                "%s: %d records are not in this dataset (kept at the end), e.g. %s", self.path, len(extra), extra[:3]
+            )
         keys = [k for k in order if k in self.records] + extra
         records = [self.records[k] for k in keys]
         write_jsonl_atomic(self.path, records)

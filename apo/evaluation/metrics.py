@@ -8,7 +8,7 @@ off and dropped, whitespace split); BLEU/ROUGE-L/CIDEr then differ slightly from
 
 `clinical_efficacy(refs, hyps, uncertain="positive")` -> micro/macro precision/recall/F1 over the 14 CheXpert
 observations of the labels of the hypotheses against those of the references (texts are labelled with
-`apo.labeler.label`, or pass label dicts; `labeler=` swaps in another labeler, e.g. `chexbert_labeler(path)`).
+`apo.evaluation.labeler.label`, or pass label dicts; `labeler=` swaps in another labeler, e.g. `chexbert_labeler(path)`).
 """
 
 from __future__ import annotations
@@ -60,13 +60,19 @@ def nlg_scores(references: list, hypotheses: list[str]) -> dict:
     if java:
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-        both = PTBTokenizer().tokenize({**{("g", k): v for k, v in gts.items()},  # one JVM for both sides
-                                        **{("r", k): v for k, v in res.items()}})
+        both = PTBTokenizer().tokenize(
+            {
+                **{("g", k): v for k, v in gts.items()},  # one JVM for both sides
+                **{("r", k): v for k, v in res.items()},
+            }
+        )
         gts = {k: both[("g", k)] for k in gts}
         res = {k: both[("r", k)] for k in res}
     else:
-        log.warning("java not found on PATH: METEOR is not computed (None) and the PTB tokenizer is replaced by "
-                    "apo.metrics.simple_tokenize (install a JRE, e.g. openjdk-17-jre-headless, for the exact numbers)")
+        log.warning(
+            "java not found on PATH: METEOR is not computed (None) and the PTB tokenizer is replaced by "
+            "apo.evaluation.metrics.simple_tokenize (install a JRE, e.g. openjdk-17-jre-headless, for the exact numbers)"
+        )
         gts = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in gts.items()}
         res = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in res.items()}
     out = dict.fromkeys(NLG_KEYS)
@@ -116,11 +122,12 @@ def _prf(tp, fp, fn) -> tuple[float, float, float]:
     return p, r, (2 * p * r / (p + r) if p + r else 0.0)
 
 
-def clinical_efficacy(refs: list, hyps: list, uncertain: str = "positive", labeler=None,
-                      observations=OBSERVATIONS) -> dict:
+def clinical_efficacy(
+    refs: list, hyps: list, uncertain: str = "positive", labeler=None, observations=OBSERVATIONS
+) -> dict:
     """Clinical efficacy (CE): precision/recall/F1 of the hypotheses' CheXpert labels against the references'.
 
-    `refs`, `hyps`: texts (labelled with `labeler`, default `apo.labeler.label`) or label dicts {obs: 1|0|-1|None}.
+    `refs`, `hyps`: texts (labelled with `labeler`, default `apo.evaluation.labeler.label`) or label dicts {obs: 1|0|-1|None}.
     Per observation, a report counts as positive when its label is 1; unmentioned (None) and negative (0) count as
     negative; uncertain (-1) follows `uncertain`:
       "positive" (default)  -1 -> 1. The convention of the CheXbert-based CE / F1-CheXbert used in the report
@@ -139,7 +146,7 @@ def clinical_efficacy(refs: list, hyps: list, uncertain: str = "positive", label
     if len(refs) != len(hyps):
         raise ApoError(f"clinical_efficacy: {len(refs)} references but {len(hyps)} hypotheses")
     if labeler is None:
-        from apo.labeler import label as labeler
+        from apo.evaluation.labeler import label as labeler
     counts = {o: [0, 0, 0, 0] for o in observations}  # tp, fp, fn, support
     for r, h in zip(refs, hyps):
         rl, hl = _labels(r, labeler), _labels(h, labeler)
@@ -164,9 +171,22 @@ def clinical_efficacy(refs: list, hyps: list, uncertain: str = "positive", label
 
 # ----------------------------------------------------------------------------- optional CheXbert
 
-CHEXBERT_CONDITIONS = ("Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
-                       "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion",
-                       "Pleural Other", "Fracture", "Support Devices", "No Finding")
+CHEXBERT_CONDITIONS = (
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+    "No Finding",
+)
 
 
 def chexbert_labeler(checkpoint, tokenizer_dir=None, device: str = "cpu"):
@@ -176,12 +196,16 @@ def chexbert_labeler(checkpoint, tokenizer_dir=None, device: str = "cpu"):
     Pass the result as `clinical_efficacy(..., labeler=...)`."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise ApoError(f"--chexbert {checkpoint}: no such file (CheXbert weights are never downloaded; get "
-                       "chexbert.pth from the CheXbert authors and pass its path)")
+        raise ApoError(
+            f"--chexbert {checkpoint}: no such file (CheXbert weights are never downloaded; get "
+            "chexbert.pth from the CheXbert authors and pass its path)"
+        )
     tok_dir = Path(tokenizer_dir) if tokenizer_dir else path.parent
     if not (tok_dir / "vocab.txt").is_file():
-        raise ApoError(f"--chexbert: no bert-base-uncased tokenizer (vocab.txt) in {tok_dir}; put one next to the "
-                       "checkpoint or pass its folder")
+        raise ApoError(
+            f"--chexbert: no bert-base-uncased tokenizer (vocab.txt) in {tok_dir}; put one next to the "
+            "checkpoint or pass its folder"
+        )
     import torch
     from transformers import BertConfig, BertModel, BertTokenizer
 
@@ -191,14 +215,18 @@ def chexbert_labeler(checkpoint, tokenizer_dir=None, device: str = "cpu"):
     words = state["bert.embeddings.word_embeddings.weight"]
     layers = 1 + max(int(k.split(".")[3]) for k in state if k.startswith("bert.encoder.layer."))
     hidden = words.shape[1]
-    cfg = BertConfig(vocab_size=words.shape[0], hidden_size=hidden, num_hidden_layers=layers,
-                     num_attention_heads=max(1, hidden // 64),
-                     intermediate_size=state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
-                     max_position_embeddings=state["bert.embeddings.position_embeddings.weight"].shape[0])
+    cfg = BertConfig(
+        vocab_size=words.shape[0],
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=max(1, hidden // 64),
+        intermediate_size=state["bert.encoder.layer.0.intermediate.dense.weight"].shape[0],
+        max_position_embeddings=state["bert.embeddings.position_embeddings.weight"].shape[0],
+    )
     bert = BertModel(cfg, add_pooling_layer=False)
     heads = torch.nn.ModuleList([torch.nn.Linear(hidden, 4) for _ in range(13)] + [torch.nn.Linear(hidden, 2)])
     bert.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("bert.") and "pooler" not in k})
-    heads.load_state_dict({k[len("linear_heads."):]: v for k, v in state.items() if k.startswith("linear_heads.")})
+    heads.load_state_dict({k[len("linear_heads.") :]: v for k, v in state.items() if k.startswith("linear_heads.")})
     bert.to(device).eval()
     heads.to(device).eval()
     tokenizer = BertTokenizer.from_pretrained(str(tok_dir))

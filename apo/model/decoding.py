@@ -1,4 +1,4 @@
-"""Cheaper decode steps for batched generation (`apo.generation.generate`): what a step costs besides the model.
+"""Cheaper decode steps for batched generation (`apo.model.generation.generate`): what a step costs besides the model.
 
 A decode step of a batch of B left-padded prompts, with transformers' defaults, does three things per layer that
 grow with the cached length L and are not the model's arithmetic:
@@ -14,8 +14,8 @@ On the tiny CPU model (batch 16, ~850-token prompts) those were ~60% of a decode
   the K/V heads as they are (the query heads of a K/V head form the rows of one matmul), the padding mask applied
   to the [B, kv_heads, group, L] scores; for the prefill of left-padded prompts, SDPA's causal kernel on each row's
   real tokens instead of a [B, 1, L, L] mask. Every other call (the vision tower, training, unusual masks) goes to
-  the model's own kernel unchanged. Registered with transformers through `apo.attention`, like
-  `apo.trainer.packing.segment_attention`.
+  the model's own kernel unchanged. Registered with transformers through `apo.model.attention`, like
+  `apo.model.packing.segment_attention`.
 Greedy outputs are the same tokens as with the defaults up to float rounding (tested on the tiny model: identical
 texts); the loop-vs-batched benchmark is `benchmarks/bench_consensus.py`.
 """
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from apo.attention import model_kernel, wrap_kernel
+from apo.model.attention import model_kernel, wrap_kernel
 
 PREFIX = "apo_decode_"  # + the model's own kernel name, which every other forward keeps using
 
@@ -43,14 +43,15 @@ class ReservedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         n, new = self.get_seq_length(), key_states.shape[-2]
-        if (self._kbuf is None or n + new > self._kbuf.shape[-2]
-                or self.keys.data_ptr() != self._kbuf.data_ptr()):  # crop / beam reorder replaced the tensors
+        if (
+            self._kbuf is None or n + new > self._kbuf.shape[-2] or self.keys.data_ptr() != self._kbuf.data_ptr()
+        ):  # crop / beam reorder replaced the tensors
             cap = max(self.reserve, n + new, 2 * n)
             self._kbuf = self._grow(self.keys, key_states, n, cap)
             self._vbuf = self._grow(self.values, value_states, n, cap)
-        self._kbuf[..., n:n + new, :] = key_states
-        self._vbuf[..., n:n + new, :] = value_states
-        self.keys, self.values = self._kbuf[..., :n + new, :], self._vbuf[..., :n + new, :]
+        self._kbuf[..., n : n + new, :] = key_states
+        self._vbuf[..., n : n + new, :] = value_states
+        self.keys, self.values = self._kbuf[..., : n + new, :], self._vbuf[..., : n + new, :]
         return self.keys, self.values
 
     @staticmethod
@@ -86,17 +87,18 @@ def generation_attention(module, query, key, value, attention_mask, scaling=None
         starts = _left_padding(attention_mask, B)
         if starts is not None:
             return _prefill(query, key, value, starts, scaling), None
-    return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling,
-                                        dropout=dropout, **kwargs)
+    return model_kernel(module, PREFIX)(
+        module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+    )
 
 
 def _decode(query, key, value, attention_mask, scaling):
     B, H, _, d = query.shape
     kv_heads = key.shape[1]
     q = query.view(B, kv_heads, H // kv_heads, d)  # query head h reads K/V head h // group (repeat_kv's order)
-    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling if scaling is not None else d ** -0.5)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float().mul_(scaling if scaling is not None else d**-0.5)
     if attention_mask is not None:  # [B, kv_heads, group, L] scores, a [B or 1, 1, 1, L] mask row
-        mask = attention_mask[..., -1:, -key.shape[-2]:]
+        mask = attention_mask[..., -1:, -key.shape[-2] :]
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, float("-inf"))
         else:
@@ -122,8 +124,14 @@ def _prefill(query, key, value, starts, scaling):
     gqa = H != key.shape[1]
     out = query.new_zeros(B, L, H, d)
     for b, s in enumerate(starts):
-        o = F.scaled_dot_product_attention(query[b:b + 1, :, s:], key[b:b + 1, :, s:], value[b:b + 1, :, s:],
-                                           is_causal=True, scale=scaling, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            query[b : b + 1, :, s:],
+            key[b : b + 1, :, s:],
+            value[b : b + 1, :, s:],
+            is_causal=True,
+            scale=scaling,
+            enable_gqa=gqa,
+        )
         out[b, s:] = o[0].transpose(0, 1)
     return out
 

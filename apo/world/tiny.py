@@ -20,9 +20,22 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 # Qwen2.5-VL's added tokens, in the real model's order (ids follow the learned vocabulary).
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
-                  "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
-                  "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+SPECIAL_TOKENS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|object_ref_start|>",
+    "<|object_ref_end|>",
+    "<|box_start|>",
+    "<|box_end|>",
+    "<|quad_start|>",
+    "<|quad_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
 # Qwen/Qwen2.5-VL-7B-Instruct chat_template.json, verbatim.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
@@ -38,10 +51,28 @@ CHAT_TEMPLATE = (
 )
 VOCAB_SIZE = 2048  # learned tokens incl. the 256 bytes; the specials come on top
 IMAGE_PIXELS = 112 * 112  # min = max: every image becomes 112x112, i.e. 16 tokens after the 2x2 merge
-TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=4096, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
-VISION = dict(depth=2, hidden_size=64, intermediate_size=128, num_heads=4, patch_size=14, spatial_merge_size=2,
-              temporal_patch_size=2, window_size=112, fullatt_block_indexes=[1], tokens_per_second=2)
+TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=4096,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+)
+VISION = dict(
+    depth=2,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=4,
+    patch_size=14,
+    spatial_merge_size=2,
+    temporal_patch_size=2,
+    window_size=112,
+    fullatt_block_indexes=[1],
+    tokens_per_second=2,
+)
 # Words a prompt may use beyond the reports and teachers (system prompt, consensus instructions, chat glue).
 EXTRA_CORPUS = (
     "You are a helpful assistant. You are an expert radiologist. Answer the question about the chest X-ray. "
@@ -56,9 +87,9 @@ EXTRA_CORPUS = (
 
 def training_corpus() -> list[str]:
     """Texts the tokenizer learns from: IU FINDINGS/IMPRESSIONS, the teachers' sentence material, prompt words."""
-    from apo.synth import QUESTIONS
-    from apo.synth import teachers as T
-    from apo.synth.reports import TEMPLATES, iu_reports
+    from apo.world.synth import QUESTIONS
+    from apo.world.synth import teachers as T
+    from apo.world.synth.reports import TEMPLATES, iu_reports
 
     texts = [f"FINDINGS: {f} IMPRESSION: {i}" for _, f, i, _ in iu_reports()]  # the reports' format in this repo
     fill = dict(s="right", S="Right", sev="small", zone="lower")
@@ -82,20 +113,37 @@ def build_tokenizer():
 
     bpe = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, min_frequency=2, show_progress=False, special_tokens=[],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        min_frequency=2,
+        show_progress=False,
+        special_tokens=[],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     bpe.train_from_iterator(training_corpus(), trainer=trainer)
     model = json.loads(bpe.to_str())["model"]
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     vocab = dict(model["vocab"])
     vocab.update((t, len(model["vocab"]) + i) for i, t in enumerate(SPECIAL_TOKENS))  # Qwen's order, after the BPE
-    tok = Qwen2Tokenizer(vocab=vocab, merges=merges, unk_token=None, bos_token=None,
-                         eos_token="<|im_end|>", pad_token="<|endoftext|>", errors="replace",
-                         model_max_length=32768, clean_up_tokenization_spaces=False, split_special_tokens=False)
+    tok = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=merges,
+        unk_token=None,
+        bos_token=None,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        errors="replace",
+        model_max_length=32768,
+        clean_up_tokenization_spaces=False,
+        split_special_tokens=False,
+    )
     tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS], special_tokens=True)
     tok.chat_template = CHAT_TEMPLATE
     return tok
@@ -105,8 +153,9 @@ def build_processor(tokenizer):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     image = Qwen2VLImageProcessor(size={"shortest_edge": IMAGE_PIXELS, "longest_edge": IMAGE_PIXELS})
-    return Qwen2_5_VLProcessor(image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                               chat_template=CHAT_TEMPLATE)
+    return Qwen2_5_VLProcessor(
+        image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE
+    )
 
 
 def build_config(tokenizer):
@@ -117,14 +166,25 @@ def build_config(tokenizer):
     head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
     half = head_dim // 2
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # t, h, w as in Qwen2.5-VL (16, 24, 24)
-    text = dict(TEXT, vocab_size=vocab, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                pad_token_id=ids["<|endoftext|>"],
-                rope_parameters={"rope_type": "default", "rope_theta": TEXT["rope_theta"], "mrope_section": section})
+    text = dict(
+        TEXT,
+        vocab_size=vocab,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        pad_token_id=ids["<|endoftext|>"],
+        rope_parameters={"rope_type": "default", "rope_theta": TEXT["rope_theta"], "mrope_section": section},
+    )
     text.pop("rope_theta")
     vision = dict(VISION, out_hidden_size=TEXT["hidden_size"])
-    cfg = Qwen2_5_VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+    cfg = Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=False,
+    )
     # ms-swift picks its model/template from these (it also needs --model_type qwen2_5_vl for a local folder).
     cfg.architectures = ["Qwen2_5_VLForConditionalGeneration"]
     assert cfg.model_type == "qwen2_5_vl"
@@ -140,7 +200,7 @@ SWIFT_PLUGIN = """\
 import os
 
 os.environ.setdefault("MAX_PIXELS", "{pixels}")
-from apo.tiny import patch_swift
+from apo.world.tiny import patch_swift
 
 patch_swift()
 """
@@ -182,8 +242,9 @@ def build_tiny_model(out_dir, seed: int = 0) -> str:
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
     eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1],
-                                               do_sample=False)
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1], do_sample=False
+    )
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "swift_plugin.py").write_text(SWIFT_PLUGIN.format(pixels=IMAGE_PIXELS), encoding="utf-8")

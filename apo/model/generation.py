@@ -1,18 +1,9 @@
 """Text generation with a (tiny or 7B) Qwen2.5-VL, shared by consensus, eval-report and eval-mscxrt.
 
 `load_model` gives (model, processor) in eval mode; `generate` answers a list of requests (image paths, prompt)
-in batches: prompts built by `apo.chat`, left padding, KV cache, longest requests first (less padding, and an
+in batches: prompts built by `apo.model.chat`, left padding, KV cache, longest requests first (less padding, and an
 out-of-memory shows up on the first batch, not after an hour), answers returned in input order. Greedy by default,
-so a rerun reproduces every answer.
-
-Multi-GPU is data parallel, one process per GPU, nothing shared but the file system:
-
-    torchrun --nproc_per_node 4 -m apo.cli consensus --model DIR ...     (or: accelerate launch -m apo.cli ...)
-
-`run_resumable` gives rank r the items `shard(items, r, world)`; each rank appends to its own shard file
-`OUT.rank<r>-of-<world>`, rank 0 waits for all of them, merges into OUT in dataset order and removes the shards.
-A rerun (any world size) skips every case already in OUT or in any shard file. With one process nothing changes:
-results go straight into OUT. Several nodes (torchrun --nnodes) need OUT on a file system they all see.
+so a rerun reproduces every answer. Multi-GPU runs shard the cases over processes: `apo.io.jobs`.
 """
 
 from __future__ import annotations
@@ -20,16 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import time
 from pathlib import Path
 
-from apo.chat import load_images, user_message
 from apo.errors import ApoError
-from apo.resumable import ResumableJsonl
+from apo.model.chat import load_images, user_message
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- model
+
 
 def pick_device(device=None) -> str:
     import torch
@@ -77,15 +67,24 @@ def add_model_arguments(parser, required=True) -> None:
     g = parser.add_argument_group("model")
     g.add_argument("--model", required=required, help="model folder (Qwen2.5-VL; base of --adapter)")
     g.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to load on top (e.g. the SFT output)")
-    g.add_argument("--batch-size", type=int, default=8, help="requests per generate() call (per GPU; with "
-                   "--backend vllm, 4x this go to vLLM per call and it batches them itself)")
+    g.add_argument(
+        "--batch-size",
+        type=int,
+        default=8,
+        help="requests per generate() call (per GPU; with "
+        "--backend vllm, 4x this go to vLLM per call and it batches them itself)",
+    )
     g.add_argument("--max-new-tokens", type=int, default=512)
     g.add_argument("--device", default=None, help="default: cuda:$LOCAL_RANK if CUDA is available, else cpu")
     g.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), bfloat16, float16, float32")
     g.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model (off by default)")
-    g.add_argument("--backend", choices=["hf", "vllm"], default="hf",
-                   help="hf: transformers generate() (batched, KV cache; CPU or GPU); vllm: vLLM's engine "
-                        "(continuous batching, paged KV cache; GPU, `pip install -e '.[vllm]'`)")
+    g.add_argument(
+        "--backend",
+        choices=["hf", "vllm"],
+        default="hf",
+        help="hf: transformers generate() (batched, KV cache; CPU or GPU); vllm: vLLM's engine "
+        "(continuous batching, paged KV cache; GPU, `pip install -e '.[vllm]'`)",
+    )
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory it may take")
 
@@ -94,13 +93,19 @@ def model_from_args(args):
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ApoError("--batch-size and --max-new-tokens must be at least 1")
     if getattr(args, "backend", "hf") == "vllm":
-        engine = VllmEngine(args.model, args.adapter, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
-                            max_model_len=getattr(args, "max_length", None),
-                            tensor_parallel_size=args.tensor_parallel_size,
-                            gpu_memory_utilization=args.gpu_memory_utilization)
+        engine = VllmEngine(
+            args.model,
+            args.adapter,
+            dtype=args.dtype,
+            trust_remote_code=args.trust_remote_code,
+            max_model_len=getattr(args, "max_length", None),
+            tensor_parallel_size=args.tensor_parallel_size,
+            gpu_memory_utilization=args.gpu_memory_utilization,
+        )
         return engine, engine.processor
-    return load_model(args.model, args.adapter, device=args.device, dtype=args.dtype,
-                      trust_remote_code=args.trust_remote_code)
+    return load_model(
+        args.model, args.adapter, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+    )
 
 
 class VllmEngine:
@@ -116,25 +121,44 @@ class VllmEngine:
     (run_resumable reads only those), or one process with --tensor-parallel-size; not under torchrun, whose process
     group vLLM would try to join."""
 
-    def __init__(self, model, adapter=None, dtype="auto", trust_remote_code=False, max_model_len=None,
-                 tensor_parallel_size=1, gpu_memory_utilization=0.9, max_images=4, seed=0):
+    def __init__(
+        self,
+        model,
+        adapter=None,
+        dtype="auto",
+        trust_remote_code=False,
+        max_model_len=None,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.9,
+        max_images=4,
+        seed=0,
+    ):
         import json
 
         try:
             from vllm import LLM
         except ImportError:
-            raise ApoError("--backend vllm needs vLLM on a CUDA machine: pip install -e '.[vllm]' "
-                           "(or use --backend hf)") from None
+            raise ApoError(
+                "--backend vllm needs vLLM on a CUDA machine: pip install -e '.[vllm]' (or use --backend hf)"
+            ) from None
         from transformers import AutoProcessor
 
         if os.environ.get("TORCHELASTIC_RUN_ID"):
-            raise ApoError("--backend vllm runs one engine per process: launch it without torchrun (set RANK and "
-                           "WORLD_SIZE per process for data parallel, or use --tensor-parallel-size)")
+            raise ApoError(
+                "--backend vllm runs one engine per process: launch it without torchrun (set RANK and "
+                "WORLD_SIZE per process for data parallel, or use --tensor-parallel-size)"
+            )
         if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
             raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1)")
-        kw = dict(model=str(model), dtype=dtype, trust_remote_code=trust_remote_code, seed=seed,
-                  limit_mm_per_prompt={"image": max_images}, tensor_parallel_size=tensor_parallel_size,
-                  gpu_memory_utilization=gpu_memory_utilization)
+        kw = dict(
+            model=str(model),
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            seed=seed,
+            limit_mm_per_prompt={"image": max_images},
+            tensor_parallel_size=tensor_parallel_size,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
         if max_model_len:
             kw["max_model_len"] = int(max_model_len)
         self.lora = None
@@ -144,9 +168,11 @@ class VllmEngine:
                 raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA folder)")
             cfg = json.loads(cfg_path.read_text())
             if cfg.get("modules_to_save"):
-                raise ApoError(f"--adapter {adapter}: it also trains {cfg['modules_to_save']}, which vLLM's LoRA "
-                               "cannot serve; merge it (SFT launcher MERGE_LORA=true) and pass the merged folder "
-                               "as --model")
+                raise ApoError(
+                    f"--adapter {adapter}: it also trains {cfg['modules_to_save']}, which vLLM's LoRA "
+                    "cannot serve; merge it (SFT launcher MERGE_LORA=true) and pass the merged folder "
+                    "as --model"
+                )
             from vllm.lora.request import LoRARequest
 
             kw.update(enable_lora=True, max_lora_rank=max(8, int(cfg.get("r", 8))))
@@ -157,15 +183,19 @@ class VllmEngine:
     def answer(self, texts, images_per_request, max_new_tokens, greedy=True, seed=0) -> list[str]:
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0, seed=seed,
-                                skip_special_tokens=True)
-        inputs = [{"prompt": t, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} if ims
-                  else {"prompt": t} for t, ims in zip(texts, images_per_request)]
+        params = SamplingParams(
+            max_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0, seed=seed, skip_special_tokens=True
+        )
+        inputs = [
+            {"prompt": t, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} if ims else {"prompt": t}
+            for t, ims in zip(texts, images_per_request)
+        ]
         outs = self.llm.generate(inputs, params, lora_request=self.lora, use_tqdm=False)
         return [o.outputs[0].text.strip() for o in outs]
 
 
 # ---------------------------------------------------------------- generation
+
 
 def _prompt_text(processor, n_images: int, prompt: str) -> str:
     return processor.apply_chat_template(user_message(n_images, prompt), tokenize=False, add_generation_prompt=True)
@@ -213,16 +243,26 @@ def _full_attention_only(config) -> bool:
     return all(t == "full_attention" for t in types)
 
 
-def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greedy=True, progress=True, desc="generate",
-             sort_by_length=True, fast=None):
+def generate(
+    model,
+    processor,
+    requests,
+    max_new_tokens=512,
+    batch_size=8,
+    greedy=True,
+    progress=True,
+    desc="generate",
+    sort_by_length=True,
+    fast=None,
+):
     """Answers (str) to `requests` [(image_paths, prompt)], in input order. `model` is a transformers model or a
-    `VllmEngine`. `fast`: the KV cache and attention of `apo.decoding`; None (default) = on CPU, where they were
+    `VllmEngine`. `fast`: the KV cache and attention of `apo.model.decoding`; None (default) = on CPU, where they were
     measured (on CUDA transformers' defaults, as measured on an H100); False gives transformers' defaults
     (DynamicCache, the model's kernel) on a model not yet switched (a benchmark's reference)."""
     import torch
     from tqdm import tqdm
 
-    from apo.decoding import ReservedCache, use_generation_attention
+    from apo.model.decoding import ReservedCache, use_generation_attention
 
     requests = list(requests)
     texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
@@ -243,97 +283,19 @@ def generate(model, processor, requests, max_new_tokens=512, batch_size=8, greed
     out: list[str | None] = [None] * len(requests)
     bar = tqdm(total=len(requests), desc=desc, file=sys.stderr, disable=not progress, dynamic_ncols=True)
     for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+        idx = order[start : start + batch_size]
         batch = encode(processor, [texts[i] for i in idx], [load_images(requests[i][0]) for i in idx])
         batch = {k: v.to(device) for k, v in batch.items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-        # apo.decoding: a KV cache reserved for the whole answer (no per-step copy of the cache), and attention
+        # apo.model.decoding: a KV cache reserved for the whole answer (no per-step copy of the cache), and attention
         # without K/V copies (switched on above)
         cache = {"past_key_values": ReservedCache(batch["input_ids"].shape[1] + max_new_tokens)} if fast else {}
         with torch.inference_mode(), _attention_backends(device):
             seqs = model.generate(**batch, **gen_kw, **cache)
-        new = seqs[:, batch["input_ids"].shape[1]:]  # left padding: every prompt ends at the same column
+        new = seqs[:, batch["input_ids"].shape[1] :]  # left padding: every prompt ends at the same column
         for i, ids in zip(idx, new):
             out[i] = tok.decode(ids, skip_special_tokens=True).strip()
         bar.update(len(idx))
     bar.close()
     return out
-
-
-# ---------------------------------------------------------------- data parallel, resumable
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size) from the torchrun / accelerate environment; (0, 1) for a plain process."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def shard(items, rank: int, world: int) -> list:
-    """Rank r's share: every world-th item from r (balanced within one item)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank {rank} not in [0, {world})")
-    return list(items)[rank::world]
-
-
-def _shard_path(out: Path, rank: int, world: int) -> Path:
-    return out.with_name(f"{out.name}.rank{rank}-of-{world}")
-
-
-def _shard_files(out: Path) -> list[Path]:
-    return sorted(p for p in out.parent.glob(out.name + ".rank*-of-*") if not p.name.endswith(".tmp"))
-
-
-def _finished(out: Path, skip=None) -> dict[str, dict]:
-    """Records already in OUT or in any shard file (read-only: other ranks may be appending to theirs)."""
-    found = {}
-    for p in [out] + _shard_files(out):
-        if p != skip and p.exists():
-            found.update(ResumableJsonl(p, readonly=True).records)
-    return found
-
-
-def run_resumable(out, items, key, process, chunk_size, order=None, desc="cases", poll=5.0):
-    """Apply `process(list_of_items) -> list_of_records` to every item not yet in `out`, `chunk_size` items at a
-    time, appending each record as soon as it exists. Returns {key: record} for all items on rank 0 (after the
-    merge), None on the other ranks. `order` (keys; default: item order) fixes the final file order."""
-    from tqdm import tqdm
-
-    out = Path(out)
-    rank, world = dist_info()
-    keys = [str(key(it)) for it in items]
-    order = keys if order is None else [str(k) for k in order]
-    target = out if world == 1 else _shard_path(out, rank, world)
-    sink = ResumableJsonl(target)  # only this rank writes `target`; a torn last line is cut here
-    done = set(_finished(out, skip=target)) | sink.done
-    mine = shard(items, rank, world)
-    todo = [it for it in mine if str(key(it)) not in done]
-    if len(todo) < len(mine):
-        log.info("rank %d: %d of %d cases already done; resuming", rank, len(mine) - len(todo), len(mine))
-    bar = tqdm(total=len(todo), desc=desc if world == 1 else f"{desc} [rank {rank}]", file=sys.stderr,
-               dynamic_ncols=True, disable=not todo)
-    with sink:
-        for s in range(0, len(todo), chunk_size):
-            chunk = todo[s:s + chunk_size]
-            records = process(chunk)
-            if len(records) != len(chunk):  # rank 0 waits for every key: a lost record would hang it
-                raise RuntimeError(f"process() returned {len(records)} records for {len(chunk)} items")
-            for record in records:
-                sink.append(record)
-            bar.update(len(chunk))
-    bar.close()
-    if rank != 0:
-        return None
-    if world > 1:  # wait (file system only: no process group, no NCCL timeout) until every case is in some file;
-        # if a rank dies, torchrun stops the others and a rerun picks up from the shard files
-        missing = set(keys) - set(_finished(out))
-        while missing:
-            time.sleep(poll)
-            missing -= set(_finished(out))
-    merged = ResumableJsonl(out)
-    with merged:  # shard files: this run's ranks, or leftovers of an interrupted run with another world size
-        for record in _finished(out, skip=out).values():
-            merged.append(record)
-    records = merged.finalize(order)
-    for p in _shard_files(out):
-        p.unlink()
-    return {str(r[merged.key]): r for r in records}

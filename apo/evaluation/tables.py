@@ -32,15 +32,23 @@ log = logging.getLogger(__name__)
 ABLATION_ORDER = ("base", "sft", "dpo", "apo")
 PUBLISHED = "paper (published)"
 # Only what DESIGN.md states (arXiv 2510.04142): MS-CXR-T top-1 and report-generation BLEU-1.
-PAPER_MSCXRT = [("APO 7B", {"pneumothorax": 0.96, "consolidation": 0.84, "average": 0.78}),
-                ("best prior", {"average": 0.69})]
+PAPER_MSCXRT = [
+    ("APO 7B", {"pneumothorax": 0.96, "consolidation": 0.84, "average": 0.78}),
+    ("best prior", {"average": 0.69}),
+]
 PAPER_REPORT = [("APO 7B", {"BLEU-1": 0.56}), ("best prior", {"BLEU-1": 0.43})]
 NLG_COLS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-DRIFT_COLS = (("hallucination", "hallucination_rate"), ("omission", "omission_rate"), ("hedge", "hedge_rate"),
-              ("side error", "side_error_rate"), ("refusal", "refusal_rate"))
+DRIFT_COLS = (
+    ("hallucination", "hallucination_rate"),
+    ("omission", "omission_rate"),
+    ("hedge", "hedge_rate"),
+    ("side error", "side_error_rate"),
+    ("refusal", "refusal_rate"),
+)
 
 
 # ----------------------------------------------------------------------------- reading
+
 
 def _read_json(path: Path):
     try:
@@ -55,8 +63,10 @@ def _trainer_state(run_dir: Path) -> Path | None:
     p = run_dir / "trainer_state.json"
     if p.is_file():
         return p
-    ckpts = sorted(run_dir.glob("checkpoint-*/trainer_state.json"),
-                   key=lambda q: int(q.parent.name.split("-")[-1]) if q.parent.name.split("-")[-1].isdigit() else -1)
+    ckpts = sorted(
+        run_dir.glob("checkpoint-*/trainer_state.json"),
+        key=lambda q: int(q.parent.name.split("-")[-1]) if q.parent.name.split("-")[-1].isdigit() else -1,
+    )
     return ckpts[-1] if ckpts else None
 
 
@@ -84,13 +94,15 @@ def read_results(root) -> dict:
             runs[d.name] = run
     drift = _read_json(root / "drift" / "drift.json") if (root / "drift" / "drift.json").is_file() else None
     if not runs and drift is None:
-        raise ApoError(f"{root}: no results found (expected <run>/metrics.json, <run>/mscxrt.json, "
-                       "<run>/trainer_state.json or drift/drift.json)")
+        raise ApoError(
+            f"{root}: no results found (expected <run>/metrics.json, <run>/mscxrt.json, "
+            "<run>/trainer_state.json or drift/drift.json)"
+        )
     return {"runs": {k: runs[k] for k in _order(runs)}, "drift": drift}
 
 
 def _student_drift(metrics: dict) -> dict | None:
-    """A run's drift rates from its metrics.json: a flat rate dict (apo.drift.answer_stats, or eval-report's own
+    """A run's drift rates from its metrics.json: a flat rate dict (apo.evaluation.drift.answer_stats, or eval-report's own
     drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's answers."""
     d = (metrics or {}).get("drift")
     if not isinstance(d, dict):
@@ -105,6 +117,7 @@ def _student_drift(metrics: dict) -> dict | None:
 
 # ----------------------------------------------------------------------------- tables as data
 
+
 def _num(x):
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
@@ -115,10 +128,16 @@ def mscxrt_table(res) -> dict:
     for run, r in res["runs"].items():
         m = r.get("mscxrt")
         if m:
-            rows.append((run, [_num(m.get("per_finding", {}).get(f)) for f in MSCXRT_FINDINGS] + [_num(m.get("average"))]))
+            rows.append(
+                (run, [_num(m.get("per_finding", {}).get(f)) for f in MSCXRT_FINDINGS] + [_num(m.get("average"))])
+            )
     ref = [(f"{who} — {PUBLISHED}", [vals.get(c) for c in cols]) for who, vals in PAPER_MSCXRT]
-    return {"title": "MS-CXR-T temporal image classification (top-1 accuracy)",
-            "columns": ["run"] + [c.replace("_", " ") for c in cols], "rows": rows, "reference": ref}
+    return {
+        "title": "MS-CXR-T temporal image classification (top-1 accuracy)",
+        "columns": ["run"] + [c.replace("_", " ") for c in cols],
+        "rows": rows,
+        "reference": ref,
+    }
 
 
 def report_table(res) -> dict:
@@ -128,14 +147,28 @@ def report_table(res) -> dict:
         m = r.get("metrics")
         if m:
             nlg, ce = m.get("nlg") or {}, (m.get("clinical") or {}).get("micro") or {}
-            rows.append((run, [_num(nlg.get(k)) for k in NLG_COLS]
-                         + [_num(ce.get(k)) for k in ("precision", "recall", "f1")] + [m.get("n")]))
+            rows.append(
+                (
+                    run,
+                    [_num(nlg.get(k)) for k in NLG_COLS]
+                    + [_num(ce.get(k)) for k in ("precision", "recall", "f1")]
+                    + [m.get("n")],
+                )
+            )
     ref = [(f"{who} — {PUBLISHED}", [vals.get(c) for c in cols]) for who, vals in PAPER_REPORT]
-    policy = {str((r.get("metrics") or {}).get("clinical", {}).get("uncertain", "positive"))
-              for r in res["runs"].values() if r.get("metrics")}
-    return {"title": "Report generation (NLG: pycocoevalcap; CE: micro over the 14 CheXpert labels, uncertain = "
-                     + "/".join(sorted(policy or {"positive"})) + ")",
-            "columns": ["run"] + cols, "rows": rows, "reference": ref}
+    policy = {
+        str((r.get("metrics") or {}).get("clinical", {}).get("uncertain", "positive"))
+        for r in res["runs"].values()
+        if r.get("metrics")
+    }
+    return {
+        "title": "Report generation (NLG: pycocoevalcap; CE: micro over the 14 CheXpert labels, uncertain = "
+        + "/".join(sorted(policy or {"positive"}))
+        + ")",
+        "columns": ["run"] + cols,
+        "rows": rows,
+        "reference": ref,
+    }
 
 
 def ablation_table(res) -> dict:
@@ -146,12 +179,25 @@ def ablation_table(res) -> dict:
         if not m and not x:
             continue
         d = _student_drift(m) or {}
-        rows.append((run, [_num(x.get("average")), _num((m.get("nlg") or {}).get("BLEU-1")),
-                           _num((m.get("nlg") or {}).get("ROUGE-L")),
-                           _num(((m.get("clinical") or {}).get("micro") or {}).get("f1"))]
-                     + [_num(d.get(k)) for _, k in DRIFT_COLS]))
-    return {"title": "Ablation: base / SFT / SFT + pairwise DPO / APO (drift rates of each run's answers, labeler vs "
-                     "ground truth)", "columns": ["run"] + cols, "rows": rows, "reference": []}
+        rows.append(
+            (
+                run,
+                [
+                    _num(x.get("average")),
+                    _num((m.get("nlg") or {}).get("BLEU-1")),
+                    _num((m.get("nlg") or {}).get("ROUGE-L")),
+                    _num(((m.get("clinical") or {}).get("micro") or {}).get("f1")),
+                ]
+                + [_num(d.get(k)) for _, k in DRIFT_COLS],
+            )
+        )
+    return {
+        "title": "Ablation: base / SFT / SFT + pairwise DPO / APO (drift rates of each run's answers, labeler vs "
+        "ground truth)",
+        "columns": ["run"] + cols,
+        "rows": rows,
+        "reference": [],
+    }
 
 
 def teachers_table(res) -> dict:
@@ -167,8 +213,13 @@ def teachers_table(res) -> dict:
         d = _student_drift(r.get("metrics"))
         if d:
             rows.append((f"student: {run}", [_num(d.get(k)) for k in keys]))
-    return {"title": "Teachers on their own trajectories (apo drift), and each student's answers",
-            "columns": ["source"] + cols, "rows": rows, "reference": [], "digits": [3] * (len(cols) - 1) + [1]}
+    return {
+        "title": "Teachers on their own trajectories (apo drift), and each student's answers",
+        "columns": ["source"] + cols,
+        "rows": rows,
+        "reference": [],
+        "digits": [3] * (len(cols) - 1) + [1],
+    }
 
 
 def all_tables(res) -> list[dict]:
@@ -176,6 +227,7 @@ def all_tables(res) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- rendering
+
 
 def _cell(v, published=False, digits=3) -> str:
     if v is None:
@@ -191,18 +243,36 @@ def _cells(t, vals, published=False) -> list[str]:
 
 
 def to_markdown(t: dict) -> str:
-    lines = [f"### {t['title']}", "", "| " + " | ".join(t["columns"]) + " |",
-             "|---|" + "---:|" * (len(t["columns"]) - 1)]
+    lines = [
+        f"### {t['title']}",
+        "",
+        "| " + " | ".join(t["columns"]) + " |",
+        "|---|" + "---:|" * (len(t["columns"]) - 1),
+    ]
     lines += ["| " + " | ".join([name] + _cells(t, vals)) + " |" for name, vals in t["rows"]]
     lines += ["| *" + name + "* | " + " | ".join(_cells(t, vals, True)) + " |" for name, vals in t["reference"]]
     if t["reference"]:
-        lines += ["", f"Rows marked *{PUBLISHED}* are the numbers the paper reports (arXiv 2510.04142), not measured "
-                      "here; blank = not published."]
+        lines += [
+            "",
+            f"Rows marked *{PUBLISHED}* are the numbers the paper reports (arXiv 2510.04142), not measured "
+            "here; blank = not published.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-_TEX_ESCAPE = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-               "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "—": "---"}
+_TEX_ESCAPE = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "—": "---",
+}
 
 
 def tex_escape(s: str) -> str:
@@ -211,19 +281,29 @@ def tex_escape(s: str) -> str:
 
 def to_latex(t: dict) -> str:
     n = len(t["columns"])
-    out = [r"\begin{table}[t]", r"\centering", r"\small", rf"\caption{{{tex_escape(t['title'])}}}",
-           r"\begin{tabular}{l" + "r" * (n - 1) + "}", r"\toprule",
-           " & ".join(tex_escape(c) for c in t["columns"]) + r" \\", r"\midrule"]
+    out = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{tex_escape(t['title'])}}}",
+        r"\begin{tabular}{l" + "r" * (n - 1) + "}",
+        r"\toprule",
+        " & ".join(tex_escape(c) for c in t["columns"]) + r" \\",
+        r"\midrule",
+    ]
     out += [" & ".join([tex_escape(name)] + _cells(t, vals)) + r" \\" for name, vals in t["rows"]]
     if t["reference"]:
         out.append(r"\midrule")
-        out += [" & ".join([r"\textit{" + tex_escape(name) + "}"] + _cells(t, vals, True)) + r" \\"
-                for name, vals in t["reference"]]
+        out += [
+            " & ".join([r"\textit{" + tex_escape(name) + "}"] + _cells(t, vals, True)) + r" \\"
+            for name, vals in t["reference"]
+        ]
     out += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
     return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------- training curves
+
 
 def plot_curves(state_path, out_png, title: str) -> str | None:
     """Loss, reward margin and mean reward per teacher against the step, from a Trainer state's log_history."""
@@ -259,14 +339,21 @@ def plot_curves(state_path, out_png, title: str) -> str | None:
 
 # ----------------------------------------------------------------------------- CLI
 
+
 def add_arguments(parser) -> None:
-    parser.add_argument("--results", required=True,
-                        help="results folder: <run>/metrics.json, <run>/mscxrt.json, <run>/trainer_state.json, "
-                             "drift/drift.json (see apo/tables.py)")
+    parser.add_argument(
+        "--results",
+        required=True,
+        help="results folder: <run>/metrics.json, <run>/mscxrt.json, <run>/trainer_state.json, "
+        "drift/drift.json (see apo/evaluation/tables.py)",
+    )
     parser.add_argument("--out", required=True, help="output folder: tables.md, tables.tex, curves_<run>.png")
-    parser.add_argument("--print", dest="show", default="MS-CXR-T",
-                        help="which table to print: the start of its title (MS-CXR-T, Report, Ablation, Teachers) "
-                             "or 'all'")
+    parser.add_argument(
+        "--print",
+        dest="show",
+        default="MS-CXR-T",
+        help="which table to print: the start of its title (MS-CXR-T, Report, Ablation, Teachers) or 'all'",
+    )
 
 
 def run(args) -> int:

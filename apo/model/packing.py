@@ -37,9 +37,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from apo.attention import model_kernel, wrap_kernel
+from apo.model.attention import model_kernel, wrap_kernel
+from apo.model.logps import eval_mode
 from apo.trainer.collator import GroupCollator, candidate_key
-from apo.trainer.logps import eval_mode
 
 
 def mrope_positions(mm_types: list[int], image_grid_thw, merge: int) -> torch.Tensor:
@@ -189,8 +189,9 @@ class _FrozenHeadLogps(torch.autograd.Function):
         return grad[:, None].to(d.dtype) * d, None, None, None
 
 
-def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_size: int = 1024,
-                        small: int = 2**22) -> torch.Tensor:
+def chunked_token_logps(
+    hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_size: int = 1024, small: int = 2**22
+) -> torch.Tensor:
     """log p(ids | hidden) per row in float32, `chunk_size` rows of logits alive at a time.
 
     Gradient to `hidden` through a frozen lm_head (LoRA; the usual case): `_FrozenHeadLogps`, the gradient formed in
@@ -202,8 +203,14 @@ def chunked_token_logps(hidden: torch.Tensor, ids: torch.Tensor, lm_head, chunk_
     # page faults (its log-softmax ran 3-4x slower than in a loop on the same data, on a VM)
     piece = max(16, 2**18 // vocab)
     weight = lm_head.weight
-    if torch.is_grad_enabled() and hidden.requires_grad and not weight.requires_grad and weight.numel() \
-            and type(lm_head) is torch.nn.Linear and lm_head.bias is None:
+    if (
+        torch.is_grad_enabled()
+        and hidden.requires_grad
+        and not weight.requires_grad
+        and weight.numel()
+        and type(lm_head) is torch.nn.Linear
+        and lm_head.bias is None
+    ):
         return _FrozenHeadLogps.apply(hidden, ids, weight, min(chunk_size, piece) if cpu else chunk_size)
     keep = hidden.shape[0] * vocab <= small
     if keep:  # on GPU one piece, one launch
@@ -248,29 +255,35 @@ def attention_layout(segments: list[list[int]], spread: float = 1.5) -> dict:
     while order:
         Lb = cands[order[0]][0]
         take = [i for i in order if cands[i][0] * spread >= Lb]
-        order = order[len(take):]
+        order = order[len(take) :]
         q, k = torch.zeros(len(take), Lb, dtype=torch.long), torch.zeros(len(take), Pm + Lb, dtype=torch.long)
         ok = torch.zeros(len(take), Pm + Lb, dtype=torch.bool)
         for m, i in enumerate(take):
             L, first, prompt = cands[i]
             q[m, :L] = torch.arange(first, first + L)
-            k[m, :len(prompt)], ok[m, :len(prompt)] = prompt, True
-            k[m, Pm:Pm + L], ok[m, Pm:Pm + L] = q[m, :L], True
-            slot[first:first + L] = torch.arange(row + m * Lb, row + m * Lb + L)
+            k[m, : len(prompt)], ok[m, : len(prompt)] = prompt, True
+            k[m, Pm : Pm + L], ok[m, Pm : Pm + L] = q[m, :L], True
+            slot[first : first + L] = torch.arange(row + m * Lb, row + m * Lb + L)
         own = torch.cat([torch.ones(Lb, Pm, dtype=torch.bool), causal(Lb)], 1)  # whole prompt, then causal
         buckets.append({"q": q, "k": k, "mask": None if uniform else (own & ok[:, None, :])[:, None]})
         row += len(take) * Lb
-    return {"q_prompt": q_prompt, "prompt_mask": None if uniform else (causal(Pm) & p_ok[:, None, :])[:, None],
-            "cands": buckets, "inv": slot}
+    return {
+        "q_prompt": q_prompt,
+        "prompt_mask": None if uniform else (causal(Pm) & p_ok[:, None, :])[:, None],
+        "cands": buckets,
+        "inv": slot,
+    }
 
 
-def segment_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_layout=None,
-                      **kwargs):
+def segment_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, packed_layout=None, **kwargs
+):
     """Block-sparse attention of a packed row ([1, heads, T, d] in, [1, T, heads, d] out, like transformers' sdpa):
     one SDPA call for the prompts and one per candidate length bucket, whatever the number of groups."""
     if packed_layout is None:  # any other forward: the model's own kernel
-        return model_kernel(module, PREFIX)(module, query, key, value, attention_mask, scaling=scaling,
-                                            dropout=dropout, **kwargs)
+        return model_kernel(module, PREFIX)(
+            module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs
+        )
     from torch.nn.attention.bias import causal_lower_right
 
     lay, p = packed_layout, (dropout if module.training else 0.0)
@@ -287,8 +300,9 @@ def segment_attention(module, query, key, value, attention_mask, scaling=None, d
             K, V = K.repeat_interleave(rep, 1), V.repeat_interleave(rep, 1)
         if mask is None and causal == "lower_right":
             mask = causal_lower_right(Q.shape[2], K.shape[2])
-        o = F.scaled_dot_product_attention(Q, K, V, attn_mask=mask, dropout_p=p, scale=scaling,
-                                           is_causal=mask is None, enable_gqa=gqa)
+        o = F.scaled_dot_product_attention(
+            Q, K, V, attn_mask=mask, dropout_p=p, scale=scaling, is_causal=mask is None, enable_gqa=gqa
+        )
         return o.transpose(1, 2).flatten(0, 1)  # [B * L, heads, d]
 
     out = [attend(lay["q_prompt"], lay["q_prompt"], lay["prompt_mask"], "top_left")]
@@ -322,7 +336,7 @@ def _inner(model):
 def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "segments"):
     """Packed batch -> (summed response log-probs [R] float32, response tokens [R]), R = candidate rows.
 
-    Same contract as `apo.trainer.logps.forward_logps`. The model is called through its own (possibly wrapped)
+    Same contract as `apo.model.logps.forward_logps`. The model is called through its own (possibly wrapped)
     forward, so DDP/DeepSpeed hooks and a PEFT `disable_adapter()` context apply as usual, with the logits of one
     position only (`logits_to_keep=1`); a hook on the final norm takes the hidden states. With a frozen vision
     tower the image features are computed once per batch and kept in `batch` for the next pass (policy, then
@@ -344,12 +358,14 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
     if attention == "segments":
         use_segment_attention(inner)
         # an empty 4D mask: transformers passes a 4D mask through as-is, so no T x T mask is ever built
-        inputs.update(attention_mask=torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=dev),
-                      packed_layout=batch["packed_layout"])
+        inputs.update(
+            attention_mask=torch.zeros(1, 1, 0, 0, dtype=torch.bool, device=dev), packed_layout=batch["packed_layout"]
+        )
     else:
         kernel = inner.get_decoder().config._attn_implementation.removeprefix(PREFIX)
-        inputs["attention_mask"] = block_mask(batch["packed_seq"].to(dev), batch["packed_seg"].to(dev), kernel,
-                                              inner.dtype)
+        inputs["attention_mask"] = block_mask(
+            batch["packed_seq"].to(dev), batch["packed_seg"].to(dev), kernel, inner.dtype
+        )
     final = []  # the final norm's output as the model computes it (accelerate's bf16 wrapper upcasts outputs)
     hook = inner.get_decoder().norm.register_forward_hook(lambda mod, args, out: final.append(out))
     try:
@@ -357,8 +373,9 @@ def packed_logps(model, batch: dict, chunk_size: int = 1024, attention: str = "s
     finally:
         hook.remove()
     hidden = final[-1][0]  # [T, H]
-    tok = chunked_token_logps(hidden[batch["label_positions"]], batch["label_ids"], inner.get_output_embeddings(),
-                              chunk_size)
+    tok = chunked_token_logps(
+        hidden[batch["label_positions"]], batch["label_ids"], inner.get_output_embeddings(), chunk_size
+    )
     rows, R = batch["label_rows"], len(batch["group_index"])
     logps = torch.zeros(R, dtype=torch.float32, device=dev).index_add(0, rows, tok)
     return logps, torch.bincount(rows, minlength=R)
