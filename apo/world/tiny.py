@@ -73,6 +73,13 @@ VISION = dict(
     fullatt_block_indexes=[1],
     tokens_per_second=2,
 )
+# The pretrained base that sees (`apo tiny-model --pretrain`, apo.world.pretrain): wider and deeper, 4 layers each
+# side; the same 112x112 input (16 image tokens), which shows every drawn finding and its side.
+BASE_TEXT = dict(
+    TEXT, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2
+)
+BASE_VISION = dict(VISION, depth=4, hidden_size=128, intermediate_size=256, num_heads=4, fullatt_block_indexes=[1, 3])
+BASE_IMAGE_PIXELS = IMAGE_PIXELS
 # Words a prompt may use beyond the reports and teachers (system prompt, consensus instructions, chat glue).
 EXTRA_CORPUS = (
     "You are a helpful assistant. You are an expert radiologist. Answer the question about the chest X-ray. "
@@ -149,33 +156,33 @@ def build_tokenizer():
     return tok
 
 
-def build_processor(tokenizer):
+def build_processor(tokenizer, pixels: int = IMAGE_PIXELS):
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    image = Qwen2VLImageProcessor(size={"shortest_edge": IMAGE_PIXELS, "longest_edge": IMAGE_PIXELS})
+    image = Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels})
     return Qwen2_5_VLProcessor(
         image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE
     )
 
 
-def build_config(tokenizer):
+def build_config(tokenizer, text: dict = TEXT, vision: dict = VISION):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     vocab = -(-len(tokenizer) // 64) * 64  # padded like Qwen's embedding tables
-    head_dim = TEXT["hidden_size"] // TEXT["num_attention_heads"]
+    head_dim = text["hidden_size"] // text["num_attention_heads"]
     half = head_dim // 2
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # t, h, w as in Qwen2.5-VL (16, 24, 24)
     text = dict(
-        TEXT,
+        text,
         vocab_size=vocab,
         bos_token_id=ids["<|endoftext|>"],
         eos_token_id=ids["<|im_end|>"],
         pad_token_id=ids["<|endoftext|>"],
-        rope_parameters={"rope_type": "default", "rope_theta": TEXT["rope_theta"], "mrope_section": section},
+        rope_parameters={"rope_type": "default", "rope_theta": text["rope_theta"], "mrope_section": section},
     )
     text.pop("rope_theta")
-    vision = dict(VISION, out_hidden_size=TEXT["hidden_size"])
+    vision = dict(vision, out_hidden_size=text["hidden_size"])
     cfg = Qwen2_5_VLConfig(
         text_config=text,
         vision_config=vision,
@@ -228,10 +235,18 @@ def patch_swift() -> None:
     Qwen2VLTemplate._apo_token_ids_from_tokenizer = True
 
 
+def generation_config(tokenizer):
+    """Greedy, stopping at <|im_end|> or <|endoftext|>, as Qwen2.5-VL-Instruct's generation config."""
+    from transformers import GenerationConfig
+
+    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
+    return GenerationConfig(bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1], do_sample=False)
+
+
 def build_tiny_model(out_dir, seed: int = 0) -> str:
     """Write model + processor + generation config to `out_dir`; returns the folder as a string."""
     import torch
-    from transformers import GenerationConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -241,10 +256,7 @@ def build_tiny_model(out_dir, seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
-    eos = [tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.convert_tokens_to_ids("<|endoftext|>")]
-    model.generation_config = GenerationConfig(
-        bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1], do_sample=False
-    )
+    model.generation_config = generation_config(tokenizer)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     (out / "swift_plugin.py").write_text(SWIFT_PLUGIN.format(pixels=IMAGE_PIXELS), encoding="utf-8")
@@ -255,10 +267,30 @@ def build_tiny_model(out_dir, seed: int = 0) -> str:
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder for model + processor")
-    parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed")
+    parser.add_argument("--seed", type=int, default=0, help="weights (and pretraining data) are a function of the seed")
+    parser.add_argument(
+        "--pretrain",
+        action="store_true",
+        help="the base that sees: pretrain a wider tiny Qwen2.5-VL (vision tower included) to describe and compare "
+        "synthetic chest X-rays in a neutral style (apo.world.pretrain); a folder already holding the same base "
+        "is reused",
+    )
+    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: apo.world.pretrain's)")
+    parser.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
+    parser.add_argument("--workers", type=int, default=2, help="processes drawing the pretraining images")
 
 
 def run(args) -> int:
+    if args.pretrain:
+        from apo.world import pretrain
+
+        kw = {} if args.steps is None else {"steps": args.steps}
+        rec = pretrain.pretrain(args.out, seed=args.seed, batch_size=args.batch_size, workers=args.workers, **kw)
+        print(
+            f"pretrained base in {args.out} ({rec['parameters']:,} parameters, loss {rec['loss_first_20']:.2f} -> "
+            f"{rec['loss_last_20']:.3f}, {rec['seconds']['total']:.0f} s)"
+        )
+        return 0
     path = build_tiny_model(args.out, seed=args.seed)
     print(f"wrote tiny Qwen2.5-VL to {path}")
     return 0

@@ -362,6 +362,17 @@ def _device(a: Anatomy, f: dict, heart_center) -> np.ndarray:
     return ndimage.gaussian_filter(m, 0.5) * 1.05
 
 
+def jpeg_roundtrip(arr: np.ndarray) -> np.ndarray:
+    """The image as a reader of the saved JPEG gets it (same quality as `save_jpeg`), without touching the disk."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=JPEG_QUALITY)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        return np.asarray(im.convert("L"))
+
+
 def save_jpeg(arr: np.ndarray, path) -> None:
     """Grayscale JPEG with fixed settings, so the same array always gives the same bytes."""
     from PIL import Image

@@ -1,0 +1,363 @@
+"""`apo tiny-model --pretrain`: a tiny Qwen2.5-VL that sees, as the paper's student does before stage 1.
+
+The paper's student, Qwen2.5-VL-7B-Instruct, reads chest X-rays and follows instructions before it ever sees a
+teacher. A random tiny model does neither, so every later stage would only measure a model reading the question's
+wording. This module gives the embedded world's student the same starting point: the real model classes, a little
+wider and deeper than the unit tests' random model (`apo.world.tiny.BASE_*`), trained from scratch, vision tower
+included, on two instruction tasks in a neutral style that is none of the seven teachers':
+
+  describe  one image -> its findings with side and severity, then pertinent negatives
+            ("Moderate right pleural effusion. Mild cardiomegaly. No pneumothorax, consolidation or pulmonary edema.")
+  compare   a previous and a current image of one subject -> "Improving." / "Stable." / "Worsening." for the finding
+            the question names (MS-CXR-T's five findings)
+
+It never sees a teacher's text, a CXR-MAX-style question or a benchmark image: images are drawn by the benchmark's
+renderer (`apo.world.synth.images`) from random streams keyed by 5-integer lists that `apo synth` (keys of at most 4
+integers) never uses, so no pretraining image, finding placement or noise pattern is a benchmark one. Lung outlines
+come from the same 516 masks torchxrayvision ships, as real pretraining corpora share anatomy with test sets.
+Consolidation and pneumonia are drawn alike, so the base calls both "airspace opacity" (what the pixels show).
+
+Everything is a function of the seed (data, initialisation, batch order); torch runs single-process with a fixed
+thread count, so the same seed on the same machine writes the same weights. The result is cached: a folder holding
+a finished base with the same identity (seed, sizes, steps, this module's recipe version) is reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
+from apo.errors import ApoError
+from apo.evaluation.mscxrt import PROMPT as MSCXRT_PROMPT
+from apo.evaluation.mscxrt import finding_name
+from apo.world.synth import MSCXRT_OBS, SIDE_WEIGHTS, _sample_truth
+from apo.world.synth import images as draw
+from apo.world.synth.reports import sentence_bank, severity_word
+
+log = logging.getLogger(__name__)
+
+RECIPE_VERSION = 1  # bump when the data or the training recipe changes: a cached base is then rebuilt
+NS = 0x5EE1  # first key of every pretraining random stream (5 integers long; synth's keys have at most 4)
+T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER = range(4)
+
+DESCRIBE_PROMPTS = (
+    "Describe this chest X-ray.",
+    "What does this chest radiograph show?",
+    "Describe the findings on this image.",
+    "List the findings of this chest X-ray.",
+)
+COMPARE_PROMPTS = (
+    MSCXRT_PROMPT,  # the evaluation's wording is one of the instructions an instruct model knows
+    "Previous study first, current study second. Is the {finding} improving, stable or worsening?",
+    "Compare the second chest X-ray with the first, earlier one. How has the {finding} changed: improving, stable "
+    "or worsening? One word.",
+)
+ANSWER = {"improving": "Improving.", "stable": "Stable.", "worsening": "Worsening."}
+NEGATABLE = (
+    ("Pleural Effusion", "pleural effusion"),
+    ("Pneumothorax", "pneumothorax"),
+    ("Airspace", "consolidation"),
+    ("Edema", "pulmonary edema"),
+)
+DEVICE_WORDS = {
+    "pacemaker": "{S}-sided pacemaker.",
+    "picc": "{S} PICC line.",
+    "central_line": "{S} central venous catheter.",
+    "et_tube": "Endotracheal tube.",
+}
+
+
+def _rng(*key) -> np.random.Generator:
+    return np.random.default_rng([NS, *[int(k) for k in key]])
+
+
+# ---------------------------------------------------------------------------------------------------- the style
+
+
+def describe(truth: dict) -> str:
+    """The base's neutral description of a case's findings {obs: {side, severity, zone, device}}: one short noun
+    phrase per finding in a fixed order, then the pertinent negatives in a fixed order."""
+    out = []
+    for obs, f in truth.items():
+        side, sev = f.get("side"), severity_word(f.get("severity", 0.5))
+        if obs == "Pleural Effusion":
+            out.append(
+                f"{sev} bilateral pleural effusions." if side == "bilateral" else f"{sev} {side} pleural effusion."
+            )
+        elif obs == "Pneumothorax":
+            out.append(f"{sev} bilateral pneumothoraces." if side == "bilateral" else f"{sev} {side} pneumothorax.")
+        elif obs == "Cardiomegaly":
+            out.append({"small": "mild", "large": "marked"}.get(sev, sev) + " cardiomegaly.")
+        elif obs == "Atelectasis":
+            out.append("bibasilar atelectasis." if side == "bilateral" else f"{side} basilar atelectasis.")
+        elif obs in ("Consolidation", "Pneumonia"):
+            out.append(f"{side} {f.get('zone') or 'lower'} lung airspace opacity.")
+        elif obs == "Edema":
+            out.append({"small": "mild", "large": "severe"}.get(sev, sev) + " pulmonary edema.")
+        elif obs == "Support Devices":
+            out.append(
+                DEVICE_WORDS.get(f.get("device"), "{S} central venous catheter.").format(
+                    S=(f.get("side") or "right").capitalize()
+                )
+            )
+    out = [s[0].upper() + s[1:] for s in out]
+    present = {"Airspace" if o in ("Consolidation", "Pneumonia") else o for o in truth}
+    absent = [word for obs, word in NEGATABLE if obs not in present]
+    if not present - {"Support Devices"}:
+        out.insert(0, "No acute cardiopulmonary abnormality.")
+    if "Cardiomegaly" not in present:
+        out.append("Normal heart size.")
+    if absent:
+        out.append("No " + (absent[0] if len(absent) == 1 else ", ".join(absent[:-1]) + " or " + absent[-1]) + ".")
+    return " ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------------- the data
+
+
+def _describe_example(seed: int, i: int, masks: list) -> dict:
+    truth = _sample_truth(_rng(seed, T_DESCRIBE, i, 0))
+    anatomy = draw.make_anatomy(masks[i % len(masks)], _rng(seed, T_DESCRIBE, i, 1))
+    image = draw.jpeg_roundtrip(draw.render(anatomy, truth, _rng(seed, T_DESCRIBE, i, 2)))
+    prompt = DESCRIBE_PROMPTS[int(_rng(seed, T_DESCRIBE, i, 3).integers(len(DESCRIBE_PROMPTS)))]
+    return {"task": "describe", "images": [image], "prompt": prompt, "answer": describe(truth), "truth": truth}
+
+
+def compare_pair(r, masks: list, index: int, finding: str, cls: str) -> tuple:
+    """(previous, current) images of one subject whose `finding` is `cls`, drawn like the MS-CXR-T-format pairs of
+    `apo synth` (a real extent change of 0.3-0.45 for improving/worsening, +-0.03 for stable)."""
+    if cls == "worsening":
+        v0 = float(r.uniform(0.2, 0.5))
+        v1 = v0 + float(r.uniform(0.3, 0.45))
+    elif cls == "improving":
+        v1 = float(r.uniform(0.2, 0.5))
+        v0 = v1 + float(r.uniform(0.3, 0.45))
+    else:
+        v0 = float(r.uniform(0.25, 0.85))
+        v1 = v0 + float(r.uniform(-0.03, 0.03))
+    obs = MSCXRT_OBS[finding]
+    f = {"seed": int(r.integers(2**31))}
+    if obs in SIDE_WEIGHTS:
+        f["side"] = ("right", "left")[int(r.integers(2))]
+    if obs in ("Consolidation", "Pneumonia"):
+        f["zone"] = ("lower", "upper", "mid")[int(r.integers(3))]
+    background = {"Cardiomegaly": {"severity": float(r.uniform(0.3, 0.9))}} if r.random() < 0.3 else {}
+    anatomy = draw.make_anatomy(masks[index % len(masks)], r)
+    return tuple(
+        draw.jpeg_roundtrip(draw.render(anatomy, {**background, obs: {**f, "severity": v}}, r)) for v in (v0, v1)
+    )
+
+
+def _compare_example(seed: int, i: int, masks: list) -> dict:
+    r = _rng(seed, T_COMPARE, i, 0)
+    finding = MSCXRT_FINDINGS[int(r.integers(len(MSCXRT_FINDINGS)))]
+    cls = MSCXRT_CLASSES[int(r.integers(len(MSCXRT_CLASSES)))]
+    previous, current = compare_pair(_rng(seed, T_COMPARE, i, 1), masks, i + 7919, finding, cls)
+    template = COMPARE_PROMPTS[int(r.integers(len(COMPARE_PROMPTS)))]
+    return {
+        "task": "compare",
+        "images": [previous, current],
+        "prompt": template.format(finding=finding_name(finding)),
+        "answer": ANSWER[cls],
+        "finding": finding,
+        "cls": cls,
+    }
+
+
+def _make(job):
+    task, seed, i, masks = job
+    return (_describe_example if task == "describe" else _compare_example)(seed, i, masks)
+
+
+def make_examples(seed: int, n_describe: int, n_compare: int, workers: int = 2, progress: bool = True) -> list:
+    """Draw the pretraining set (in `workers` processes; the result does not depend on how many)."""
+    from tqdm import tqdm
+
+    masks = draw.usable_masks(draw_masks(), _rng(seed, T_INIT, 0, 0))
+    sentence_bank()  # filled once here, so forked workers share it instead of each re-mining the IU reports
+    jobs = [("describe", seed, i, masks) for i in range(n_describe)] + [
+        ("compare", seed, i, masks) for i in range(n_compare)
+    ]
+    bar = tqdm(
+        total=len(jobs), desc="drawing pretraining images", file=sys.stderr, disable=not progress, dynamic_ncols=True
+    )
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            out = []
+            for ex in pool.imap(_make, jobs, chunksize=16):
+                out.append(ex)
+                bar.update()
+    else:
+        out = []
+        for job in jobs:
+            out.append(_make(job))
+            bar.update()
+    bar.close()
+    return out
+
+
+def draw_masks() -> int:
+    return 160  # distinct lung outlines (decoding the masks is the slow part of a first call)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def _batch(processor, examples, answer_offset: int):
+    """Inputs and labels (answer tokens + <|im_end|> only) for a list of examples, right-padded."""
+    import torch
+    from PIL import Image
+
+    from apo.model.chat import assistant_message, user_message
+
+    texts, images = [], []
+    for ex in examples:
+        messages = user_message(len(ex["images"]), ex["prompt"]) + [assistant_message(ex["answer"])]
+        texts.append(processor.apply_chat_template(messages, tokenize=False))
+        images += [Image.fromarray(im).convert("RGB") for im in ex["images"]]
+    processor.tokenizer.padding_side = "right"
+    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    ids = batch["input_ids"]
+    im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+    labels = torch.full_like(ids, -100)
+    for row in range(ids.shape[0]):
+        starts = (ids[row] == im_start).nonzero().flatten()
+        first = int(starts[-1]) + answer_offset  # the answer begins after "<|im_start|>assistant\n"
+        keep = batch["attention_mask"][row].bool()
+        labels[row, first:][keep[first:]] = ids[row, first:][keep[first:]]
+    # the template ends every turn with "<|im_end|>\n": learn the end marker, not the newline after it
+    newline = processor.tokenizer.encode("\n", add_special_tokens=False)
+    if len(newline) == 1:
+        labels[labels == newline[0]] = -100
+    batch["labels"] = labels
+    return batch
+
+
+def identity(seed: int, steps: int, batch_size: int) -> dict:
+    from apo.world import tiny
+
+    return {
+        "kind": "apo-pretrained-base",
+        "recipe_version": RECIPE_VERSION,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "text": tiny.BASE_TEXT,
+        "vision": tiny.BASE_VISION,
+        "image_pixels": tiny.BASE_IMAGE_PIXELS,
+    }
+
+
+def cached(out_dir, ident: dict) -> bool:
+    path = Path(out_dir) / "pretraining.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("identity") == ident
+    except (OSError, ValueError):
+        return False
+
+
+def pretrain(
+    out_dir,
+    seed: int = 0,
+    steps: int = 600,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    compare_share: float = 0.3,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict:
+    """Train the seeing base and write it to `out_dir` (model, processor, generation config, pretraining.json).
+    Returns the pretraining record. A folder that already holds a base with the same identity is reused as is."""
+    import torch
+    from tqdm import tqdm
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from apo.io.resumable import write_json_atomic
+    from apo.world import tiny
+
+    out = Path(out_dir)
+    ident = identity(seed, steps, batch_size)
+    if cached(out, ident):
+        log.info("pretrained base with the same identity found in %s: reused", out)
+        return json.loads((out / "pretraining.json").read_text(encoding="utf-8"))
+    if out.exists() and any(out.iterdir()) and not (out / "pretraining.json").exists():
+        raise ApoError(f"{out} is not empty and holds no pretrained base (pretraining.json); choose a new folder")
+    t0 = time.time()
+    n_examples = steps * batch_size
+    n_compare = int(round(compare_share * n_examples / 2))  # each drawn example is seen about twice
+    n_describe = n_examples // 2 - n_compare
+    examples = make_examples(seed, n_describe, n_compare, workers=workers, progress=progress)
+    t_data = time.time() - t0
+
+    tokenizer = tiny.build_tokenizer()
+    processor = tiny.build_processor(tokenizer, pixels=tiny.BASE_IMAGE_PIXELS)
+    config = tiny.build_config(tokenizer, text=tiny.BASE_TEXT, vision=tiny.BASE_VISION)
+    answer_offset = 1 + len(tokenizer.encode("assistant\n", add_special_tokens=False))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
+        model.train()
+        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": 0.01}, {"params": rest, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98)
+        )
+        warmup = max(1, steps // 20)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+        )
+        order = np.concatenate(
+            [
+                _rng(seed, T_ORDER, e, 0).permutation(len(examples))
+                for e in range(math.ceil(n_examples / len(examples)) + 1)
+            ]
+        )
+        curve = []
+        bar = tqdm(range(steps), desc="pretraining the base", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        for step in bar:
+            idx = order[step * batch_size : (step + 1) * batch_size]
+            batch = _batch(processor, [examples[i] for i in idx], answer_offset)
+            loss = model(**batch).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            curve.append(round(float(loss), 4))
+            bar.set_postfix(loss=f"{np.mean(curve[-20:]):.3f}")
+        bar.close()
+    model.eval()
+    model.generation_config = tiny.generation_config(tokenizer)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    (out / "swift_plugin.py").write_text(tiny.SWIFT_PLUGIN.format(pixels=tiny.BASE_IMAGE_PIXELS), encoding="utf-8")
+    record = {
+        "identity": ident,
+        "examples": {"describe": n_describe, "compare": n_compare},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "loss_first_20": float(np.mean(curve[:20])),
+        "loss_last_20": float(np.mean(curve[-20:])),
+        "loss_curve": curve[::10],
+        "seconds": {"data": round(t_data, 1), "total": round(time.time() - t0, 1)},
+        "weights_sha256": _weights_digest(out),
+    }
+    write_json_atomic(out / "pretraining.json", record)  # written last: its presence marks a finished base
+    log.info("pretrained base (%d parameters) written to %s in %.0f s", record["parameters"], out, time.time() - t0)
+    return record
+
+
+def _weights_digest(folder: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(folder.glob("*.safetensors")):
+        h.update(p.read_bytes())
+    return h.hexdigest()

@@ -1,0 +1,133 @@
+"""Does a model see? Scores a model on images no pretraining or benchmark run drew, against their ground truth.
+
+    describe  finding F1 and side accuracy of its descriptions (the labeler reads them, `apo.evaluation.labeler`)
+    compare   Top-1 on MS-CXR-T-format pairs asked with `apo eval-mscxrt`'s prompt, per finding and averaged
+
+Image classes, not report labels: consolidation and pneumonia are drawn alike, so a mention of either, or of an
+airspace opacity, counts as the one "airspace" class; Lung Opacity's other children are their own classes.
+Side accuracy: over the true lateral findings an answer reports, the share whose stated side is the true one (a
+reported finding with no side counts as wrong). Used by `scripts/check_base.py` and by the demo's summary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
+from apo.evaluation.labeler import label, laterality
+from apo.evaluation.mscxrt import PROMPT as MSCXRT_PROMPT
+from apo.evaluation.mscxrt import finding_name, parse_progression
+from apo.world.pretrain import DESCRIBE_PROMPTS, compare_pair, draw_masks
+from apo.world.synth import _sample_truth
+from apo.world.synth import images as draw
+
+HELD_OUT = 0x7E57  # second key of every held-out stream; pretraining streams use (seed, task < 4, ...)
+CLASSES = ("Pleural Effusion", "Cardiomegaly", "Pneumothorax", "Atelectasis", "Airspace", "Edema", "Support Devices")
+AIRSPACE = ("Consolidation", "Pneumonia", "Lung Opacity")
+LATERAL = ("Pleural Effusion", "Pneumothorax", "Atelectasis", "Airspace")
+
+
+def _rng(seed, *key):
+    from apo.world.pretrain import NS
+
+    return np.random.default_rng([NS, HELD_OUT, int(seed), *[int(k) for k in key]])
+
+
+def _classes(found: dict) -> dict:
+    """{class: side or None} from labeler output (positives only) and laterality."""
+    lab, sides = found["labels"], found["sides"]
+    out = {}
+    for c in CLASSES:
+        members = AIRSPACE if c == "Airspace" else (c,)
+        hits = [m for m in members if lab.get(m) == 1]
+        if hits:
+            out[c] = next((sides[m] for m in hits if m in sides), None)
+    return out
+
+
+def truth_classes(truth: dict) -> dict:
+    out = {}
+    for obs, f in truth.items():
+        c = "Airspace" if obs in ("Consolidation", "Pneumonia") else obs
+        out[c] = f.get("side") if c in LATERAL else None
+    return out
+
+
+def score_descriptions(truths: list[dict], texts: list[str]) -> dict:
+    tp = fp = fn = side_n = side_ok = 0
+    for truth, text in zip(truths, texts):
+        want = truth_classes(truth)
+        said = _classes({"labels": label(text), "sides": laterality(text)})
+        tp += len(set(want) & set(said))
+        fp += len(set(said) - set(want))
+        fn += len(set(want) - set(said))
+        for c in set(want) & set(said) & set(LATERAL):
+            side_n += 1
+            side_ok += said[c] == want[c]
+    return {
+        "finding_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+        "side_accuracy": side_ok / side_n if side_n else None,
+        "n_images": len(texts),
+        "lateral_reported": side_n,
+    }
+
+
+def held_out_set(folder, seed: int, n_images: int, n_pairs: int) -> tuple[list, list]:
+    """Write held-out images under `folder`: ([(path, truth)], [(prev_path, cur_path, finding, class)])."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    masks = draw.usable_masks(draw_masks(), _rng(seed, 0))
+    singles, pairs = [], []
+    for i in range(n_images):
+        truth = _sample_truth(_rng(seed, 1, i))
+        anatomy = draw.make_anatomy(masks[(i * 7 + 3) % len(masks)], _rng(seed, 2, i))
+        path = folder / f"image_{i:04d}.jpg"
+        draw.save_jpeg(draw.render(anatomy, truth, _rng(seed, 3, i)), path)
+        singles.append((str(path), truth))
+    plan = [(f, c) for f in MSCXRT_FINDINGS for c in MSCXRT_CLASSES]
+    for j in range(n_pairs):
+        finding, cls = plan[j % len(plan)]
+        prev, cur = compare_pair(_rng(seed, 4, j), masks, j * 11 + 5, finding, cls)
+        paths = [folder / f"pair_{j:04d}_{k}.jpg" for k in ("previous", "current")]
+        for p, im in zip(paths, (prev, cur)):
+            draw.save_jpeg(im, p)
+        pairs.append((str(paths[0]), str(paths[1]), finding, cls))
+    return singles, pairs
+
+
+def evaluate(
+    model, processor, folder, seed: int = 1000, n_images: int = 200, n_pairs: int = 150, batch_size: int = 16
+) -> dict:
+    """Describe and compare scores of a loaded model on a fresh held-out set drawn under `folder`."""
+    from apo.model.generation import generate
+
+    singles, pairs = held_out_set(folder, seed, n_images, n_pairs)
+    texts = generate(
+        model,
+        processor,
+        [([p], DESCRIBE_PROMPTS[0]) for p, _ in singles],
+        max_new_tokens=64,
+        batch_size=batch_size,
+        desc="describe",
+    )
+    out = score_descriptions([t for _, t in singles], texts)
+    answers = generate(
+        model,
+        processor,
+        [([a, b], MSCXRT_PROMPT.format(finding=finding_name(f))) for a, b, f, _ in pairs],
+        max_new_tokens=8,
+        batch_size=batch_size,
+        desc="compare",
+    )
+    per = {f: [0, 0] for f in MSCXRT_FINDINGS}
+    for (_, _, f, cls), ans in zip(pairs, answers):
+        per[f][0] += parse_progression(ans) == cls
+        per[f][1] += 1
+    top1 = {f: ok / n for f, (ok, n) in per.items() if n}
+    out["mscxrt_per_finding"] = top1
+    out["mscxrt_average"] = float(np.mean(list(top1.values()))) if top1 else None
+    out["n_pairs"] = len(pairs)
+    out["examples"] = [{"truth": truth_classes(t), "description": d} for (_, t), d in zip(singles[:5], texts[:5])]
+    return out

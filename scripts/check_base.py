@@ -1,0 +1,48 @@
+"""Check that a model sees: finding F1, side accuracy and synthetic MS-CXR-T Top-1 on held-out images.
+
+    .venv/bin/python scripts/check_base.py --model runs/cache/base-seed0 [--seed 1000] [--images 200] [--pairs 150]
+
+Prints the scores as JSON and, with --targets, exits 1 unless the issue's targets hold (finding F1 >= 0.85, side
+accuracy >= 0.90, MS-CXR-T average >= 0.60; chance is 0.33). Images come from a seed no pretraining run uses.
+"""
+
+import argparse
+import json
+import sys
+import tempfile
+
+TARGETS = {"finding_f1": 0.85, "side_accuracy": 0.90, "mscxrt_average": 0.60}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--adapter", default=None)
+    ap.add_argument("--seed", type=int, default=1000, help="held-out images drawn from this seed")
+    ap.add_argument("--images", type=int, default=200)
+    ap.add_argument("--pairs", type=int, default=150)
+    ap.add_argument("--targets", action="store_true", help="exit 1 unless the seeing targets hold")
+    ap.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    args = ap.parse_args()
+
+    from apo.model.generation import load_model
+    from apo.world.seeing import evaluate
+
+    model, processor = load_model(args.model, adapter=args.adapter, device="cpu", dtype="float32")
+    with tempfile.TemporaryDirectory() as tmp:
+        scores = evaluate(model, processor, tmp, seed=args.seed, n_images=args.images, n_pairs=args.pairs)
+    text = json.dumps(scores, indent=2)
+    print(text)
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as fh:
+            fh.write(text + "\n")
+    if args.targets:
+        missed = [f"{k} {scores[k]} < {v}" for k, v in TARGETS.items() if scores[k] is None or scores[k] < v]
+        for m in missed:
+            print(f"check_base: target missed: {m}", file=sys.stderr)
+        return 1 if missed else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
