@@ -16,6 +16,7 @@ SEED="${SEED:-0}"
 SFT_STEPS="${SFT_STEPS:-150}"
 APO_STEPS="${APO_STEPS:-80}"
 EVAL_LIMIT="${EVAL_LIMIT:-32}"
+EVAL_SAMPLES="${EVAL_SAMPLES:-4}"  # sampled answers per case (temperature 1) besides the greedy one; 0 = greedy only
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 t0=$SECONDS
 step() { printf '\n== [%4ss] %s\n' "$((SECONDS - t0))" "$*"; }
@@ -52,14 +53,15 @@ MODEL="$SFT_MODEL" DATASET="$RUN/apo/dpo_pairs.jsonl" OUTPUT_DIR="$RUN/dpo" NPRO
   SAVE_STEPS="$APO_STEPS" LOGGING_STEPS=10 MAX_LENGTH=1024 DATALOADER_WORKERS=0 REPORT_TO=none SEED="$SEED" \
   bash scripts/DPO-Qwen2.5.sh 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
 
-step "evaluation: report generation + MS-CXR-T for base, SFT, DPO, APO"
+step "evaluation: report generation (greedy + sampled drift, teacher signatures) + MS-CXR-T for base, SFT, DPO, APO"
 declare -A MODELS=([base]="$RUN/base" [sft]="$SFT_MODEL" [dpo]="$SFT_MODEL" [apo]="$SFT_MODEL")
 declare -A ADAPTERS=([base]="" [sft]="" [dpo]="$RUN/dpo/last" [apo]="$RUN/apo/model")
 for name in base sft dpo apo; do
   adapter=()
   [ -n "${ADAPTERS[$name]}" ] && adapter=(--adapter "${ADAPTERS[$name]}")
   apo eval-report --model "${MODELS[$name]}" "${adapter[@]}" --dataset "$TEST" --out "$RESULTS/$name" \
-    --limit "$EVAL_LIMIT" --max-new-tokens 96 --batch-size 8
+    --limit "$EVAL_LIMIT" --max-new-tokens 96 --batch-size 8 \
+    --num-samples "$EVAL_SAMPLES" --temperature 1.0 --seed "$SEED" --signatures-from "$TRAIN"
   apo eval-mscxrt --model "${MODELS[$name]}" "${adapter[@]}" \
     --csv "$RUN/data/mscxrt/MS_CXR_T_temporal_image_classification_v1.0.0.csv" --image-root "$RUN/data" \
     --out "$RESULTS/$name" --batch-size 8

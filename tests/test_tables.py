@@ -137,8 +137,9 @@ def test_tables_from_results(results, tmp_path, capsys):
         assert PUBLISHED not in r and not re.search(r"\| 0\.(78|69|96|84|56|43)0? \|", r)
     # ablation: headline numbers + drift of each run's answers; side error from eval-report's side_accuracy
     rows = _table(md, "Ablation")
-    assert "| apo | 0.612 | 0.352 | 0.300 | 0.520 | 0.100 | 0.100 | 0.050 | 0.200 | 0.000 |" in rows
-    assert "| apo_beta_0.5 |  | 0.200 | 0.300 | 0.300 | 0.400 | 0.300 |  | 0.250 | 0.100 |" in rows
+    # (greedy and sampled side by side; these metrics.json files predate drift_rates: greedy only, sampled blank)
+    assert "| apo | 0.612 | 0.352 | 0.300 | 0.520 | 0.100 |  | 0.100 |  | 0.050 |  | 0.200 |  | 0.000 |  |" in rows
+    assert "| apo_beta_0.5 |  | 0.200 | 0.300 | 0.300 | 0.400 |  | 0.300 |  |  |  | 0.250 |  | 0.100 |  |" in rows
     # teachers on their own trajectories, students alongside
     rows = _table(md, "Teachers")
     names = [r.split("|")[1].strip() for r in rows[1:]]
@@ -195,3 +196,38 @@ def test_student_drift_shapes():
     assert d["hallucination_rate"] == 1 and d["answers"] == 1
     assert _student_drift({"drift": {"side_accuracy": 0.75}})["side_error_rate"] == 0.25
     assert _student_drift({}) is None and _student_drift({"drift": "n/a"}) is None
+
+
+def test_ablation_shows_greedy_and_sampled_drift_and_signature_copies(results, tmp_path):
+    """A metrics.json with drift_rates / signature (eval-report --num-samples --signatures-from) next to old ones."""
+    m = _metrics(0.3, 0.4, 0.9)  # its old-style `drift` must not be used when drift_rates is there
+    rates = {"hallucination": 0.1, "omission": 0.2, "hedge": 0.0, "wrong_side": None, "refusal": 0.0}
+    m["drift_rates"] = {"greedy": rates, "sampled": dict(rates, refusal=0.25, hedge=0.125)}
+    m["signature"] = {
+        "phrases": {"Grok-4": ["the image is clear"], "GLM-4.5V": [], "Moonshot-v1": ["i cannot provide"]},
+        "own": {"Grok-4": 1.0, "GLM-4.5V": None, "Moonshot-v1": 0.375},
+        "greedy": {"Grok-4": 0.5, "GLM-4.5V": None, "Moonshot-v1": 0.0},
+        "sampled": {"Grok-4": 0.25, "GLM-4.5V": None, "Moonshot-v1": 0.125},
+    }
+    _write(results / "sft" / "metrics.json", m)
+    out = tmp_path / "tables"
+    assert main(["tables", "--results", str(results), "--out", str(out)]) == 0
+    md = (out / "tables.md").read_text()
+    rows = _table(md, "Ablation")
+    assert rows[0].endswith(
+        "| hallucination g | hallucination s | omission g | omission s | hedge g | hedge s | "
+        "side error g | side error s | refusal g | refusal s |"
+    )
+    assert (
+        "| sft | 0.501 | 0.300 | 0.300 | 0.400 | 0.100 | 0.100 | 0.200 | 0.200 | 0.000 | 0.125 |  |  | 0.000 | 0.250 |"
+        in rows
+    )
+    assert any(r.startswith("| base | 0.301 | 0.101 |") and r.endswith("| 0.000 |  |") for r in rows)  # old file
+    rows = _table(md, "Teacher signature")
+    assert rows[0] == "| run | Grok-4 g | Grok-4 s | Moonshot-v1 g | Moonshot-v1 s |"  # GLM: no phrase, no column
+    assert rows[1:] == [
+        "| teachers (own answers) | 1.000 | 1.000 | 0.375 | 0.375 |",
+        "| sft | 0.500 | 0.250 | 0.000 | 0.125 |",
+    ]
+    tex = (out / "tables.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == 5

@@ -8,6 +8,25 @@ For each case the model answers the case's prompt (or --prompt) about its image(
             teacher (apo.evaluation.drift.answer_stats): labeler F1 against the case's labels, hallucination, omission and
             refusal rates, side accuracy against meta["sides"]
   n         answers scored (cases with a reference).
+  drift_rates  {"greedy": {...}, "sampled": {...} or null}: refusal, hedge, wrong_side, hallucination, omission
+            (fractions, answer_stats' definitions; wrong_side = side_error_rate) of the greedy answers and of all
+            sampled answers pooled (every sample of every case, --num-samples K > 0; null when K = 0)
+  sampling  {"num_samples", "temperature", "seed"}
+  signature with --signatures-from TRAIN_DATA: {"phrases": {teacher: [...]}, "own": {teacher: share of its own
+            training answers with one of its phrases}, "greedy": {teacher: share of greedy answers with one},
+            "sampled": {...} or null} (apo.evaluation.signatures: phrases mined from the teachers' answers);
+            null without the flag.
+
+Sampled answers (--num-samples K, --temperature T, --seed S): greedy decoding shows only the mode of what the
+student learnt (a student that refuses 30 % of the time may never refuse greedily), so K answers per case are also
+drawn at temperature T (plain temperature sampling: no top-k / top-p) into OUT/samples.jsonl, one record per case
+{"case_id", "samples": [K texts], "seed", "temperature"}, resumable like predictions.jsonl. Sample k of a case is
+drawn with its own generator seeded from (S, case id, k) (apo.model.generation.sample_seed / SeededSampler), so
+it does not depend on batch size, batch composition, --limit, the number of processes, or on a resume: the same
+command on a fresh folder gives byte-identical samples, and a resumed run draws the missing cases exactly as an
+uninterrupted run would (up to the float rounding of batched logits, which greedy shares). A resume with another
+K, T or S than the records already written stops with an error instead of mixing them. --backend vllm seeds each
+request the same way, but its draws are vLLM's, not the hf backend's.
 
 Length: no limit by default; with --max-length a case whose prompt (image tokens included) + --max-new-tokens does
 not fit stops the run naming it, or with --skip-bad is left out and listed in OUT/too_long.jsonl (never cut: a cut
@@ -66,6 +85,30 @@ def reference(case, reports_dir=None) -> str | None:
 
 # ---------------------------------------------------------------- drift-sensitive metrics
 
+# metrics.json "drift_rates" name -> apo.evaluation.drift.answer_stats key
+DRIFT_RATES = {
+    "refusal": "refusal_rate",
+    "hedge": "hedge_rate",
+    "wrong_side": "side_error_rate",
+    "hallucination": "hallucination_rate",
+    "omission": "omission_rate",
+}
+
+
+def drift_rates(cases, texts) -> dict:
+    """{refusal, hedge, wrong_side, hallucination, omission} of `texts[i]` answering `cases[i]` (None = not
+    measurable, e.g. no lateral finding for wrong_side)."""
+    from apo.evaluation.drift import answer_stats
+
+    d = answer_stats(cases, list(texts))
+    return {name: d[key] for name, key in DRIFT_RATES.items()}
+
+
+def sampled_drift_rates(cases, samples: dict) -> dict:
+    """drift_rates pooled over every sample of every case: `samples` {case_id: [texts]}."""
+    pairs = [(c, t) for c in cases for t in samples.get(c.case_id, [])]
+    return drift_rates([c for c, _ in pairs], [t for _, t in pairs])
+
 
 def drift_metrics(cases, predictions) -> dict:
     """The student's answers read like a teacher's by `apo.evaluation.drift.answer_stats` (one definition for the repo):
@@ -104,6 +147,24 @@ def add_arguments(parser) -> None:
         "the run naming it, or with --skip-bad is left out of generation and scoring (listed in "
         "OUT/too_long.jsonl, counted in metrics.json). Default: no limit",
     )
+    g = parser.add_argument_group("sampled drift")
+    g.add_argument(
+        "--num-samples",
+        type=int,
+        default=0,
+        help="also draw K sampled answers per case (OUT/samples.jsonl) and report drift rates over them; "
+        "0 (default): greedy only",
+    )
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature for --num-samples (> 0)")
+    g.add_argument(
+        "--seed", type=int, default=0, help="sampling seed: sample k of a case is seeded from (seed, case id, k)"
+    )
+    g.add_argument(
+        "--signatures-from",
+        default=None,
+        help="teacher data (any format --dataset reads, e.g. cxrmax_train.jsonl): mine each teacher's signature "
+        "phrases from it and report how often the answers copy them",
+    )
 
 
 def _fit(cases, processor, args):
@@ -137,15 +198,63 @@ def _fit(cases, processor, args):
     return keep, too_long
 
 
+def _check_sample_settings(path: Path, args) -> None:
+    """Stop if samples already on disk (OUT/samples.jsonl or its shard files) were drawn with other settings."""
+    from apo.errors import ApoError
+    from apo.io.jobs import _finished
+
+    want = (args.num_samples, args.temperature, args.seed)
+    for r in _finished(path).values():
+        have = (len(r.get("samples") or []), r.get("temperature"), r.get("seed"))
+        if have != want:
+            raise ApoError(
+                f"{path}: case {r['case_id']} has {have[0]} samples at temperature {have[1]}, seed {have[2]}; this "
+                f"run asks for {want[0]} at temperature {want[1]}, seed {want[2]} (use a fresh --out or delete "
+                "samples.jsonl)"
+            )
+
+
+def _signature_metrics(args, greedy_texts, sample_texts) -> dict | None:
+    from apo.data import load_cases
+    from apo.errors import ApoError
+    from apo.evaluation.signatures import copy_rates, mine
+
+    if not args.signatures_from:
+        return None
+    teachers_data = load_cases(args.signatures_from, verify_images="none", check_images=False)
+    phrases = mine(teachers_data)
+    if not phrases:
+        raise ApoError(f"--signatures-from {args.signatures_from}: no teacher answers in it")
+    own = {}
+    for t in phrases:
+        texts = [x.text for c in teachers_data for x in c.trajectories if x.teacher == t]
+        own[t] = copy_rates(texts, {t: phrases[t]})[t]
+    return {
+        "source": str(args.signatures_from),
+        "phrases": phrases,
+        "own": own,
+        "greedy": copy_rates(greedy_texts, phrases),
+        "sampled": copy_rates(sample_texts, phrases) if sample_texts is not None else None,
+    }
+
+
 def run(args) -> int:
     from apo.data import cases_from_args
     from apo.errors import ApoError
     from apo.evaluation.metrics import clinical_efficacy, nlg_scores
     from apo.io.jobs import run_resumable
     from apo.io.resumable import write_json_atomic
-    from apo.model.generation import generate, model_from_args
+    from apo.model.generation import generate, model_from_args, sample_seed
 
     out = Path(args.out)
+    if args.num_samples < 0:
+        raise ApoError("--num-samples must be 0 (greedy only) or more")
+    if args.num_samples and not args.temperature > 0:
+        raise ApoError("--temperature must be > 0 with --num-samples (greedy is the temperature-0 answer)")
+    if args.signatures_from and not Path(args.signatures_from).exists():
+        raise ApoError(f"--signatures-from {args.signatures_from}: not found")
+    if args.num_samples:
+        _check_sample_settings(out / "samples.jsonl", args)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     cases = cases[: args.limit] if args.limit else cases
     if not cases:
@@ -173,6 +282,40 @@ def run(args) -> int:
         chunk_size=args.batch_size * 4,
         desc="eval-report",
     )
+    samples = None
+    if args.num_samples:
+        K = args.num_samples
+
+        def draw(chunk):
+            answers = generate(
+                model,
+                processor,
+                [(c.images, args.prompt or c.prompt) for c in chunk for _ in range(K)],
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                progress=False,
+                greedy=False,
+                temperature=args.temperature,
+                seeds=[sample_seed(args.seed, c.case_id, k) for c in chunk for k in range(K)],
+            )
+            return [
+                {
+                    "case_id": c.case_id,
+                    "samples": answers[i * K : (i + 1) * K],
+                    "seed": args.seed,
+                    "temperature": args.temperature,
+                }
+                for i, c in enumerate(chunk)
+            ]
+
+        samples = run_resumable(
+            out / "samples.jsonl",
+            cases,
+            key=lambda c: c.case_id,
+            process=draw,
+            chunk_size=args.batch_size * 4,
+            desc=f"eval-report samples (K={K})",
+        )
     if records is None:  # not rank 0
         return 0
     scored = [c for c in cases if refs[c.case_id]]
@@ -187,6 +330,16 @@ def run(args) -> int:
         "clinical": clinical_efficacy(gts, hyps),
         "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases]),
     }
+    greedy_texts = [records[c.case_id]["prediction"] for c in cases]
+    sample_lists = {c.case_id: samples[c.case_id]["samples"] for c in cases} if samples is not None else None
+    metrics["drift_rates"] = {
+        "greedy": drift_rates(cases, greedy_texts),
+        "sampled": sampled_drift_rates(cases, sample_lists) if sample_lists is not None else None,
+    }
+    metrics["sampling"] = {"num_samples": args.num_samples, "temperature": args.temperature, "seed": args.seed}
+    metrics["signature"] = _signature_metrics(
+        args, greedy_texts, [t for c in cases for t in sample_lists[c.case_id]] if sample_lists is not None else None
+    )
     if too_long:
         metrics["too_long"] = len(too_long)
     write_json_atomic(out / "metrics.json", metrics)
@@ -205,5 +358,16 @@ def run(args) -> int:
             if d.get(k) is not None
         )
     )
+    for mode, rates in metrics["drift_rates"].items():
+        if rates is not None:
+            print(f"  {mode} drift: " + ", ".join(f"{k} {v:.3f}" for k, v in rates.items() if v is not None))
+    sig = metrics["signature"]
+    if sig:
+        for mode in ("greedy", "sampled"):
+            if sig[mode]:
+                print(
+                    f"  {mode} signature copies: "
+                    + ", ".join(f"{t} {v:.3f}" for t, v in sig[mode].items() if v is not None)
+                )
     print(f"  wrote {out / 'metrics.json'}")
     return 0

@@ -4,17 +4,21 @@ Results layout (what the evaluation stages write; any run name works, base / sft
 
     results/<run>/metrics.json        apo eval-report: {"nlg": {BLEU-1..4, METEOR, ROUGE-L, CIDEr},
                                       "clinical": {"micro": {precision, recall, f1}, "macro": {...}, ...},
-                                      "drift": {hallucination_rate, omission_rate, ...}, "n": ...}
+                                      "drift": {hallucination_rate, omission_rate, ...}, "n": ...,
+                                      "drift_rates": {"greedy": {...}, "sampled": {...} | null},
+                                      "signature": {"phrases", "own", "greedy", "sampled"} | null} (the last two
+                                      optional: older files without them give greedy rates only)
     results/<run>/mscxrt.json         apo eval-mscxrt: {"per_finding": {finding: top-1 accuracy}, "average": x, "n": ...}
     results/<run>/trainer_state.json  HF Trainer state (its "log_history": loss, rewards/margins, rewards/accuracies,
                                       rewards/teacher/<name>, ...); else the latest <run>/checkpoint-*/trainer_state.json
     results/drift/drift.json          apo drift: per-teacher statistics on the teachers' own trajectories
 
 Writes OUT/tables.md and OUT/tables.tex with: MS-CXR-T top-1 per finding and average; report generation (NLG and
-clinical efficacy); the ablation (each run's headline numbers and its drift rates); the teachers scored on their own
-trajectories (with each student's rates on its answers for comparison); and OUT/curves_<run>.png (loss, reward
-margin, mean reward per teacher). Numbers the paper publishes (DESIGN.md) are shown in their own rows, labelled
-"paper (published)", below the measured ones; cells it does not publish stay blank. Prints the MS-CXR-T table.
+clinical efficacy); the ablation (each run's headline numbers and its drift rates, greedy and sampled side by side);
+the teachers scored on their own trajectories (with each student's rates on its answers for comparison); how often
+each run copies each teacher's signature wording (runs evaluated with --signatures-from); and OUT/curves_<run>.png
+(loss, reward margin, mean reward per teacher). Numbers the paper publishes (DESIGN.md) are shown in their own rows,
+labelled "paper (published)", below the measured ones; cells it does not publish stay blank. Prints the MS-CXR-T table.
 """
 
 from __future__ import annotations
@@ -45,6 +49,14 @@ DRIFT_COLS = (
     ("side error", "side_error_rate"),
     ("refusal", "refusal_rate"),
 )
+# DRIFT_COLS' answer_stats keys -> eval-report's "drift_rates" names (apo.evaluation.report.DRIFT_RATES)
+RATE_NAMES = {
+    "hallucination_rate": "hallucination",
+    "omission_rate": "omission",
+    "hedge_rate": "hedge",
+    "side_error_rate": "wrong_side",
+    "refusal_rate": "refusal",
+}
 
 
 # ----------------------------------------------------------------------------- reading
@@ -115,6 +127,16 @@ def _student_drift(metrics: dict) -> dict | None:
     return d
 
 
+def _greedy_sampled(metrics: dict) -> tuple[dict, dict]:
+    """({answer_stats key: rate} of the greedy answers, the same of the pooled samples) from a metrics.json; a file
+    written before eval-report had drift_rates gives its `drift` rates as greedy and no sampled rates."""
+    dr = (metrics or {}).get("drift_rates") or {}
+    greedy = dr.get("greedy")
+    greedy = {k: greedy.get(n) for k, n in RATE_NAMES.items()} if greedy else (_student_drift(metrics) or {})
+    sampled = dr.get("sampled")
+    return greedy, ({k: sampled.get(n) for k, n in RATE_NAMES.items()} if sampled else {})
+
+
 # ----------------------------------------------------------------------------- tables as data
 
 
@@ -172,13 +194,15 @@ def report_table(res) -> dict:
 
 
 def ablation_table(res) -> dict:
-    cols = ["MS-CXR-T avg", "BLEU-1", "ROUGE-L", "CE F1"] + [name for name, _ in DRIFT_COLS]
+    cols = ["MS-CXR-T avg", "BLEU-1", "ROUGE-L", "CE F1"] + [
+        f"{name} {mode}" for name, _ in DRIFT_COLS for mode in ("g", "s")
+    ]
     rows = []
     for run, r in res["runs"].items():
         m, x = r.get("metrics") or {}, r.get("mscxrt") or {}
         if not m and not x:
             continue
-        d = _student_drift(m) or {}
+        greedy, sampled = _greedy_sampled(m)
         rows.append(
             (
                 run,
@@ -188,12 +212,12 @@ def ablation_table(res) -> dict:
                     _num((m.get("nlg") or {}).get("ROUGE-L")),
                     _num(((m.get("clinical") or {}).get("micro") or {}).get("f1")),
                 ]
-                + [_num(d.get(k)) for _, k in DRIFT_COLS],
+                + [_num(d.get(k)) for _, k in DRIFT_COLS for d in (greedy, sampled)],
             )
         )
     return {
         "title": "Ablation: base / SFT / SFT + pairwise DPO / APO (drift rates of each run's answers, labeler vs "
-        "ground truth)",
+        "ground truth; g = greedy answers, s = sampled answers pooled, eval-report --num-samples; blank = not run)",
         "columns": ["run"] + cols,
         "rows": rows,
         "reference": [],
@@ -222,8 +246,32 @@ def teachers_table(res) -> dict:
     }
 
 
+def signature_table(res) -> dict:
+    """Per run, how often its answers (greedy / sampled) carry each teacher's signature wording (eval-report
+    --signatures-from); the first row per teacher is the teachers' own rate on their training answers."""
+    sigs = {run: (r.get("metrics") or {}).get("signature") for run, r in res["runs"].items()}
+    sigs = {run: s for run, s in sigs.items() if isinstance(s, dict) and s.get("phrases")}
+    teachers = []
+    for s in sigs.values():
+        teachers += [t for t, p in s["phrases"].items() if p and t not in teachers]
+    rows = []
+    if sigs:
+        own = next(iter(sigs.values())).get("own") or {}
+        rows.append(("teachers (own answers)", [_num(own.get(t)) for t in teachers for _ in (0, 1)]))
+    for run, s in sigs.items():
+        rows.append((run, [_num((s.get(mode) or {}).get(t)) for t in teachers for mode in ("greedy", "sampled")]))
+    return {
+        "title": "Teacher signature wording copied (share of answers with one of the teacher's mined phrases; "
+        "g = greedy, s = sampled)",
+        "columns": ["run"] + [f"{t} {m}" for t in teachers for m in ("g", "s")],
+        "rows": rows if teachers else [],
+        "reference": [],
+    }
+
+
 def all_tables(res) -> list[dict]:
-    return [t for t in (mscxrt_table(res), report_table(res), ablation_table(res), teachers_table(res)) if t["rows"]]
+    tables = (mscxrt_table(res), report_table(res), ablation_table(res), teachers_table(res), signature_table(res))
+    return [t for t in tables if t["rows"]]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -352,7 +400,8 @@ def add_arguments(parser) -> None:
         "--print",
         dest="show",
         default="MS-CXR-T",
-        help="which table to print: the start of its title (MS-CXR-T, Report, Ablation, Teachers) or 'all'",
+        help="which table to print: the start of its title (MS-CXR-T, Report, Ablation, Teachers, Teacher signature) "
+        "or 'all'",
     )
 
 

@@ -4,6 +4,13 @@
 in batches: prompts built by `apo.model.chat`, left padding, KV cache, longest requests first (less padding, and an
 out-of-memory shows up on the first batch, not after an hour), answers returned in input order. Greedy by default,
 so a rerun reproduces every answer. Multi-GPU runs shard the cases over processes: `apo.io.jobs`.
+
+Sampling (`greedy=False`, `temperature`): with `seeds` (one integer per request) each request draws its tokens
+from its own generator (`SeededSampler`: plain temperature sampling, no top-k / top-p, by the Gumbel-max trick),
+so its answer depends on its seed and its own logits only - not on which requests share its batch, the batch
+size, the sort order, a resume or the process that ran it (up to float rounding of batched vs single logits,
+which the greedy path shares). `sample_seed(seed, key, index)` derives such seeds from stable names. Without
+`seeds`, transformers' own sampler (one global RNG) is used, as before.
 """
 
 from __future__ import annotations
@@ -180,12 +187,22 @@ class VllmEngine:
         self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
         self.llm = LLM(**kw)
 
-    def answer(self, texts, images_per_request, max_new_tokens, greedy=True, seed=0) -> list[str]:
+    def answer(
+        self, texts, images_per_request, max_new_tokens, greedy=True, seed=0, temperature=1.0, seeds=None
+    ) -> list[str]:
+        """`seeds`: one per request (vLLM seeds each request's sampler); else `seed` for all. Samples are vLLM's,
+        not the same draws as the hf backend's for the same seed."""
         from vllm import SamplingParams
 
-        params = SamplingParams(
-            max_tokens=max_new_tokens, temperature=0.0 if greedy else 1.0, seed=seed, skip_special_tokens=True
-        )
+        def params_for(s):
+            return SamplingParams(
+                max_tokens=max_new_tokens,
+                temperature=0.0 if greedy else float(temperature),
+                seed=s,
+                skip_special_tokens=True,
+            )
+
+        params = params_for(seed) if seeds is None or greedy else [params_for(int(s)) for s in seeds]
         inputs = [
             {"prompt": t, "multi_modal_data": {"image": ims if len(ims) > 1 else ims[0]}} if ims else {"prompt": t}
             for t, ims in zip(texts, images_per_request)
@@ -243,6 +260,44 @@ def _full_attention_only(config) -> bool:
     return all(t == "full_attention" for t in types)
 
 
+def sample_seed(seed: int, key, index: int = 0) -> int:
+    """A 63-bit seed from (run seed, a stable name such as a case id, sample index): the same on every machine and
+    Python (sha256, not hash())."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{int(seed)}\x1f{key}\x1f{int(index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+class SeededSampler:
+    """A logits processor that samples each row's next token from softmax(scores / temperature) with that row's own
+    `torch.Generator` (Gumbel-max: argmax(scores / T - log E), E ~ Exp(1)) and hands greedy search a one-hot row.
+    Run under do_sample=False so transformers adds no warper and draws nothing itself; row i's t-th token uses the
+    t-th draw of generator i whatever the other rows are."""
+
+    def __init__(self, seeds, temperature: float, device):
+        import torch
+
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0 (got {temperature}); use greedy decoding for 0")
+        self.temperature = float(temperature)
+        self.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        if scores.shape[0] != len(self.generators):
+            raise RuntimeError(f"SeededSampler: {scores.shape[0]} rows for {len(self.generators)} seeds (beams?)")
+        logits = scores.float() / self.temperature
+        noise = torch.empty_like(logits)
+        for row, g in zip(noise, self.generators):
+            row.exponential_(generator=g)
+        choice = (logits - noise.log_()).argmax(-1)
+        out = torch.full_like(scores, float("-inf"))
+        out.scatter_(1, choice[:, None], 0.0)
+        return out
+
+
 def generate(
     model,
     processor,
@@ -254,27 +309,39 @@ def generate(
     desc="generate",
     sort_by_length=True,
     fast=None,
+    temperature=1.0,
+    seeds=None,
 ):
     """Answers (str) to `requests` [(image_paths, prompt)], in input order. `model` is a transformers model or a
     `VllmEngine`. `fast`: the KV cache and attention of `apo.model.decoding`; None (default) = on CPU, where they were
     measured (on CUDA transformers' defaults, as measured on an H100); False gives transformers' defaults
-    (DynamicCache, the model's kernel) on a model not yet switched (a benchmark's reference)."""
+    (DynamicCache, the model's kernel) on a model not yet switched (a benchmark's reference).
+    `greedy=False`: sample at `temperature`; `seeds` (one int per request) makes each request's draws its own and
+    reproducible (`SeededSampler`, see the module docstring); both are ignored when greedy."""
     import torch
     from tqdm import tqdm
 
     from apo.model.decoding import ReservedCache, use_generation_attention
 
     requests = list(requests)
+    if seeds is not None and not greedy and len(seeds) != len(requests):
+        raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
     texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
     if isinstance(model, VllmEngine):
-        return model.answer(texts, [load_images(paths) for paths, _ in requests], max_new_tokens, greedy)
+        images = [load_images(paths) for paths, _ in requests]
+        if greedy:
+            return model.answer(texts, images, max_new_tokens, greedy)
+        return model.answer(texts, images, max_new_tokens, greedy, temperature=temperature, seeds=seeds)
     lengths = [estimate_length(processor, paths, t) for (paths, _), t in zip(requests, texts)]
     order = sorted(range(len(requests)), key=lambda i: -lengths[i]) if sort_by_length else list(range(len(requests)))
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, do_sample=not greedy)
-    if greedy:  # a chat model's generation_config may carry sampling settings; neutralise them
+    seeded = not greedy and seeds is not None  # SeededSampler draws; transformers runs greedy search on its output
+    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_id, do_sample=not greedy and not seeded)
+    if greedy or seeded:  # a chat model's generation_config may carry sampling settings; neutralise them
         gen_kw.update(temperature=None, top_p=None, top_k=None)
+    else:
+        gen_kw.update(temperature=float(temperature))
     device = next(model.parameters()).device
     fast = device.type == "cpu" if fast is None else fast
     fast = fast and _full_attention_only(model.config)  # ReservedCache has no sliding-window layers
@@ -290,9 +357,15 @@ def generate(
             batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
         # apo.model.decoding: a KV cache reserved for the whole answer (no per-step copy of the cache), and attention
         # without K/V copies (switched on above)
-        cache = {"past_key_values": ReservedCache(batch["input_ids"].shape[1] + max_new_tokens)} if fast else {}
+        extra = {"past_key_values": ReservedCache(batch["input_ids"].shape[1] + max_new_tokens)} if fast else {}
+        if seeded:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList(
+                [SeededSampler([seeds[i] for i in idx], temperature, device)]
+            )
         with torch.inference_mode(), _attention_backends(device):
-            seqs = model.generate(**batch, **gen_kw, **cache)
+            seqs = model.generate(**batch, **gen_kw, **extra)
         new = seqs[:, batch["input_ids"].shape[1] :]  # left padding: every prompt ends at the same column
         for i, ids in zip(idx, new):
             out[i] = tok.decode(ids, skip_special_tokens=True).strip()
