@@ -337,7 +337,8 @@ def run(args) -> int:
     usable = [c for c in cases if c.trajectories]
     if len(usable) < len(cases):
         print(
-            f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists them)"
+            f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists "
+            f"them)"
         )
     if not usable:
         raise ApoError(f"{args.dataset}: no case with teacher trajectories")

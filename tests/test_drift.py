@@ -1,4 +1,5 @@
-"""apo.evaluation.drift: per-teacher drift rates on hand-made cases with known answers; the CLI on the synthetic benchmark."""
+"""apo.evaluation.drift: per-teacher drift rates on hand-made cases with known answers; the CLI on the synthetic
+benchmark."""
 
 import json
 

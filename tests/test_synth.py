@@ -198,7 +198,8 @@ def test_mscxrt_csv_columns_values_and_images(synth_dir):
 
 
 def test_mscxrt_extent_follows_the_label(small):
-    """Worsening pairs get brighter (effusion, consolidation, edema, pneumonia) or darker (pneumothorax) in the lungs."""
+    """Worsening pairs get brighter (effusion, consolidation, edema, pneumonia) or darker (pneumothorax) in the
+    lungs."""
     import numpy as np
 
     out, _ = small

@@ -3,10 +3,11 @@
 For each case the model answers the case's prompt (or --prompt) about its image(s). OUT/predictions.jsonl holds
 {"case_id", "prediction", "reference"} (resumable, like consensus); OUT/metrics.json holds
   nlg       BLEU-1..4, METEOR, ROUGE-L, CIDEr (apo.evaluation.metrics.nlg_scores, pycocoevalcap definitions)
-  clinical  CheXpert-label precision/recall/F1 of predictions against references (apo.evaluation.metrics.clinical_efficacy)
+  clinical  CheXpert-label precision/recall/F1 of predictions against references
+            (apo.evaluation.metrics.clinical_efficacy)
   drift     the errors the teachers drift into, measured on the student's answers as `apo drift` measures each
-            teacher (apo.evaluation.drift.answer_stats): labeler F1 against the case's labels, hallucination, omission and
-            refusal rates, side accuracy against meta["sides"]
+            teacher (apo.evaluation.drift.answer_stats): labeler F1 against the case's labels, hallucination,
+            omission and refusal rates, side accuracy against meta["sides"]
   n         answers scored (cases with a reference).
 
 Length: no limit by default; with --max-length a case whose prompt (image tokens included) + --max-new-tokens does
@@ -130,7 +131,8 @@ def _fit(cases, processor, args):
     if too_long:
         write_jsonl_atomic(Path(args.out) / "too_long.jsonl", too_long)
         print(
-            f"eval-report: left out {len(too_long)} case(s) over --max-length; listed in {Path(args.out) / 'too_long.jsonl'}"
+            f"eval-report: left out {len(too_long)} case(s) over --max-length; listed in "
+            f"{Path(args.out) / 'too_long.jsonl'}"
         )
     if not keep:
         raise ApoError(f"no case fits --max-length {args.max_length}")

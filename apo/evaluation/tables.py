@@ -5,9 +5,11 @@ Results layout (what the evaluation stages write; any run name works, base / sft
     results/<run>/metrics.json        apo eval-report: {"nlg": {BLEU-1..4, METEOR, ROUGE-L, CIDEr},
                                       "clinical": {"micro": {precision, recall, f1}, "macro": {...}, ...},
                                       "drift": {hallucination_rate, omission_rate, ...}, "n": ...}
-    results/<run>/mscxrt.json         apo eval-mscxrt: {"per_finding": {finding: top-1 accuracy}, "average": x, "n": ...}
+    results/<run>/mscxrt.json         apo eval-mscxrt: {"per_finding": {finding: top-1 accuracy}, "average": x,
+                                      "n": ...}
     results/<run>/trainer_state.json  HF Trainer state (its "log_history": loss, rewards/margins, rewards/accuracies,
-                                      rewards/teacher/<name>, ...); else the latest <run>/checkpoint-*/trainer_state.json
+                                      rewards/teacher/<name>, ...); else the latest
+                                      <run>/checkpoint-*/trainer_state.json
     results/drift/drift.json          apo drift: per-teacher statistics on the teachers' own trajectories
 
 Writes OUT/tables.md and OUT/tables.tex with: MS-CXR-T top-1 per finding and average; report generation (NLG and
@@ -102,8 +104,9 @@ def read_results(root) -> dict:
 
 
 def _student_drift(metrics: dict) -> dict | None:
-    """A run's drift rates from its metrics.json: a flat rate dict (apo.evaluation.drift.answer_stats, or eval-report's own
-    drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's answers."""
+    """A run's drift rates from its metrics.json: a flat rate dict (apo.evaluation.drift.answer_stats, or
+    eval-report's own drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's
+    answers."""
     d = (metrics or {}).get("drift")
     if not isinstance(d, dict):
         return None

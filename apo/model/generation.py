@@ -113,9 +113,9 @@ class VllmEngine:
     texts (the processor's template; vLLM expands each image's placeholder into its patch tokens), the images the
     same PIL images, greedy decoding the same (temperature 0), answers in input order. vLLM schedules the requests
     itself (continuous batching, paged KV cache): it gets a whole resumable chunk (4 x --batch-size requests) per
-    call, and --batch-size only bounds what a crash can lose. An adapter is served as a LoRA (vLLM's LoRA covers the language model's linear
-    layers - what `scripts/SFT-Qwen2.5.sh` trains by default); one that also trains embeddings or the head
-    (MODULES_TO_SAVE) must be merged first (MERGE_LORA=true) and passed as --model.
+    call, and --batch-size only bounds what a crash can lose. An adapter is served as a LoRA (vLLM's LoRA covers the
+    language model's linear layers - what `scripts/SFT-Qwen2.5.sh` trains by default); one that also trains
+    embeddings or the head (MODULES_TO_SAVE) must be merged first (MERGE_LORA=true) and passed as --model.
 
     Data parallel: one engine per process, so run one process per GPU replica with RANK / WORLD_SIZE set by hand
     (run_resumable reads only those), or one process with --tensor-parallel-size; not under torchrun, whose process

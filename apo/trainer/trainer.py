@@ -6,8 +6,9 @@ padded rows (`--packed false`, the plain path; same log-probs to 1e-5); the refe
 model with its LoRA adapter disabled (no second copy; with an SFT adapter merged in at load time, that is pi_st),
 or from a frozen copy (full fine-tuning), or from a cache precomputed before the first step. Row log-probs are
 scattered back into [B, 1+N] and handed to the pure loss in `apo.loss`. DeepSpeed, DDP, gradient accumulation,
-checkpoints and resume are the Trainer's own (plus a commit record per checkpoint, apo.trainer.checkpoint); this file adds the loss, the reference, and metrics that are summed
-(not averaged twice) over the logging interval and across processes.
+checkpoints and resume are the Trainer's own (plus a commit record per checkpoint, apo.trainer.checkpoint); this
+file adds the loss, the reference, and metrics that are summed (not averaged twice) over the logging interval and
+across processes.
 """
 
 from __future__ import annotations

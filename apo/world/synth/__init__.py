@@ -281,9 +281,9 @@ def generate(
                     n: {k: p[k] for k in ("drift", "style", "negatives", *T.RATES)} for n, p in profiles.items()
                 },
                 "measured": measured,
-                "notes": "Rates are probabilities per finding (omit, omit_minor, wrong_side, hedge), per answer (hallucinate, "
-                "refuse), or per sentence of the answer (late_add_per_sentence). `measured` re-derives them from "
-                "the generated texts with apo.world.synth.reports.tag; see DATA_CARD.md.",
+                "notes": "Rates are probabilities per finding (omit, omit_minor, wrong_side, hedge), per answer "
+                "(hallucinate, refuse), or per sentence of the answer (late_add_per_sentence). `measured` re-derives "
+                "them from the generated texts with apo.world.synth.reports.tag; see DATA_CARD.md.",
             },
             indent=2,
         )
@@ -406,28 +406,28 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
         "Body, mediastinum, trachea, heart, ribs, clavicles and hilar vessel markings are drawn around them. Findings: "
         "pleural effusion (dense base with a lateral meniscus, blunted angle), cardiomegaly (cardiothoracic ratio "
         "0.56-0.68 vs 0.40-0.47), pneumothorax (apical/lateral rim of air without markings and a pleural line), "
-        "atelectasis (basal plate-like band), consolidation and pneumonia (patchy confluent opacity in one zone), edema "
-        "(perihilar haze, Kerley B lines), support devices (central line, PICC, pacemaker, endotracheal tube). Severity "
-        "scales extent. Patient's right = image left.",
+        "atelectasis (basal plate-like band), consolidation and pneumonia (patchy confluent opacity in one zone), "
+        "edema (perihilar haze, Kerley B lines), support devices (central line, PICC, pacemaker, endotracheal tube). "
+        "Severity scales extent. Patient's right = image left.",
         f"- **Reports.** Sentences of the 3,955 Indiana University reports in torchxrayvision (`NLMCXR_reports.tgz`), "
         "kept only when a rule tagger can account for every finding they name; side words are rewritten to the case's "
-        f"side. {rs['mined']} report sentences are mined from IU, {rs['template']} come from templates (impressions and "
-        "findings the corpus lacks for a side/severity). Labels: 1 for the drawn findings (Lung Opacity when an "
+        f"side. {rs['mined']} report sentences are mined from IU, {rs['template']} come from templates (impressions "
+        "and findings the corpus lacks for a side/severity). Labels: 1 for the drawn findings (Lung Opacity when an "
         "opacity is drawn, No Finding when nothing pathological is), 0 where the report negates an observation, "
         "null otherwise.",
         '- **Questions.** CXR-MAX style: the diagnosis is given, the imaging basis is asked ("What findings on this '
         'chest X-ray support the diagnosis of pleural effusion and cardiomegaly?"); normal cases ask about "no acute '
         'cardiopulmonary abnormality". No `<image>` tag in the text: the chat template adds the image.',
         "- **Teachers.** Each writes a reasoning trajectory (imaging basis of each finding, pertinent negatives, "
-        "conclusion) after its drift profile perturbs what it says. Errors are drawn independently per teacher, so each "
-        "is wrong in its own way while the majority is right.",
+        "conclusion) after its drift profile perturbs what it says. Errors are drawn independently per teacher, so "
+        "each is wrong in its own way while the majority is right.",
         "",
         "## Teachers: set rates and rates measured on the text",
         "",
-        "Measured with `apo.world.synth.reports.tag` on the generated answers. omission / hedge: share of true findings not "
-        "reported / reported as uncertain; wrong side: share of lateral findings reported on the wrong side; "
-        "hallucination: share of answers asserting a finding the image lacks; late addition: share of answers whose "
-        "extra finding first appears in the last sentence; refusal: share of questions refused; exact: share of "
+        "Measured with `apo.world.synth.reports.tag` on the generated answers. omission / hedge: share of true "
+        "findings not reported / reported as uncertain; wrong side: share of lateral findings reported on the wrong "
+        "side; hallucination: share of answers asserting a finding the image lacks; late addition: share of answers "
+        "whose extra finding first appears in the last sentence; refusal: share of questions refused; exact: share of "
         "answers whose certain (finding, side) set equals the truth.",
         "",
         "| teacher | drift | set rates | words | omission | hedge | wrong side | hallucination | late addition | "
