@@ -52,7 +52,9 @@ def agreement(labels_a: dict, labels_b: dict) -> float:
     return sum(labels_a.get(o) == labels_b.get(o) for o in OBSERVATIONS) / len(OBSERVATIONS)
 
 
-def is_refusal(labels: dict) -> bool:
+def mentions_nothing(labels: dict) -> bool:
+    """The labeler read no observation at all in this trajectory (a refusal, or text about nothing the 14
+    observations cover); such a trajectory is no candidate for the medoid while another one is."""
     return all(labels.get(o) is None for o in OBSERVATIONS)
 
 
@@ -69,7 +71,7 @@ def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
         sum(agreement(readings[i], readings[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
         for i in range(n)
     ]
-    candidates = [i for i in range(n) if not is_refusal(labels[i])] or list(range(n))
+    candidates = [i for i in range(n) if not mentions_nothing(labels[i])] or list(range(n))
     best = max(candidates, key=lambda i: (scores[i], -i))  # ties: the earlier teacher
     return best, scores
 
@@ -112,14 +114,15 @@ def fit_trajectories(processor, image_paths, question, texts, max_length, max_ne
     """-> (prompt, tokens cut per trajectory, prompt tokens). Cuts the ends of the longest trajectories until the
     chat-formatted prompt with its image tokens fits max_length - max_new_tokens."""
     from apo.errors import ApoError
-    from apo.model.generation import _prompt_text, estimate_length
+    from apo.model.chat import prompt_text
+    from apo.model.generation import estimate_length
 
     tok = processor.tokenizer
     limit = max_length - max_new_tokens
 
     def length(ts):
         return estimate_length(
-            processor, image_paths, _prompt_text(processor, len(image_paths), consensus_prompt(question, ts))
+            processor, image_paths, prompt_text(processor, len(image_paths), consensus_prompt(question, ts))
         )
 
     fixed = length([""] * len(texts))

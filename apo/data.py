@@ -35,6 +35,7 @@ from typing import Iterator
 
 from apo.constants import OBSERVATIONS
 from apo.errors import ApoError, DataError
+from apo.io.mimic import mimic_image_path
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +86,6 @@ def write_cases(cases, path) -> None:
     from apo.io.resumable import write_jsonl_atomic
 
     write_jsonl_atomic(path, (c.to_dict() for c in cases))
-
-
-def mimic_image_path(root, subject_id, study_id, dicom_id, ext=".jpg") -> Path:
-    """MIMIC-CXR-JPG layout: files/p10/p10000032/s50414267/<dicom_id>.jpg."""
-    subject = str(subject_id).lstrip("p")
-    study = str(study_id).lstrip("s")
-    return Path(root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}{ext}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

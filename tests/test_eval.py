@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 from apo.cli import main
-from apo.data import Case, mimic_image_path
+from apo.data import Case
 from apo.errors import DataError
 from apo.evaluation.mscxrt import parse_progression, read_pairs, score
 from apo.evaluation.report import drift_metrics, parse_mimic_report
+from apo.io.mimic import mimic_image_path
 
 ANSWERS = [
     ("Improving", "improving"),

@@ -12,9 +12,10 @@ from PIL import Image
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS, OBSERVATIONS, TEACHERS
 from apo.errors import ApoError
+from apo.evaluation.labeler import is_refusal
 from apo.world.synth import MSCXRT_COLUMNS, MSCXRT_CSV, generate
 from apo.world.synth.reports import LATERAL, adapt_side, labels_of, tag
-from apo.world.synth.teachers import is_refusal, measure
+from apo.world.synth.teachers import measure
 
 
 def _hashes(root: Path) -> dict:

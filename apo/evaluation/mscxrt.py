@@ -21,6 +21,7 @@ from collections import Counter
 from pathlib import Path
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
+from apo.io.mimic import ID_RULE, is_mimic_id, mimic_image_path, previous_image
 
 PROMPT = (
     "The first image is the previous study, the second the current study. Compared with the previous study, "
@@ -72,20 +73,6 @@ def finding_name(finding: str) -> str:
     return finding.replace("_", " ")
 
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # MIMIC ids: digits, hex, dashes; never a path or a glob
-
-
-def _previous_image(root: Path, row: dict) -> Path | None:
-    from apo.data import mimic_image_path
-
-    prev_study = (row.get("previous_study_id") or "").strip()
-    if prev_study:
-        return mimic_image_path(root, row["subject_id"], prev_study, row["previous_dicom_id"])
-    subject = str(row["subject_id"]).strip().lstrip("p")
-    hits = sorted((root / "files" / f"p{subject[:2]}" / f"p{subject}").glob(f"s*/{row['previous_dicom_id']}.jpg"))
-    return hits[0] if hits else None
-
-
 def _decoded_lines(data: bytes, bad_utf8: dict):
     """The CSV's lines as text; a line that is not UTF-8 is replaced (and its number noted in bad_utf8)."""
     for i, raw in enumerate(data.splitlines(keepends=True), 1):
@@ -101,7 +88,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     row}. A bad row raises DataError(csv, line, reason) unless skip_bad (then it goes to rejects). Ids must be plain
     MIMIC ids (no path separators or wildcards), so an image path never leaves --image-root; images are checked up
     front (exist, decode, not absurdly large), like the data loader does."""
-    from apo.data import ImageResolver, mimic_image_path
+    from apo.data import ImageResolver
     from apo.errors import ApoError, DataError
 
     csv_path, root = Path(csv_path), Path(image_root)
@@ -153,8 +140,8 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
                 if not row.get(c):
                     raise ValueError(f"missing {c}")
             for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id", "previous_study_id"):
-                if row.get(c) and not _ID.match(row[c]):
-                    raise ValueError(f"{c} {row[c][:80]!r} is not a MIMIC id (letters, digits, '-', '_', '.')")
+                if row.get(c) and not is_mimic_id(row[c]):
+                    raise ValueError(f"{c} {row[c][:80]!r} is not a MIMIC id ({ID_RULE})")
             labelled = []
             for f in findings:
                 value = row.get(f"{f}_progression", "").lower()
@@ -167,7 +154,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             if not labelled:
                 raise ValueError("no <finding>_progression label in this row")
             cur = mimic_image_path(root, row["subject_id"], row["study_id"], row["dicom_id"])
-            prev = _previous_image(root, row)
+            prev = previous_image(root, row["subject_id"], row["previous_dicom_id"], row.get("previous_study_id"))
             for what, p in (("current", cur), ("previous", prev)):
                 if p is None or not p.is_file():
                     raise ValueError(

@@ -24,6 +24,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from apo.io.mimic import mimic_report_path
+
 # ---------------------------------------------------------------- references
 
 _SECTION = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]{2,}):", re.M)
@@ -39,22 +41,6 @@ def parse_mimic_report(text: str) -> str | None:
             sections.setdefault(h.group(1).strip(), body)
     parts = [sections.get("FINDINGS"), sections.get("IMPRESSION")]
     return " ".join(p for p in parts if p) or None
-
-
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-def mimic_report_path(reports_dir, subject_id, study_id) -> Path | None:
-    """files/pXX/p<subject>/s<study>.txt under reports_dir; None if absent, or if an id is not a plain MIMIC id
-    (so a crafted id cannot read a file outside reports_dir)."""
-    subject, study = str(subject_id).lstrip("p"), str(study_id).lstrip("s")
-    if not (_ID.match(subject) and _ID.match(study)):
-        return None
-    for base in (Path(reports_dir) / "files", Path(reports_dir)):
-        p = base / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
-        if p.is_file():
-            return p
-    return None
 
 
 def reference(case, reports_dir=None) -> str | None:
@@ -111,13 +97,14 @@ def _fit(cases, processor, args):
     """-> (cases within --max-length, the others). Over-long cases stop the run unless --skip-bad."""
     from apo.errors import ApoError
     from apo.io.resumable import write_jsonl_atomic
-    from apo.model.generation import _prompt_text, estimate_length
+    from apo.model.chat import prompt_text
+    from apo.model.generation import estimate_length
 
     if not args.max_length:
         return cases, []
     keep, too_long = [], []
     for c in cases:
-        n = estimate_length(processor, c.images, _prompt_text(processor, len(c.images), args.prompt or c.prompt))
+        n = estimate_length(processor, c.images, prompt_text(processor, len(c.images), args.prompt or c.prompt))
         if n + args.max_new_tokens <= args.max_length:
             keep.append(c)
             continue

@@ -103,7 +103,7 @@ def read_results(root) -> dict:
     return {"runs": {k: runs[k] for k in _order(runs)}, "drift": drift}
 
 
-def _student_drift(metrics: dict) -> dict | None:
+def student_drift(metrics: dict) -> dict | None:
     """A run's drift rates from its metrics.json: a flat rate dict (apo.evaluation.drift.answer_stats, or
     eval-report's own drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's
     answers."""
@@ -181,7 +181,7 @@ def ablation_table(res) -> dict:
         m, x = r.get("metrics") or {}, r.get("mscxrt") or {}
         if not m and not x:
             continue
-        d = _student_drift(m) or {}
+        d = student_drift(m) or {}
         rows.append(
             (
                 run,
@@ -213,7 +213,7 @@ def teachers_table(res) -> dict:
             s = drift["per_teacher"][name]
             rows.append((name, [_num(s.get(k)) for k in keys]))
     for run, r in res["runs"].items():
-        d = _student_drift(r.get("metrics"))
+        d = student_drift(r.get("metrics"))
         if d:
             rows.append((f"student: {run}", [_num(d.get(k)) for k in keys]))
     return {

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from apo.errors import ApoError
-from apo.model.chat import load_images, user_message
+from apo.model.chat import load_images, prompt_text
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +197,6 @@ class VllmEngine:
 # ---------------------------------------------------------------- generation
 
 
-def _prompt_text(processor, n_images: int, prompt: str) -> str:
-    return processor.apply_chat_template(user_message(n_images, prompt), tokenize=False, add_generation_prompt=True)
-
-
 def estimate_length(processor, image_paths, text: str) -> int:
     """Prompt tokens of a chat-formatted `text` without decoding pixels: text tokens + image tokens computed from
     the image sizes (header read only). Exact for Qwen2-VL-style processors; others are encoded for real."""
@@ -265,7 +261,7 @@ def generate(
     from apo.model.decoding import ReservedCache, use_generation_attention
 
     requests = list(requests)
-    texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
+    texts = [prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
     if isinstance(model, VllmEngine):
         return model.answer(texts, [load_images(paths) for paths, _ in requests], max_new_tokens, greedy)
     lengths = [estimate_length(processor, paths, t) for (paths, _), t in zip(requests, texts)]

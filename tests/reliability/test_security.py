@@ -115,7 +115,7 @@ def test_trainer_resume_loads_only_weights_only_pickles():
 
 
 def test_mimic_report_ids_cannot_leave_reports_dir(tmp_path):
-    from apo.evaluation.report import mimic_report_path
+    from apo.io.mimic import mimic_report_path
 
     (tmp_path / "secret.txt").write_text("FINDINGS: leaked.")
     reports = tmp_path / "reports"
