@@ -22,8 +22,11 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 from apo.constants import OBSERVATIONS
+from apo.errors import ApoError
+from apo.io.records import Rejects, iter_jsonl, write_rejects
 
 log = logging.getLogger(__name__)
 
@@ -230,42 +233,34 @@ def read_consensus(path, skip_bad: bool = False) -> tuple[dict, list[dict]]:
     """-> ({case_id: record}, rejected lines) from a consensus JSONL. A record needs a case_id and a string text
     (empty = no consensus for that case). A bad line raises DataError(file, line, reason) unless skip_bad. A last line
     with no newline that does not parse is a run still writing (or killed while writing): ignored, with a note."""
-    import json
-    from pathlib import Path
-
-    from apo.errors import ApoError, DataError
-
     path = Path(path)
     if not path.is_file():
         raise ApoError(f"--consensus {path}: file not found (run `apo consensus` first)")
-    lines = path.read_bytes().split(b"\n")
-    records, first, rejects = {}, {}, []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-            reason = _record_problem(rec)
-        except UnicodeDecodeError as e:
-            reason = f"not UTF-8 ({e.reason} at byte {e.start})"
-        except ValueError as e:
-            reason = f"not JSON ({e})"
-        if reason is None and str(rec["case_id"]) in records:
-            reason = f"duplicate case_id {str(rec['case_id'])!r} (first at line {first[str(rec['case_id'])]})"
-        if reason and i == len(lines):  # torn last line
+    records, first, rejects = {}, {}, Rejects(path, skip_bad)
+    for line in iter_jsonl(path):
+        reason = line.error or _record_problem(line.value)
+        cid = None if reason else str(line.value["case_id"])
+        if cid in records:
+            reason = f"duplicate case_id {cid!r} (first at line {first[cid]})"
+        if reason and line.torn:
             print(f"{path}: ignoring a torn last line ({reason}; is `apo consensus` still running?)")
             break
         if reason:
-            if not skip_bad:
-                raise DataError(path, i, reason)
-            rejects.append(
-                {"file": str(path), "record": i, "reason": reason, "raw": raw[:2000].decode("utf-8", "replace")}
-            )
+            rejects.add(line.number, reason, line.raw)
             continue
-        records[str(rec["case_id"])], first[str(rec["case_id"])] = rec, i
+        records[cid], first[cid] = line.value, line.number
+    if rejects.items:
+        print(f"{path}: skipped {len(rejects.items)} bad consensus line(s), kept {len(records)}")
+    return records, rejects.items
+
+
+def load_consensus(path, skip_bad: bool = False, rejects_path=None) -> dict:
+    """{case_id: consensus record} for the stages that read `apo consensus` output (build-pairs, drift); with
+    skip_bad, bad lines are listed in rejects_path (default: next to the file)."""
+    records, rejects = read_consensus(path, skip_bad)
     if rejects:
-        print(f"{path}: skipped {len(rejects)} bad consensus line(s), kept {len(records)}")
-    return records, rejects
+        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
+    return records
 
 
 # ---------------------------------------------------------------- CLI

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from apo.consensus import load_consensus
 from apo.constants import OBSERVATIONS
 
 NEGATIVE_MODES = ("all", "conflicting")
@@ -124,20 +125,6 @@ def statistics(groups, dropped, n_cases, extra_consensus=0) -> dict:
     }
 
 
-# ---------------------------------------------------------------- I/O
-
-
-def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
-    """{case_id: consensus record}; with skip_bad, bad lines are listed in rejects_path (see apo.consensus)."""
-    from apo.consensus import read_consensus as read
-    from apo.data import write_rejects
-
-    records, rejects = read(path, skip_bad)
-    if rejects:
-        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
-    return records
-
-
 def add_arguments(parser) -> None:
     from apo.data import add_data_arguments
 
@@ -162,7 +149,7 @@ def run(args) -> int:
     if args.max_negatives is not None and args.max_negatives < 1:
         raise ApoError("--max-negatives must be at least 1")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
-    consensus = read_consensus(args.consensus, args.skip_bad, f"{args.out}.consensus_rejects.jsonl")
+    consensus = load_consensus(args.consensus, args.skip_bad, f"{args.out}.consensus_rejects.jsonl")
     known = {c.case_id for c in cases}
     extra = sum(k not in known for k in consensus)
     groups, dropped = build_groups(cases, consensus, args.negatives, args.max_negatives)

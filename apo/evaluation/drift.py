@@ -38,6 +38,7 @@ import logging
 import math
 from pathlib import Path
 
+from apo.consensus import load_consensus
 from apo.constants import OBSERVATIONS, TEACHERS
 from apo.errors import ApoError
 
@@ -216,20 +217,6 @@ def drift_stats(cases, consensus: dict | list | None = None) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- I/O
-
-
-def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
-    """{case_id: text} from a consensus JSONL ({"case_id", "text", ...} per line; checked by apo.consensus)."""
-    from apo.consensus import read_consensus as read
-    from apo.data import write_rejects
-
-    records, rejects = read(path, skip_bad)
-    if rejects:
-        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
-    return {k: r["text"] for k, r in records.items()}
-
-
 def _fmt(x, pct=False):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -362,9 +349,10 @@ def run(args) -> int:
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     if not cases:
         raise ApoError(f"{args.dataset}: no case to analyse")
-    consensus = (
-        read_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl") if args.consensus else None
-    )
+    consensus = None
+    if args.consensus:
+        records = load_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl")
+        consensus = {k: r["text"] for k, r in records.items()}
     if consensus is not None:
         known = {c.case_id for c in cases}
         missing = sum(c.case_id not in consensus for c in cases)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
 from apo.io.mimic import ID_RULE, is_mimic_id, mimic_image_path, previous_image
+from apo.io.records import Rejects, not_utf8, write_rejects
 
 PROMPT = (
     "The first image is the previous study, the second the current study. Compared with the previous study, "
@@ -79,7 +80,7 @@ def _decoded_lines(data: bytes, bad_utf8: dict):
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            bad_utf8[i] = f"not UTF-8 ({e.reason} at byte {e.start})"
+            bad_utf8[i] = not_utf8(e)
             yield raw.decode("utf-8", "replace")
 
 
@@ -97,12 +98,9 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     if not root.is_dir():
         raise ApoError(f"--image-root {root}: not a folder (the MIMIC-CXR-JPG root, holding files/)")
     root = root.resolve()
-    rows, rejects, seen, bad_utf8 = [], [], set(), {}
-
-    def bad(line, reason, raw):
-        if not skip_bad:
-            raise DataError(csv_path, line, reason)
-        rejects.append({"file": str(csv_path), "record": line, "reason": reason, "raw": raw})
+    rows, seen, bad_utf8 = [], set(), {}
+    rejects = Rejects(csv_path, skip_bad)
+    bad = rejects.add
 
     reader = csv.DictReader(_decoded_lines(csv_path.read_bytes().removeprefix(b"\xef\xbb\xbf"), bad_utf8))
     try:
@@ -182,7 +180,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             bad(line, problem, row)
             continue
         items.extend(new)
-    return items, rejects
+    return items, rejects.items
 
 
 def score(items, records: dict) -> dict:
@@ -229,7 +227,7 @@ def run(args) -> int:
     out = Path(args.out)
     items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad)
     if rejects:
-        write_jsonl_atomic(out / "mscxrt_rejects.jsonl", rejects)
+        write_rejects(rejects, out / "mscxrt_rejects.jsonl")
         print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'mscxrt_rejects.jsonl'}")
     items = items[: args.limit] if args.limit else items
     if not items:
