@@ -110,7 +110,7 @@ def main(argv=None):
     import torch
 
     from apo.consensus import model_records
-    from apo.model.generation import load_model
+    from apo.model.loading import load_model
 
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -84,7 +84,8 @@ def test_fast_generation_equals_transformers_defaults(tmp_path, tiny_model_dir, 
 
     from apo.model.chat import prompt_text
     from apo.model.decoding import ReservedCache, use_generation_attention
-    from apo.model.generation import encode, generate, load_model
+    from apo.model.generation import encode, generate
+    from apo.model.loading import load_model
 
     rng = np.random.default_rng(0)
     paths = []
@@ -146,7 +147,8 @@ def test_wrappers_stack_with_the_packed_training_attention(tiny_model_dir):
     """A model switched to both our kernels (generation, then the packed step) still computes its plain forward."""
     from apo.model.chat import prompt_text
     from apo.model.decoding import use_generation_attention
-    from apo.model.generation import encode, load_model
+    from apo.model.generation import encode
+    from apo.model.loading import load_model
     from apo.model.packing import PREFIX as SEGMENTS
     from apo.model.packing import use_segment_attention
 

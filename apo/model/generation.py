@@ -1,9 +1,10 @@
 """Text generation with a (tiny or 7B) Qwen2.5-VL, shared by consensus, eval-report and eval-mscxrt.
 
-`load_model` gives (model, processor) in eval mode; `generate` answers a list of requests (image paths, prompt)
-in batches: prompts built by `apo.model.chat`, left padding, KV cache, longest requests first (less padding, and an
-out-of-memory shows up on the first batch, not after an hour), answers returned in input order. Greedy by default,
-so a rerun reproduces every answer. Multi-GPU runs shard the cases over processes: `apo.io.jobs`.
+`apo.model.loading.load_model` gives (model, processor) in eval mode; `generate` answers a list of requests
+(image paths, prompt) in batches: prompts built by `apo.model.chat`, left padding, KV cache, longest requests first
+(less padding, and an out-of-memory shows up on the first batch, not after an hour), answers returned in input
+order. Greedy by default, so a rerun reproduces every answer. Multi-GPU runs shard the cases over processes:
+`apo.io.jobs`.
 """
 
 from __future__ import annotations
@@ -11,55 +12,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 from apo.errors import ApoError
 from apo.model.chat import load_images, prompt_text
+from apo.model.loading import adapter_config, check_model, load_model, load_processor
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- model
-
-
-def pick_device(device=None) -> str:
-    import torch
-
-    if device:
-        return str(device)
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
-def load_model(model, adapter=None, device=None, dtype="auto", trust_remote_code=False, merge_adapter=True):
-    """(model, processor) for generation. `model` is a local folder (a hub id only when HF_HUB_OFFLINE is unset);
-    `adapter` a PEFT (LoRA) folder put on top, merged for speed. bf16 on CUDA, fp32 on CPU unless `dtype` says."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if not Path(model).is_dir() and offline:
-        raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1; pass a local model folder)")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA checkpoint folder)")
-    device = pick_device(device)
-    if dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ApoError(f"--dtype {dtype}: not a torch dtype (auto, bfloat16, float16, float32)")
-        dtype = getattr(torch, dtype)
-    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=offline)
-    processor = AutoProcessor.from_pretrained(model, **{k: v for k, v in kw.items() if k != "dtype"})
-    net = AutoModelForImageTextToText.from_pretrained(model, **kw)
-    if adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter)
-        if merge_adapter:
-            net = net.merge_and_unload()
-    net.to(device).eval()
-    return net, processor
 
 
 def add_model_arguments(parser, required=True) -> None:
@@ -133,23 +93,18 @@ class VllmEngine:
         max_images=4,
         seed=0,
     ):
-        import json
-
         try:
             from vllm import LLM
         except ImportError:
             raise ApoError(
                 "--backend vllm needs vLLM on a CUDA machine: pip install -e '.[vllm]' (or use --backend hf)"
             ) from None
-        from transformers import AutoProcessor
-
         if os.environ.get("TORCHELASTIC_RUN_ID"):
             raise ApoError(
                 "--backend vllm runs one engine per process: launch it without torchrun (set RANK and "
                 "WORLD_SIZE per process for data parallel, or use --tensor-parallel-size)"
             )
-        if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1)")
+        check_model(model)
         kw = dict(
             model=str(model),
             dtype=dtype,
@@ -163,10 +118,7 @@ class VllmEngine:
             kw["max_model_len"] = int(max_model_len)
         self.lora = None
         if adapter is not None:
-            cfg_path = Path(adapter) / "adapter_config.json"
-            if not cfg_path.is_file():
-                raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA folder)")
-            cfg = json.loads(cfg_path.read_text())
+            cfg = adapter_config(adapter)
             if cfg.get("modules_to_save"):
                 raise ApoError(
                     f"--adapter {adapter}: it also trains {cfg['modules_to_save']}, which vLLM's LoRA "
@@ -177,7 +129,7 @@ class VllmEngine:
 
             kw.update(enable_lora=True, max_lora_rank=max(8, int(cfg.get("r", 8))))
             self.lora = LoRARequest("adapter", 1, str(adapter))
-        self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.processor = load_processor(model, trust_remote_code)
         self.llm = LLM(**kw)
 
     def answer(self, texts, images_per_request, max_new_tokens, greedy=True, seed=0) -> list[str]:

@@ -74,7 +74,7 @@ def test_trust_remote_code_is_off_unless_asked():
 def test_a_model_folder_that_ships_code_does_not_run_it(tiny_model_dir, tmp_path):
     """config.json/processor_config.json name modules in the folder (auto_map); importing them would drop a file.
     Generation and training load the folder with the library's classes, and the file never appears."""
-    from apo.model.generation import load_model
+    from apo.model.loading import load_model
     from apo.trainer.config import parse_config
     from apo.trainer.trainer import build_model
 
