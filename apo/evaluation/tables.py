@@ -15,7 +15,7 @@ Results layout (what the evaluation stages write; any run name works, base / sft
 Writes OUT/tables.md and OUT/tables.tex with: MS-CXR-T top-1 per finding and average; report generation (NLG and
 clinical efficacy); the ablation (each run's headline numbers and its drift rates); the teachers scored on their own
 trajectories (with each student's rates on its answers for comparison); and OUT/curves_<run>.png (loss, reward
-margin, mean reward per teacher). Numbers the paper publishes (DESIGN.md) are shown in their own rows, labelled
+margin, mean reward per teacher). Numbers the paper publishes (PAPER_* below) are shown in their own rows, labelled
 "paper (published)", below the measured ones; cells it does not publish stay blank. Prints the MS-CXR-T table.
 """
 
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 ABLATION_ORDER = ("base", "sft", "dpo", "apo")
 PUBLISHED = "paper (published)"
-# Only what DESIGN.md states (arXiv 2510.04142): MS-CXR-T top-1 and report-generation BLEU-1.
+# Only what the paper (arXiv 2510.04142) publishes as numbers: MS-CXR-T top-1 and report-generation BLEU-1.
 PAPER_MSCXRT = [
     ("APO 7B", {"pneumothorax": 0.96, "consolidation": 0.84, "average": 0.78}),
     ("best prior", {"average": 0.69}),
