@@ -25,8 +25,14 @@ from collections import Counter
 from pathlib import Path
 
 from apo.constants import OBSERVATIONS
+from apo.data import MAX_TEXT_CHARS, add_data_arguments, cases_from_args
 from apo.errors import ApoError
+from apo.evaluation import labeler
+from apo.io.jobs import run_resumable
 from apo.io.records import Rejects, iter_jsonl, write_rejects
+from apo.model import generation  # generation.generate looked up per call: tests stand in for it
+from apo.model.chat import prompt_text
+from apo.model.generation import add_model_arguments, estimate_length, model_from_args
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +69,8 @@ def mentions_nothing(labels: dict) -> bool:
 
 def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
     """Index of the medoid trajectory and every trajectory's agreement score (labels and sides)."""
-    if label is None:
-        from apo.evaluation.labeler import label
-    if side is None:
-        from apo.evaluation.labeler import laterality as side
+    label = label or labeler.label
+    side = side or labeler.laterality
     labels = [label(t) for t in texts]
     readings = [{o: (lab.get(o), sides.get(o)) for o in OBSERVATIONS} for lab, sides in zip(labels, map(side, texts))]
     n = len(texts)
@@ -116,10 +120,6 @@ def _water_fill(lengths: list[int], budget: int) -> list[int]:
 def fit_trajectories(processor, image_paths, question, texts, max_length, max_new_tokens):
     """-> (prompt, tokens cut per trajectory, prompt tokens). Cuts the ends of the longest trajectories until the
     chat-formatted prompt with its image tokens fits max_length - max_new_tokens."""
-    from apo.errors import ApoError
-    from apo.model.chat import prompt_text
-    from apo.model.generation import estimate_length
-
     tok = processor.tokenizer
     limit = max_length - max_new_tokens
 
@@ -154,9 +154,6 @@ def fit_trajectories(processor, image_paths, question, texts, max_length, max_ne
 def model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False) -> list[dict]:
     """One record per case. A case whose image(s) and question alone do not fit --max-length stops the run naming
     it, or with skip_bad gets an empty text and a "skipped" reason (build-pairs drops it: empty_positive)."""
-    from apo.errors import ApoError
-    from apo.model.generation import generate
-
     fits, skipped = [], {}
     for c in cases:
         try:
@@ -173,7 +170,7 @@ def model_records(model, processor, cases, max_length, max_new_tokens, batch_siz
                 raise ApoError(f"case {c.case_id}: {e} (or pass --skip-bad to skip such cases)") from None
             skipped[c.case_id] = str(e)
     texts = (
-        generate(
+        generation.generate(
             model,
             processor,
             [(c.images, p) for c, p, _, _ in fits],
@@ -213,8 +210,6 @@ def model_records(model, processor, cases, max_length, max_new_tokens, batch_siz
 
 
 def _record_problem(rec) -> str | None:
-    from apo.data import MAX_TEXT_CHARS
-
     if not isinstance(rec, dict):
         return f"record must be an object, got {type(rec).__name__}"
     cid = rec.get("case_id")
@@ -267,9 +262,6 @@ def load_consensus(path, skip_bad: bool = False, rejects_path=None) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-    from apo.model.generation import add_model_arguments
-
     add_data_arguments(parser)
     add_model_arguments(parser, required=False)
     parser.add_argument("--out", required=True, help="consensus JSONL (resumable: a rerun skips finished cases)")
@@ -324,11 +316,6 @@ def by_length(cases):
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.errors import ApoError
-    from apo.io.jobs import run_resumable
-    from apo.model.generation import model_from_args
-
     if args.strategy == "model" and not args.model:
         raise ApoError("--strategy model needs --model (the SFT model); --strategy vote needs none")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
@@ -341,10 +328,9 @@ def run(args) -> int:
     if not usable:
         raise ApoError(f"{args.dataset}: no case with teacher trajectories")
     if args.strategy == "vote":
-        from apo.evaluation.labeler import label
 
         def process(chunk):
-            return [vote_record(c, label) for c in chunk]
+            return [vote_record(c, labeler.label) for c in chunk]
 
         chunk_size = 256
     else:

@@ -36,6 +36,7 @@ from apo.constants import OBSERVATIONS
 from apo.errors import ApoError, DataError
 from apo.io.mimic import mimic_image_path
 from apo.io.records import Rejects, iter_records, write_rejects
+from apo.io.resumable import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +84,6 @@ class Case:
 
 def write_cases(cases, path) -> None:
     """Canonical JSONL, atomically (tmp + fsync + rename)."""
-    from apo.io.resumable import write_jsonl_atomic
-
     write_jsonl_atomic(path, (c.to_dict() for c in cases))
 
 

@@ -40,7 +40,10 @@ from pathlib import Path
 
 from apo.consensus import load_consensus
 from apo.constants import OBSERVATIONS, TEACHERS
+from apo.data import add_data_arguments, cases_from_args
 from apo.errors import ApoError
+from apo.evaluation.labeler import is_refusal, label, laterality
+from apo.io.resumable import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +74,6 @@ def _prf(tp, fp, fn):
 def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
     """Drift statistics of one source: `texts[i]` answers `cases[i]` (None = no answer, skipped).
     `consensus`: {case_id: text} to compare with. See the module docstring for the definitions."""
-    from apo.evaluation.labeler import is_refusal, label, laterality
-
     n = refused = words = answered = labelled = exact = halluc = 0
     pos_truth = omitted = hedged = side_n = side_err = 0
     per = {o: [0, 0, 0, 0] for o in OBSERVATIONS}  # tp, fp, fn, tn
@@ -326,8 +327,6 @@ def plot(stats: dict, out_dir) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-
     add_data_arguments(parser)
     parser.set_defaults(verify_images="none")  # drift reads text only: check that images exist, do not decode them
     parser.add_argument(
@@ -342,9 +341,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.io.resumable import write_json_atomic
-
     out = Path(args.out)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     if not cases:

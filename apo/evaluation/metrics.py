@@ -21,6 +21,7 @@ from pathlib import Path
 
 from apo.constants import OBSERVATIONS
 from apo.errors import ApoError
+from apo.evaluation.labeler import label
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +149,7 @@ def clinical_efficacy(
         raise ApoError(f"clinical_efficacy: uncertain must be one of {UNCERTAIN_POLICIES}, not {uncertain!r}")
     if len(refs) != len(hyps):
         raise ApoError(f"clinical_efficacy: {len(refs)} references but {len(hyps)} hypotheses")
-    if labeler is None:
-        from apo.evaluation.labeler import label as labeler
+    labeler = labeler or label
     counts = {o: [0, 0, 0, 0] for o in observations}  # tp, fp, fn, support
     for r, h in zip(refs, hyps):
         rl, hl = _labels(r, labeler), _labels(h, labeler)

@@ -21,8 +21,14 @@ from collections import Counter
 from pathlib import Path
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
+from apo.data import ImageResolver
+from apo.errors import ApoError, DataError
+from apo.io.jobs import run_resumable
 from apo.io.mimic import ID_RULE, is_mimic_id, mimic_image_path, previous_image
 from apo.io.records import Rejects, not_utf8, write_rejects
+from apo.io.resumable import write_json_atomic, write_jsonl_atomic
+from apo.model import generation  # generation.generate looked up per call: tests stand in for it
+from apo.model.generation import add_model_arguments, model_from_args
 
 PROMPT = (
     "The first image is the previous study, the second the current study. Compared with the previous study, "
@@ -89,9 +95,6 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     row}. A bad row raises DataError(csv, line, reason) unless skip_bad (then it goes to rejects). Ids must be plain
     MIMIC ids (no path separators or wildcards), so an image path never leaves --image-root; images are checked up
     front (exist, decode, not absurdly large), like the data loader does."""
-    from apo.data import ImageResolver
-    from apo.errors import ApoError, DataError
-
     csv_path, root = Path(csv_path), Path(image_root)
     if not csv_path.is_file():
         raise ApoError(f"--csv {csv_path}: file not found")
@@ -203,8 +206,6 @@ def score(items, records: dict) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from apo.model.generation import add_model_arguments
-
     add_model_arguments(parser)
     parser.set_defaults(max_new_tokens=16)
     parser.add_argument("--csv", required=True, help="MS_CXR_T_temporal_image_classification_v1.0.0.csv")
@@ -219,11 +220,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from apo.errors import ApoError
-    from apo.io.jobs import run_resumable
-    from apo.io.resumable import write_json_atomic, write_jsonl_atomic
-    from apo.model.generation import generate, model_from_args
-
     out = Path(args.out)
     items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad)
     if rejects:
@@ -235,7 +231,7 @@ def run(args) -> int:
     model, processor = model_from_args(args)
 
     def process(chunk):
-        answers = generate(
+        answers = generation.generate(
             model,
             processor,
             [(it["images"], PROMPT.format(finding=finding_name(it["finding"]))) for it in chunk],

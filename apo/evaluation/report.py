@@ -24,7 +24,16 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from apo.data import add_data_arguments, cases_from_args
+from apo.errors import ApoError
+from apo.evaluation import metrics as scoring  # looked up per call: tests skip METEOR by standing in for nlg_scores
+from apo.evaluation.drift import answer_stats
+from apo.io.jobs import run_resumable
 from apo.io.mimic import mimic_report_path
+from apo.io.resumable import write_json_atomic, write_jsonl_atomic
+from apo.model import generation  # generation.generate looked up per call: tests stand in for it
+from apo.model.chat import prompt_text
+from apo.model.generation import add_model_arguments, estimate_length, model_from_args
 
 # ---------------------------------------------------------------- references
 
@@ -58,8 +67,6 @@ def drift_metrics(cases, predictions) -> dict:
     """The student's answers read like a teacher's by `apo.evaluation.drift.answer_stats` (one definition for the repo):
     labeler precision/recall/F1 against case.labels, hallucination/omission/hedge/refusal rates, side error rate
     against meta["sides"]; plus side_accuracy = 1 - side_error_rate."""
-    from apo.evaluation.drift import answer_stats
-
     d = answer_stats(cases, list(predictions))
     d["side_accuracy"] = None if d.get("side_error_rate") is None else 1 - d["side_error_rate"]
     return d
@@ -69,9 +76,6 @@ def drift_metrics(cases, predictions) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-    from apo.model.generation import add_model_arguments
-
     add_data_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder: predictions.jsonl, metrics.json")
@@ -95,11 +99,6 @@ def add_arguments(parser) -> None:
 
 def _fit(cases, processor, args):
     """-> (cases within --max-length, the others). Over-long cases stop the run unless --skip-bad."""
-    from apo.errors import ApoError
-    from apo.io.resumable import write_jsonl_atomic
-    from apo.model.chat import prompt_text
-    from apo.model.generation import estimate_length
-
     if not args.max_length:
         return cases, []
     keep, too_long = [], []
@@ -127,13 +126,6 @@ def _fit(cases, processor, args):
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.errors import ApoError
-    from apo.evaluation.metrics import clinical_efficacy, nlg_scores
-    from apo.io.jobs import run_resumable
-    from apo.io.resumable import write_json_atomic
-    from apo.model.generation import generate, model_from_args
-
     out = Path(args.out)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     cases = cases[: args.limit] if args.limit else cases
@@ -144,7 +136,7 @@ def run(args) -> int:
     cases, too_long = _fit(cases, processor, args)
 
     def process(chunk):
-        answers = generate(
+        answers = generation.generate(
             model,
             processor,
             [(c.images, args.prompt or c.prompt) for c in chunk],
@@ -172,8 +164,8 @@ def run(args) -> int:
     metrics = {
         "n": len(scored),
         "no_reference": len(cases) - len(scored),
-        "nlg": nlg_scores(gts, hyps),
-        "clinical": clinical_efficacy(gts, hyps),
+        "nlg": scoring.nlg_scores(gts, hyps),
+        "clinical": scoring.clinical_efficacy(gts, hyps),
         "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases]),
     }
     if too_long:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from apo.data import MAX_TEXT_CHARS, ImageResolver
 from apo.errors import ApoError, DataError
 from apo.io.records import iter_jsonl
 from apo.model.chat import assistant_message, load_images, user_message
@@ -31,8 +32,6 @@ GROUP_FIELDS = ("case_id", "prompt", "images", "positive", "negatives", "teacher
 
 
 def _group_problem(g) -> str | None:
-    from apo.data import MAX_TEXT_CHARS
-
     if not isinstance(g, dict):
         return f"a group must be an object, got {type(g).__name__}"
     missing = [k for k in GROUP_FIELDS if k not in g]
@@ -67,8 +66,6 @@ def load_groups(path, max_negatives: int | None = None) -> list[dict]:
     now, not as a crash hours into training: field types, non-empty texts, duplicate case ids, and every image
     (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its --image-root); a
     relative path resolves against the groups file's folder and may not leave it."""
-    from apo.data import ImageResolver
-
     path = Path(path)
     if not path.is_file():
         raise ApoError(f"{path}: groups file not found (write it with `apo build-pairs`)")

@@ -32,6 +32,7 @@ from apo.loss import LOSSES
 from apo.model.loading import load_pretrained, merge_adapter
 from apo.model.logps import eval_mode, forward_logps
 from apo.model.packing import PackedGroupCollator, packed_logps
+from apo.trainer.checkpoint import mark_complete, unmark
 from apo.trainer.collator import GroupCollator, candidate_key
 
 log = logging.getLogger(__name__)
@@ -364,8 +365,6 @@ class APOTrainer(Trainer):
         """The Trainer's checkpoint, then its commit record. Older checkpoints are rotated out only after the new one
         is marked complete, so a kill mid-save always leaves the previous complete checkpoint to resume from."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        from apo.trainer.checkpoint import mark_complete, unmark
 
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

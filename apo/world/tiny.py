@@ -17,6 +17,10 @@ import json
 import logging
 from pathlib import Path
 
+from apo.world.synth import QUESTIONS
+from apo.world.synth import teachers as T
+from apo.world.synth.reports import TEMPLATES, iu_reports
+
 log = logging.getLogger(__name__)
 
 # Qwen2.5-VL's added tokens, in the real model's order (ids follow the learned vocabulary).
@@ -87,10 +91,6 @@ EXTRA_CORPUS = (
 
 def training_corpus() -> list[str]:
     """Texts the tokenizer learns from: IU FINDINGS/IMPRESSIONS, the teachers' sentence material, prompt words."""
-    from apo.world.synth import QUESTIONS
-    from apo.world.synth import teachers as T
-    from apo.world.synth.reports import TEMPLATES, iu_reports
-
     texts = [f"FINDINGS: {f} IMPRESSION: {i}" for _, f, i, _ in iu_reports()]  # the reports' format in this repo
     fill = dict(s="right", S="Right", sev="small", zone="lower")
     for bank in T.BASIS.values():

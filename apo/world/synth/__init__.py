@@ -26,6 +26,10 @@ import numpy as np
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS, OBSERVATIONS, TEACHERS
 from apo.errors import ApoError
+from apo.world.synth import images
+from apo.world.synth import teachers as T
+from apo.world.synth.reports import OPACITY_CHILDREN, build_report, device_side, sentence_bank, tag
+from apo.world.synth.teachers import RATES, join
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,6 @@ def image_path(subject: int, study: int, dicom: str) -> str:
 
 def _sample_truth(rng) -> dict:
     """{obs: {side, severity, zone, seed[, device, text]}} for the positive findings of one case."""
-    from apo.world.synth.reports import device_side, sentence_bank
-
     truth = {}
     if rng.random() >= P_NORMAL:
         k = 1 + int(rng.random() < 0.45) + int(rng.random() < 0.15)
@@ -138,8 +140,6 @@ def _sample_truth(rng) -> dict:
 
 
 def question_for(truth: dict, rng) -> str:
-    from apo.world.synth.teachers import join
-
     dx = [{"Edema": "pulmonary edema"}.get(o, o.lower()) for o in truth if o != "Support Devices"]
     what = f"diagnosis of {join(dx)}" if dx else "impression of no acute cardiopulmonary abnormality"
     return QUESTIONS[int(rng.integers(len(QUESTIONS)))].format(what=what)
@@ -147,8 +147,6 @@ def question_for(truth: dict, rng) -> str:
 
 def _report_and_labels(truth: dict, rng) -> tuple[str, dict, dict]:
     """A report whose tagged content agrees with the truth, and the CheXpert labels it implies."""
-    from apo.world.synth.reports import OPACITY_CHILDREN, build_report, tag
-
     want = set(truth)
     for _ in range(20):
         report, stats = build_report(truth, rng)
@@ -199,9 +197,6 @@ def generate(
     temporal_pairs: MS-CXR-T pairs (default: 15 * ceil(cases / 60), at least 15 = one per finding and class).
     teachers: per-teacher overrides of the drift rates, e.g. {"Grok-4": {"hallucinate": 0.8}}.
     """
-    from apo.world.synth import images
-    from apo.world.synth import teachers as T
-
     if cases < 1:
         raise ApoError("--cases must be at least 1")
     if not 0 <= test_fraction < 1:
@@ -304,8 +299,6 @@ def generate(
 
 def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: int) -> dict:
     """Balanced previous/current pairs: each finding x class equally often, the extent rendered smaller/equal/larger."""
-    from apo.world.synth import images
-
     plan = [(f, c) for f in MSCXRT_FINDINGS for c in MSCXRT_CLASSES]
     plan = (plan * math.ceil(n / len(plan)))[:n]
     order = _rng(seed, S_PAIR).permutation(n)
@@ -368,8 +361,6 @@ def _label_counts(cases: list[dict]) -> dict:
 
 
 def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
-    from apo.world.synth.teachers import RATES
-
     m = s["measured"]
     lines = [
         "# Synthetic CXR-MAX-format benchmark (`apo synth`)",
