@@ -210,7 +210,7 @@ def generate(
     import torch
     from tqdm import tqdm
 
-    from apo.model.decoding import ReservedCache, use_generation_attention
+    from apo.model.decoding import ReservedCache, use_generation_attention  # torch + transformers: not for --help
 
     requests = list(requests)
     texts = [prompt_text(processor, len(paths), prompt) for paths, prompt in requests]

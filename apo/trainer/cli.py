@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from transformers import HfArgumentParser
+    from transformers import HfArgumentParser  # these pull in torch + transformers (~10 s): not for `apo train --help`
 
     from apo.trainer.collator import load_groups
     from apo.trainer.config import APOConfig, parse_config
