@@ -1,13 +1,24 @@
 """Autonomous Preference Optimization (APO): learn -> compare -> critique.
 
-One module per stage of the paper (arXiv 2510.04142):
-  data        canonical case record and loaders (CXR-MAX layouts, ms-swift rows, MIMIC-CXR-JPG paths)
-  sft         stage 1 data for ms-swift (`apo prepare-sft`)
-  consensus   stage 2, the in-context consensus trajectory t+ (`apo consensus`)
-  pairs       preference groups {t+, teachers} and the pairwise DPO export (`apo build-pairs`)
-  loss        the Plackett-Luce APO loss (and DPO for the ablation)
-  trainer     APOTrainer (`apo train`)
-  labeler, metrics, evaluate, drift, tables   evaluation
+The stages of the paper (arXiv 2510.04142), one module each, dependencies pointing one way:
+  data         canonical case record and its loaders (CXR-MAX layouts, ms-swift rows, MIMIC-CXR-JPG paths)
+  sft          stage 1 data for ms-swift (`apo prepare-sft`)
+  consensus    stage 2, the in-context consensus trajectory t+ (`apo consensus`), and reading it back
+  pairs        preference groups {t+, teachers} and the pairwise DPO export (`apo build-pairs`)
+  loss         the Plackett-Luce APO loss (and DPO for the ablation), pure functions
+  trainer/     stage 3 (`apo train`): APOConfig (config), groups -> batches (collator), APOTrainer (trainer),
+               complete-checkpoint records (checkpoint), the command (cli)
+Around them:
+  model/       loading (base + adapter, dtype, device, offline rule), chat (the one prompt format), generation,
+               decoding (KV cache, attention for generation), attention (kernel wrapping), packing (the packed
+               training step), logps (sequence log-probs)
+  io/          records (reading JSONL/JSON/parquet/dataset folders, line numbers, rejects), resumable (append-only
+               result files), jobs (sharding over ranks, a lock per output), mimic (MIMIC ids and paths)
+  evaluation/  labeler, metrics, report (`apo eval-report`), mscxrt (`apo eval-mscxrt`), drift (`apo drift`),
+               tables (`apo tables`)
+  world/       the embedded demo world: synth/ (the synthetic CXR-MAX-format benchmark, `apo synth`), tiny (the tiny
+               Qwen2.5-VL models, `apo tiny-model`)
+  cli          the `apo` console script; constants, errors (ApoError, DataError: one line `file:record: reason`)
 """
 
 __version__ = "0.1.0"

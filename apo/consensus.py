@@ -22,8 +22,17 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from pathlib import Path
 
 from apo.constants import OBSERVATIONS
+from apo.data import MAX_TEXT_CHARS, add_data_arguments, cases_from_args
+from apo.errors import ApoError
+from apo.evaluation import labeler
+from apo.io.jobs import run_resumable
+from apo.io.records import Rejects, iter_jsonl, write_rejects
+from apo.model import generation  # generation.generate looked up per call: tests stand in for it
+from apo.model.chat import prompt_text
+from apo.model.generation import add_model_arguments, estimate_length, model_from_args
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +61,16 @@ def agreement(labels_a: dict, labels_b: dict) -> float:
     return sum(labels_a.get(o) == labels_b.get(o) for o in OBSERVATIONS) / len(OBSERVATIONS)
 
 
-def is_refusal(labels: dict) -> bool:
+def mentions_nothing(labels: dict) -> bool:
+    """The labeler read no observation at all in this trajectory (a refusal, or text about nothing the 14
+    observations cover); such a trajectory is no candidate for the medoid while another one is."""
     return all(labels.get(o) is None for o in OBSERVATIONS)
 
 
 def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
     """Index of the medoid trajectory and every trajectory's agreement score (labels and sides)."""
-    if label is None:
-        from apo.evaluation.labeler import label
-    if side is None:
-        from apo.evaluation.labeler import laterality as side
+    label = label or labeler.label
+    side = side or labeler.laterality
     labels = [label(t) for t in texts]
     readings = [{o: (lab.get(o), sides.get(o)) for o in OBSERVATIONS} for lab, sides in zip(labels, map(side, texts))]
     n = len(texts)
@@ -69,7 +78,7 @@ def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
         sum(agreement(readings[i], readings[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0
         for i in range(n)
     ]
-    candidates = [i for i in range(n) if not is_refusal(labels[i])] or list(range(n))
+    candidates = [i for i in range(n) if not mentions_nothing(labels[i])] or list(range(n))
     best = max(candidates, key=lambda i: (scores[i], -i))  # ties: the earlier teacher
     return best, scores
 
@@ -111,15 +120,12 @@ def _water_fill(lengths: list[int], budget: int) -> list[int]:
 def fit_trajectories(processor, image_paths, question, texts, max_length, max_new_tokens):
     """-> (prompt, tokens cut per trajectory, prompt tokens). Cuts the ends of the longest trajectories until the
     chat-formatted prompt with its image tokens fits max_length - max_new_tokens."""
-    from apo.errors import ApoError
-    from apo.model.generation import _prompt_text, estimate_length
-
     tok = processor.tokenizer
     limit = max_length - max_new_tokens
 
     def length(ts):
         return estimate_length(
-            processor, image_paths, _prompt_text(processor, len(image_paths), consensus_prompt(question, ts))
+            processor, image_paths, prompt_text(processor, len(image_paths), consensus_prompt(question, ts))
         )
 
     fixed = length([""] * len(texts))
@@ -148,9 +154,6 @@ def fit_trajectories(processor, image_paths, question, texts, max_length, max_ne
 def model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False) -> list[dict]:
     """One record per case. A case whose image(s) and question alone do not fit --max-length stops the run naming
     it, or with skip_bad gets an empty text and a "skipped" reason (build-pairs drops it: empty_positive)."""
-    from apo.errors import ApoError
-    from apo.model.generation import generate
-
     fits, skipped = [], {}
     for c in cases:
         try:
@@ -167,7 +170,7 @@ def model_records(model, processor, cases, max_length, max_new_tokens, batch_siz
                 raise ApoError(f"case {c.case_id}: {e} (or pass --skip-bad to skip such cases)") from None
             skipped[c.case_id] = str(e)
     texts = (
-        generate(
+        generation.generate(
             model,
             processor,
             [(c.images, p) for c, p, _, _ in fits],
@@ -207,8 +210,6 @@ def model_records(model, processor, cases, max_length, max_new_tokens, batch_siz
 
 
 def _record_problem(rec) -> str | None:
-    from apo.data import MAX_TEXT_CHARS
-
     if not isinstance(rec, dict):
         return f"record must be an object, got {type(rec).__name__}"
     cid = rec.get("case_id")
@@ -227,51 +228,40 @@ def read_consensus(path, skip_bad: bool = False) -> tuple[dict, list[dict]]:
     """-> ({case_id: record}, rejected lines) from a consensus JSONL. A record needs a case_id and a string text
     (empty = no consensus for that case). A bad line raises DataError(file, line, reason) unless skip_bad. A last line
     with no newline that does not parse is a run still writing (or killed while writing): ignored, with a note."""
-    import json
-    from pathlib import Path
-
-    from apo.errors import ApoError, DataError
-
     path = Path(path)
     if not path.is_file():
         raise ApoError(f"--consensus {path}: file not found (run `apo consensus` first)")
-    lines = path.read_bytes().split(b"\n")
-    records, first, rejects = {}, {}, []
-    for i, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        try:
-            rec = json.loads(raw.decode("utf-8"))
-            reason = _record_problem(rec)
-        except UnicodeDecodeError as e:
-            reason = f"not UTF-8 ({e.reason} at byte {e.start})"
-        except ValueError as e:
-            reason = f"not JSON ({e})"
-        if reason is None and str(rec["case_id"]) in records:
-            reason = f"duplicate case_id {str(rec['case_id'])!r} (first at line {first[str(rec['case_id'])]})"
-        if reason and i == len(lines):  # torn last line
+    records, first, rejects = {}, {}, Rejects(path, skip_bad)
+    for line in iter_jsonl(path):
+        reason = line.error or _record_problem(line.value)
+        cid = None if reason else str(line.value["case_id"])
+        if cid in records:
+            reason = f"duplicate case_id {cid!r} (first at line {first[cid]})"
+        if reason and line.torn:
             print(f"{path}: ignoring a torn last line ({reason}; is `apo consensus` still running?)")
             break
         if reason:
-            if not skip_bad:
-                raise DataError(path, i, reason)
-            rejects.append(
-                {"file": str(path), "record": i, "reason": reason, "raw": raw[:2000].decode("utf-8", "replace")}
-            )
+            rejects.add(line.number, reason, line.raw)
             continue
-        records[str(rec["case_id"])], first[str(rec["case_id"])] = rec, i
+        records[cid], first[cid] = line.value, line.number
+    if rejects.items:
+        print(f"{path}: skipped {len(rejects.items)} bad consensus line(s), kept {len(records)}")
+    return records, rejects.items
+
+
+def load_consensus(path, skip_bad: bool = False, rejects_path=None) -> dict:
+    """{case_id: consensus record} for the stages that read `apo consensus` output (build-pairs, drift); with
+    skip_bad, bad lines are listed in rejects_path (default: next to the file)."""
+    records, rejects = read_consensus(path, skip_bad)
     if rejects:
-        print(f"{path}: skipped {len(rejects)} bad consensus line(s), kept {len(records)}")
-    return records, rejects
+        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
+    return records
 
 
 # ---------------------------------------------------------------- CLI
 
 
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-    from apo.model.generation import add_model_arguments
-
     add_data_arguments(parser)
     add_model_arguments(parser, required=False)
     parser.add_argument("--out", required=True, help="consensus JSONL (resumable: a rerun skips finished cases)")
@@ -326,26 +316,21 @@ def by_length(cases):
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.errors import ApoError
-    from apo.io.jobs import run_resumable
-    from apo.model.generation import model_from_args
-
     if args.strategy == "model" and not args.model:
         raise ApoError("--strategy model needs --model (the SFT model); --strategy vote needs none")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
     usable = [c for c in cases if c.trajectories]
     if len(usable) < len(cases):
         print(
-            f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists them)"
+            f"consensus: {len(cases) - len(usable)} case(s) have no teacher trajectory; skipped (build-pairs lists "
+            f"them)"
         )
     if not usable:
         raise ApoError(f"{args.dataset}: no case with teacher trajectories")
     if args.strategy == "vote":
-        from apo.evaluation.labeler import label
 
         def process(chunk):
-            return [vote_record(c, label) for c in chunk]
+            return [vote_record(c, labeler.label) for c in chunk]
 
         chunk_size = 256
     else:

@@ -18,7 +18,7 @@ OBSERVATIONS = (
     "Support Devices",
 )
 
-# The seven CXR-MAX teachers (DESIGN.md section 1), as the synthetic benchmark names them.
+# The seven CXR-MAX teachers (the paper's dataset, arXiv 2510.04142), as the synthetic benchmark names them.
 TEACHERS = (
     "GPT-5-nano",
     "Gemini-2.5-flash-lite",

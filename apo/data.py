@@ -31,10 +31,12 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 from apo.constants import OBSERVATIONS
 from apo.errors import ApoError, DataError
+from apo.io.mimic import mimic_image_path
+from apo.io.records import Rejects, iter_records, write_rejects
+from apo.io.resumable import write_jsonl_atomic
 
 log = logging.getLogger(__name__)
 
@@ -82,77 +84,7 @@ class Case:
 
 def write_cases(cases, path) -> None:
     """Canonical JSONL, atomically (tmp + fsync + rename)."""
-    from apo.io.resumable import write_jsonl_atomic
-
     write_jsonl_atomic(path, (c.to_dict() for c in cases))
-
-
-def mimic_image_path(root, subject_id, study_id, dicom_id, ext=".jpg") -> Path:
-    """MIMIC-CXR-JPG layout: files/p10/p10000032/s50414267/<dicom_id>.jpg."""
-    subject = str(subject_id).lstrip("p")
-    study = str(study_id).lstrip("s")
-    return Path(root) / "files" / f"p{subject[:2]}" / f"p{subject}" / f"s{study}" / f"{dicom_id}{ext}"
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Reading containers: every row comes with the name of its place ("line 7", "row 12").
-
-
-def _iter_rows(path: Path, split: str | None) -> Iterator[tuple[object, object]]:
-    if path.is_dir():
-        yield from _iter_hf_folder(path, split)
-    elif path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for i, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield i, json.loads(raw.decode("utf-8"))
-                except UnicodeDecodeError as e:
-                    yield i, DataError(path, i, f"not UTF-8 ({e.reason} at byte {e.start})")
-                except json.JSONDecodeError as e:
-                    yield i, DataError(path, i, f"invalid JSON ({e.msg} at column {e.colno})")
-    elif path.suffix == ".json":
-        try:
-            data = json.loads(path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(path, None, f"cannot parse JSON file ({e})") from None
-        if isinstance(data, dict) and isinstance(data.get("data"), list):
-            data = data["data"]
-        if not isinstance(data, list):
-            raise DataError(path, None, 'a .json data file must hold a list of records (or {"data": [...]})')
-        for i, row in enumerate(data, 1):
-            yield f"item {i}", row
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        try:
-            rows = pq.read_table(path).to_pylist()
-        except Exception as e:  # pyarrow raises several types for a broken file
-            raise DataError(path, None, f"cannot read parquet ({e.__class__.__name__}: {e})") from None
-        for i, row in enumerate(rows, 1):
-            yield f"row {i}", row
-    else:
-        raise ApoError(f"{path}: unsupported data file (expected .jsonl, .json, .parquet or a dataset folder)")
-
-
-def _iter_hf_folder(path: Path, split: str | None):
-    import datasets
-
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(path))
-    else:
-        ds = datasets.load_dataset(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            if len(ds) != 1:
-                raise ApoError(f"{path}: dataset has splits {sorted(ds)}; choose one with --split")
-            split = next(iter(ds))
-        if split not in ds:
-            raise ApoError(f"{path}: no split {split!r} (has {sorted(ds)})")
-        ds = ds[split]
-    for i, row in enumerate(ds, 1):
-        yield f"row {i}", row
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -410,18 +342,13 @@ def read_cases(
     if allow_absolute is None:  # without an explicit root the user has not fenced anything in
         allow_absolute = not explicit_root
     resolver = ImageResolver(root, allow_absolute, verify_images if check_images else "none")
-    rejects: list[dict] = []
-
-    def bad(record, reason, raw):
-        err = DataError(path, record, reason)
-        if not skip_bad:
-            raise err
-        rejects.append({"file": str(path), "record": record, "reason": reason, "raw": _clip(raw)})
+    rejects = Rejects(path, skip_bad)
+    bad = rejects.add
 
     # Pass 1: parse rows, merge parts into cases, keep where each case came from.
     cases: dict[str, dict] = {}
     origin: dict[str, list] = {}  # case_id -> [(record, raw, trajectory index)]
-    for record, row in _iter_rows(path, split):
+    for record, row in iter_records(path, split):
         if isinstance(row, DataError):
             bad(record, row.reason, None)
             continue
@@ -471,7 +398,7 @@ def read_cases(
             continue
         trajs = [t for t in c["trajectories"] if not teachers or t.teacher in teachers]
         out.append(Case(cid, c["images"], c["prompt"], trajs, c["labels"], c["meta"]))
-    return out, rejects
+    return out, rejects.items
 
 
 def load_cases(path, image_root=None, teachers=None, skip_bad=False, rejects_path=None, **kw) -> list[Case]:
@@ -485,24 +412,6 @@ def load_cases(path, image_root=None, teachers=None, skip_bad=False, rejects_pat
             flush=True,
         )
     return cases
-
-
-def write_rejects(rejects, path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
-
-
-def _clip(raw, limit=2000):
-    if raw is None:
-        return None
-    try:
-        s = json.dumps(raw, ensure_ascii=False, default=str)
-    except (TypeError, ValueError):
-        s = repr(raw)
-    return s if len(s) <= limit else s[:limit] + f"... ({len(s)} chars)"
 
 
 # ----------------------------------------------------------------------------------------------------------------

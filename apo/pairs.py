@@ -17,7 +17,13 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from apo.consensus import load_consensus
 from apo.constants import OBSERVATIONS
+from apo.data import add_data_arguments, cases_from_args
+from apo.errors import ApoError
+from apo.evaluation import labeler
+from apo.io.resumable import write_json_atomic, write_jsonl_atomic
+from apo.model.chat import swift_user_content
 
 NEGATIVE_MODES = ("all", "conflicting")
 
@@ -38,7 +44,7 @@ def build_groups(cases, consensus: dict, negatives: str = "all", max_negatives: 
     if negatives not in NEGATIVE_MODES:
         raise ValueError(f"negatives must be one of {NEGATIVE_MODES}, got {negatives!r}")
     if negatives == "conflicting" and label is None:
-        from apo.evaluation.labeler import label
+        label = labeler.label
     groups, dropped = [], []
     for case in cases:
         rec = consensus.get(case.case_id)
@@ -93,8 +99,6 @@ def build_groups(cases, consensus: dict, negatives: str = "all", max_negatives: 
 
 def dpo_rows(groups) -> list[dict]:
     """ms-swift DPO rows: one per (positive, negative)."""
-    from apo.model.chat import swift_user_content
-
     return [
         {
             "messages": [
@@ -124,23 +128,7 @@ def statistics(groups, dropped, n_cases, extra_consensus=0) -> dict:
     }
 
 
-# ---------------------------------------------------------------- I/O
-
-
-def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
-    """{case_id: consensus record}; with skip_bad, bad lines are listed in rejects_path (see apo.consensus)."""
-    from apo.consensus import read_consensus as read
-    from apo.data import write_rejects
-
-    records, rejects = read(path, skip_bad)
-    if rejects:
-        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
-    return records
-
-
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-
     add_data_arguments(parser)
     parser.add_argument("--consensus", required=True, help="output of `apo consensus`")
     parser.add_argument("--out", required=True, help="groups JSONL (one group per case)")
@@ -155,14 +143,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.errors import ApoError
-    from apo.io.resumable import write_json_atomic, write_jsonl_atomic
-
     if args.max_negatives is not None and args.max_negatives < 1:
         raise ApoError("--max-negatives must be at least 1")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
-    consensus = read_consensus(args.consensus, args.skip_bad, f"{args.out}.consensus_rejects.jsonl")
+    consensus = load_consensus(args.consensus, args.skip_bad, f"{args.out}.consensus_rejects.jsonl")
     known = {c.case_id for c in cases}
     extra = sum(k not in known for k in consensus)
     groups, dropped = build_groups(cases, consensus, args.negatives, args.max_negatives)

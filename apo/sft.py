@@ -5,7 +5,8 @@
 Rows are ms-swift's standard format, so `swift sft --dataset sft.jsonl` reads them as they are:
     {"messages": [{"role": "user", "content": "<image>question"}, {"role": "assistant", "content": trajectory}],
      "images": ["/abs/path.jpg"], "case_id": ..., "teacher": ...}
-Every teacher's answer becomes its own sample: q* = argmin_q sum_u KL(pi_u || q) is plain next-token loss over all of them.
+Every teacher's answer becomes its own sample: q* = argmin_q sum_u KL(pi_u || q) is plain next-token loss over all
+of them.
 """
 
 from __future__ import annotations

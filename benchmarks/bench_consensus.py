@@ -13,8 +13,8 @@ cases (image + question + the 7 teacher trajectories, fitted to --max-length), g
   defaults  as batched, with transformers' own KV cache and attention kernel instead of apo.model.decoding's:
             what apo.model.decoding adds (on CUDA it is off unless --fast on, so there batched == defaults);
   vllm      the same requests through `--backend vllm` (GPU, vLLM installed; continuous batching).
-Every variant (loop, unsorted, batched) runs the same `apo.model.generation.generate` code, apo.model.decoding's fast path
-included. Time: wall clock around each variant's calls, after warm-up calls; with --repeat R the variants take
+Every variant (loop, unsorted, batched) runs the same `apo.model.generation.generate` code, apo.model.decoding's fast
+path included. Time: wall clock around each variant's calls, after warm-up calls; with --repeat R the variants take
 turns R times (A B C A B C ...) and each keeps its median; the model is loaded once, outside. The
 cases are the synthetic CXR-MAX of `apo synth` (or --dataset), the model apo.world.tiny's random tiny Qwen2.5-VL (or
 --model-dir): generation then often runs to --max-new-tokens (a random model rarely says <|im_end|>), the same
@@ -110,7 +110,7 @@ def main(argv=None):
     import torch
 
     from apo.consensus import model_records
-    from apo.model.generation import load_model
+    from apo.model.loading import load_model
 
     if a.threads:
         torch.set_num_threads(a.threads)

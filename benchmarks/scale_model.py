@@ -27,7 +27,7 @@ TEXT_7B = dict(
     vocab_size=152064,
 )
 VISION_7B = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584)
-CXR_MAX_TRAJECTORIES = 170_982  # DESIGN.md: 7 teachers
+CXR_MAX_TRAJECTORIES = 170_982  # CXR-MAX as the paper describes it: 7 teachers' trajectories
 GiB = 1024**3
 
 

@@ -1,4 +1,7 @@
-"""Draws images/pipeline.png, the README's figure of the three APO stages. Run: .venv/bin/python images/make_pipeline.py"""
+"""Draws images/pipeline.png, the README's figure of the three APO stages.
+
+Run: .venv/bin/python images/make_pipeline.py
+"""
 
 from pathlib import Path
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The published recipe, kept as the baseline: pairwise DPO through ms-swift on the rows `apo build-pairs --dpo-out`
-# writes (one row per (t+, teacher) pair). Defaults are the paper's preference-stage recipe (DESIGN.md section 1).
+# writes (one row per (t+, teacher) pair). Defaults are the paper's preference-stage recipe (arXiv 2510.04142).
 #
 #   MODEL=runs/sft/merged DATASET=runs/apo/dpo_pairs.jsonl NPROC_PER_NODE=4 bash scripts/DPO-Qwen2.5.sh
 set -euo pipefail

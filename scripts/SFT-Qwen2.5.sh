@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stage 1, "learn": LoRA SFT of the student on every teacher's trajectory, through ms-swift.
-# Defaults are the paper's 7B recipe (DESIGN.md section 1); every one is an environment variable.
+# Defaults are the paper's 7B recipe (arXiv 2510.04142; README, "The command line"); every one is an environment variable.
 #
 #   DATASET=runs/cxrmax/sft.jsonl NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash scripts/SFT-Qwen2.5.sh
 #

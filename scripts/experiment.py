@@ -353,7 +353,8 @@ class Seed:
             cmd += ["--adapter", adapter] if adapter else []
             cmd += ["--limit", a.eval_limit] if a.eval_limit else []
             self.stage(f"eval_{arm}", [d / "eval" / arm], cmd, after=[{"base": "tiny", "sft": "sft"}.get(arm, arm)])
-        # The teachers and the vote consensus scored on the same test split (what "inheriting drift" is measured against).
+        # The teachers and the vote consensus scored on the same test split (what "inheriting drift" is measured
+        # against).
         self.stage(
             "teachers",
             [d / "teachers"],

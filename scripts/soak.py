@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Soak test (outside CI): kill and resume the long-running stages at random moments for N minutes.
 
-    .venv/bin/python scripts/soak.py --minutes 20 --work /tmp/apo-soak [--stages vote,model,eval-report,eval-mscxrt,train]
+    .venv/bin/python scripts/soak.py --minutes 20 --work /tmp/apo-soak \
+        [--stages vote,model,eval-report,eval-mscxrt,train]
 
 Builds the tiny model and a small world (tests/reliability/world.py), runs each stage once uninterrupted as the
 reference, then repeats until time is up: pick a stage, SIGKILL it 1-4 times at a random moment (a delay drawn over

@@ -1,11 +1,13 @@
 #!/usr/bin/env python
-"""Validate apo.evaluation.labeler on real text: the 3,955 Indiana University chest X-ray reports shipped in torchxrayvision.
+"""Validate apo.evaluation.labeler on real text: the 3,955 Indiana University chest X-ray reports shipped in
+torchxrayvision.
 
 Each report (FINDINGS + IMPRESSION, read from the installed package's `data/NLMCXR_reports.tgz`, never copied) is
-labelled by `apo.evaluation.labeler.label`; its manual MeSH `<major>` tags ("Pleural Effusion/right/small", "Cardiomegaly/mild",
-"normal") are mapped to CheXpert observations (MESH below) and taken as the truth. For every observation we report
-precision / recall / F1 of `label(text) == 1` against "a tag maps to it", with the support (reports so tagged),
-plus F1 when uncertain (-1) also counts as positive, and the side agreement of `laterality` where the tag names a side.
+labelled by `apo.evaluation.labeler.label`; its manual MeSH `<major>` tags ("Pleural Effusion/right/small",
+"Cardiomegaly/mild", "normal") are mapped to CheXpert observations (MESH below) and taken as the truth. For every
+observation we report precision / recall / F1 of `label(text) == 1` against "a tag maps to it", with the support
+(reports so tagged), plus F1 when uncertain (-1) also counts as positive, and the side agreement of `laterality`
+where the tag names a side.
 
 The mapping (tag head, then qualifiers):
   Cardiomegaly               Cardiomegaly; Cardiac Shadow/enlarged

@@ -84,7 +84,7 @@ def test_water_fill():
 
 
 def test_model_strategy_fits_the_budget_and_reports_cuts(tmp_path, tiny_model_dir, capsys):
-    from apo.model.generation import load_model
+    from apo.model.loading import load_model
 
     data = write_dataset(tmp_path, n_cases=3)
     model, processor = load_model(tiny_model_dir)

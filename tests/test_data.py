@@ -8,8 +8,9 @@ import pytest
 from PIL import Image
 
 from apo.constants import OBSERVATIONS
-from apo.data import Case, load_cases, mimic_image_path, read_cases, write_cases
+from apo.data import Case, load_cases, read_cases, write_cases
 from apo.errors import ApoError, DataError
+from apo.io.mimic import mimic_image_path
 
 TEACHERS = ["GPT-5-nano", "Grok-4", "GLM-4.5V"]
 

@@ -82,8 +82,10 @@ def test_fast_generation_equals_transformers_defaults(tmp_path, tiny_model_dir, 
     import numpy as np
     from PIL import Image
 
+    from apo.model.chat import prompt_text
     from apo.model.decoding import ReservedCache, use_generation_attention
-    from apo.model.generation import _prompt_text, encode, generate, load_model
+    from apo.model.generation import encode, generate
+    from apo.model.loading import load_model
 
     rng = np.random.default_rng(0)
     paths = []
@@ -115,7 +117,7 @@ def test_fast_generation_equals_transformers_defaults(tmp_path, tiny_model_dir, 
     from apo.model.chat import load_images
 
     batch = encode(
-        processor, [_prompt_text(processor, len(p), t) for p, t in requests], [load_images(p) for p, _ in requests]
+        processor, [prompt_text(processor, len(p), t) for p, t in requests], [load_images(p) for p, _ in requests]
     )
     assert (batch["attention_mask"] == 0).any()  # the batch really is padded
     kw = dict(
@@ -143,8 +145,10 @@ def test_fast_generation_equals_transformers_defaults(tmp_path, tiny_model_dir, 
 
 def test_wrappers_stack_with_the_packed_training_attention(tiny_model_dir):
     """A model switched to both our kernels (generation, then the packed step) still computes its plain forward."""
+    from apo.model.chat import prompt_text
     from apo.model.decoding import use_generation_attention
-    from apo.model.generation import _prompt_text, encode, load_model
+    from apo.model.generation import encode
+    from apo.model.loading import load_model
     from apo.model.packing import PREFIX as SEGMENTS
     from apo.model.packing import use_segment_attention
 
@@ -154,7 +158,7 @@ def test_wrappers_stack_with_the_packed_training_attention(tiny_model_dir):
     use_segment_attention(model)
     assert model.get_decoder().config._attn_implementation == SEGMENTS + PREFIX + "sdpa"
     batch = encode(
-        processor, [_prompt_text(processor, 0, t) for t in ("short", "a much longer question here")], [[], []]
+        processor, [prompt_text(processor, 0, t) for t in ("short", "a much longer question here")], [[], []]
     )
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits[:, -1], plain(**batch).logits[:, -1], rtol=1e-5, atol=1e-5)

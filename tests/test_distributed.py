@@ -67,7 +67,8 @@ def single(tiny_model_dir, tmp_path_factory):
         "ddp",
         pytest.param("zero2", marks=pytest.mark.slow),
         pytest.param("zero3", marks=pytest.mark.slow),
-        # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's rule)
+        # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's
+        # rule)
         pytest.param("ddp+ckpt", marks=pytest.mark.slow),
         pytest.param("zero3+ckpt", marks=pytest.mark.slow),
     ],

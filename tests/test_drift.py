@@ -1,14 +1,16 @@
-"""apo.evaluation.drift: per-teacher drift rates on hand-made cases with known answers; the CLI on the synthetic benchmark."""
+"""apo.evaluation.drift: per-teacher drift rates on hand-made cases with known answers; the CLI on the synthetic
+benchmark."""
 
 import json
 
 import pytest
 
 from apo.cli import main
+from apo.consensus import load_consensus
 from apo.constants import OBSERVATIONS
 from apo.data import Case, Trajectory
 from apo.errors import ApoError, DataError
-from apo.evaluation.drift import answer_stats, drift_stats, js_divergence, read_consensus
+from apo.evaluation.drift import answer_stats, drift_stats, js_divergence
 
 
 def _labels(**pos):
@@ -118,18 +120,18 @@ def test_answer_stats_without_labels():
     assert s["answers"] == 1 and s["labelled"] == 0 and s["f1"] is None and s["hallucination_rate"] is None
 
 
-def test_read_consensus(tmp_path):
+def test_load_consensus(tmp_path):
     p = tmp_path / "c.jsonl"
     p.write_text('{"case_id": "c0", "text": "ok", "strategy": "vote"}\n\n{"case_id": 1, "text": "t"}\n')
-    assert read_consensus(p) == {"c0": "ok", "1": "t"}
+    assert {k: r["text"] for k, r in load_consensus(p).items()} == {"c0": "ok", "1": "t"}
     p.write_text('{"case_id": "c0", "text": "ok"}\nnot json\n')
     with pytest.raises(DataError, match=r"c.jsonl:2"):
-        read_consensus(p)
+        load_consensus(p)
     p.write_text('{"case_id": "c0"}\n')
     with pytest.raises(DataError, match=r"c.jsonl:1"):
-        read_consensus(p)
+        load_consensus(p)
     with pytest.raises(ApoError):
-        read_consensus(tmp_path / "missing.jsonl")
+        load_consensus(tmp_path / "missing.jsonl")
 
 
 def test_cli_on_synthetic_benchmark(synth_dir, tmp_path, capsys):

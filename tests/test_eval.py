@@ -7,10 +7,11 @@ import pytest
 from PIL import Image
 
 from apo.cli import main
-from apo.data import Case, mimic_image_path
+from apo.data import Case
 from apo.errors import DataError
 from apo.evaluation.mscxrt import parse_progression, read_pairs, score
 from apo.evaluation.report import drift_metrics, parse_mimic_report
+from apo.io.mimic import mimic_image_path
 
 ANSWERS = [
     ("Improving", "improving"),
@@ -243,7 +244,8 @@ def test_the_synthetic_mscxrt_csv_reads_clean(synth_dir):
 def test_generate_batched_equals_one_by_one_in_input_order(tmp_path, tiny_model_dir):
     import torch
 
-    from apo.model.generation import generate, load_model
+    from apo.model.generation import generate
+    from apo.model.loading import load_model
 
     torch.manual_seed(0)
     rng = np.random.default_rng(3)
@@ -273,7 +275,7 @@ def test_load_model_puts_the_adapter_on_top(tmp_path, tiny_model_dir):
     from transformers import AutoModelForImageTextToText
 
     from apo.errors import ApoError
-    from apo.model.generation import load_model
+    from apo.model.loading import load_model
 
     torch.manual_seed(0)
     base = AutoModelForImageTextToText.from_pretrained(tiny_model_dir)

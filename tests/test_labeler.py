@@ -1,4 +1,5 @@
-"""apo.evaluation.labeler: mentions, negation, uncertainty, scope, No Finding, laterality, refusals; validation on IU reports."""
+"""apo.evaluation.labeler: mentions, negation, uncertainty, scope, No Finding, laterality, refusals; validation on
+IU reports."""
 
 import importlib.util
 from pathlib import Path

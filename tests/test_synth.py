@@ -12,9 +12,10 @@ from PIL import Image
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS, OBSERVATIONS, TEACHERS
 from apo.errors import ApoError
+from apo.evaluation.labeler import is_refusal
 from apo.world.synth import MSCXRT_COLUMNS, MSCXRT_CSV, generate
 from apo.world.synth.reports import LATERAL, adapt_side, labels_of, tag
-from apo.world.synth.teachers import is_refusal, measure
+from apo.world.synth.teachers import measure
 
 
 def _hashes(root: Path) -> dict:
@@ -198,7 +199,8 @@ def test_mscxrt_csv_columns_values_and_images(synth_dir):
 
 
 def test_mscxrt_extent_follows_the_label(small):
-    """Worsening pairs get brighter (effusion, consolidation, edema, pneumonia) or darker (pneumothorax) in the lungs."""
+    """Worsening pairs get brighter (effusion, consolidation, edema, pneumonia) or darker (pneumothorax) in the
+    lungs."""
     import numpy as np
 
     out, _ = small

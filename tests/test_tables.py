@@ -187,15 +187,15 @@ def test_tex_escape():
     assert tex_escape("a_b & 50% #1 {x}") == r"a\_b \& 50\% \#1 \{x\}"
 
 
-def test_student_drift_shapes():
-    from apo.evaluation.tables import _student_drift
+def teststudent_drift_shapes():
+    from apo.evaluation.tables import student_drift
 
     cases = [Case("c0", [], "q", [Trajectory("Grok-4", "x")], {"Pleural Effusion": 1}, {})]
     nested = drift_stats(cases, ["Small pleural effusion and cardiomegaly."])  # eval-report's answers as consensus
-    d = _student_drift({"drift": nested})
+    d = student_drift({"drift": nested})
     assert d["hallucination_rate"] == 1 and d["answers"] == 1
-    assert _student_drift({"drift": {"side_accuracy": 0.75}})["side_error_rate"] == 0.25
-    assert _student_drift({}) is None and _student_drift({"drift": "n/a"}) is None
+    assert student_drift({"drift": {"side_accuracy": 0.75}})["side_error_rate"] == 0.25
+    assert student_drift({}) is None and student_drift({"drift": "n/a"}) is None
 
 
 def test_ablation_shows_greedy_and_sampled_drift_and_signature_copies(results, tmp_path):

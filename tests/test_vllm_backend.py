@@ -18,7 +18,7 @@ class FakeLLM:
     instances = []
 
     def __init__(self, model, **kw):
-        from apo.model.generation import load_model
+        from apo.model.loading import load_model
 
         self.kw = dict(model=model, **kw)
         self.model, self.processor = load_model(model)

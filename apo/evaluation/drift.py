@@ -38,8 +38,12 @@ import logging
 import math
 from pathlib import Path
 
+from apo.consensus import load_consensus
 from apo.constants import OBSERVATIONS, TEACHERS
+from apo.data import add_data_arguments, cases_from_args
 from apo.errors import ApoError
+from apo.evaluation.labeler import is_refusal, label, laterality
+from apo.io.resumable import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +74,6 @@ def _prf(tp, fp, fn):
 def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
     """Drift statistics of one source: `texts[i]` answers `cases[i]` (None = no answer, skipped).
     `consensus`: {case_id: text} to compare with. See the module docstring for the definitions."""
-    from apo.evaluation.labeler import is_refusal, label, laterality
-
     n = refused = words = answered = labelled = exact = halluc = 0
     pos_truth = omitted = hedged = side_n = side_err = 0
     per = {o: [0, 0, 0, 0] for o in OBSERVATIONS}  # tp, fp, fn, tn
@@ -216,20 +218,6 @@ def drift_stats(cases, consensus: dict | list | None = None) -> dict:
     }
 
 
-# ----------------------------------------------------------------------------- I/O
-
-
-def read_consensus(path, skip_bad=False, rejects_path=None) -> dict:
-    """{case_id: text} from a consensus JSONL ({"case_id", "text", ...} per line; checked by apo.consensus)."""
-    from apo.consensus import read_consensus as read
-    from apo.data import write_rejects
-
-    records, rejects = read(path, skip_bad)
-    if rejects:
-        write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
-    return {k: r["text"] for k, r in records.items()}
-
-
 def _fmt(x, pct=False):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
@@ -339,8 +327,6 @@ def plot(stats: dict, out_dir) -> list[str]:
 
 
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-
     add_data_arguments(parser)
     parser.set_defaults(verify_images="none")  # drift reads text only: check that images exist, do not decode them
     parser.add_argument(
@@ -355,16 +341,14 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.io.resumable import write_json_atomic
-
     out = Path(args.out)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     if not cases:
         raise ApoError(f"{args.dataset}: no case to analyse")
-    consensus = (
-        read_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl") if args.consensus else None
-    )
+    consensus = None
+    if args.consensus:
+        records = load_consensus(args.consensus, args.skip_bad, out / "consensus_rejects.jsonl")
+        consensus = {k: r["text"] for k, r in records.items()}
     if consensus is not None:
         known = {c.case_id for c in cases}
         missing = sum(c.case_id not in consensus for c in cases)

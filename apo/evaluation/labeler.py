@@ -74,7 +74,8 @@ _NEG_PRE = re.compile(
 _PSEUDO_NEG = re.compile(
     r"^(?:no|not) (?:\w+ ){0,2}?(?:change|changed|increase[ds]?|decrease[ds]?|improve[ds]?|improvement|"
     r"worsen\w*|progression|progress\w*|significant(?:ly)? (?:changed?|different)|only|just|well|excluded|"
-    r"ruled out|certain|clear whether|otherwise)\b|^not\b(?= (?:\w+ )?(?:seen|visualized|identified) on (?:the )?(?:frontal|lateral|pa))"
+    r"ruled out|certain|clear whether|otherwise)\b|^not\b(?= (?:\w+ )?(?:seen|visualized|"
+    r"identified) on (?:the )?(?:frontal|lateral|pa))"
 )
 _NEG_POST = re.compile(
     r"^" + _GAP % 6 + r"(?:(?:is|are|was|were|has|have|has been|have been|appears?|seems?) )?(?:(?:also|again|now) )?"
@@ -118,14 +119,18 @@ _UNC_POST = re.compile(
     r"(?:a|another) consideration|favou?red|suggested|considered)|(?:may|might|could) (?:also )?(?:be|have) "
     r"(?:present|seen|noted|developing|superimposed|an?|early|mild|small|some|slight|minimal)|not (?:clearly|"
     r"definitely|definitively) (?:seen|identified|excluded)|difficult to (?:exclude|assess|evaluate)|"
-    r"would be a consideration|(?:is|are) (?:also )?(?:in|within) the differential)\b|^(?:\s+\w+)?\s*(?:or|versus|vs|and/or|/)\s|^\s*\?"
+    r"would be a consideration|(?:is|are) (?:also )?(?:in|within) the differential)\b|^(?:\s+\w+)?\s*(?:or|versus|vs|"
+    r"and/or|/)\s|^\s*\?"
 )
 _UNC_ALT_PRE = re.compile(r"\s(?:or|versus|vs|and/or)\s+(?:\w+\s+){0,2}$")  # "atelectasis or [infiltrate]"
 
 # ----------------------------------------------------------------------------- mention patterns
 
 # Heart: CheXpert's "heart size", "cardiac silhouette", ... are mentions only with a descriptor.
-_HEART = r"(?:heart|cardiac (?:size|silhouette|shadow|contours?|diameter|dimensions)|cardiac|cardiopericardial silhouette)(?: size| shadow| silhouette| contours?)?"
+_HEART = (
+    r"(?:heart|cardiac (?:size|silhouette|shadow|contours?|diameter|dimensions)|cardiac|"
+    r"cardiopericardial silhouette)(?: size| shadow| silhouette| contours?)?"
+)
 _MEDIAST = (
     r"(?:(?:cardio)?mediastin(?:um|al)(?: (?:contours?|silhouettes?|width|size|shadow|configuration|"
     r"structures?))?|cardio ?mediastinal (?:contours?|silhouettes?|width|size|shadow)|hil(?:a|um|ar) "
@@ -137,7 +142,10 @@ _NORMAL = (
     r"not enlarged|stable and normal|grossly normal|upper limits of normal|top normal|high normal|"
     r"upper normal|borderline)"
 )
-_SIDE_TOKEN = r"(?:right|left|bilateral|bilaterally|both (?:lungs?|bases|lower|upper|mid|sides|hemithora\w+|apices|hila)|bibasilar|bibasal|bibasalar|biapical|lingula\w*|rll|rml|rul|lll|lul)"
+_SIDE_TOKEN = (
+    r"(?:right|left|bilateral|bilaterally|both (?:lungs?|bases|lower|upper|mid|sides|hemithora\w+|apices|"
+    r"hila)|bibasilar|bibasal|bibasalar|biapical|lingula\w*|rll|rml|rul|lll|lul)"
+)
 
 _FINDINGS = {
     "Enlarged Cardiomediastinum": [
@@ -164,7 +172,8 @@ _FINDINGS = {
         r"\binterstitial (?:\w+ )?(?:markings?|patterns?|lung disease|disease|opacit\w+|prominence|thickening|"
         r"changes?|process|abnormalit\w+|infiltrat\w+)",
         r"\breticul\w+",
-        r"(?<!pleural )(?<!pleural based )(?<!pleural-based )(?<!pleuroparenchymal )(?<!pleural parenchymal )\bscar(?:s|ring|red)?\b",
+        r"(?<!pleural )(?<!pleural based )(?<!pleural-based )(?<!pleuroparenchymal )"
+        r"(?<!pleural parenchymal )\bscar(?:s|ring|red)?\b",
         r"\bperibronchial (?:thickening|cuffing)",
         r"\bbronchial wall thickening",
         r"\bhaz(?:e|iness|y)\b",
@@ -182,7 +191,8 @@ _FINDINGS = {
         r"\bcancer\w*",
         r"\bmetasta\w+",
         r"\blump\b",
-        r"(?<!bony )(?<!bone )(?<!lytic )(?<!sclerotic )(?<!blastic )(?<!osseous )(?<!skin )(?<!rib )(?<!lucent )\blesions?\b",
+        r"(?<!bony )(?<!bone )(?<!lytic )(?<!sclerotic )(?<!blastic )(?<!osseous )(?<!skin )(?<!rib )"
+        r"(?<!lucent )\blesions?\b",
         r"\bcavit(?:ary|ation|ating)\b",
     ],
     "Edema": [
@@ -293,7 +303,8 @@ _EVIDENCE = {
         rf"\b(?:enlarged|large|increased|prominent|globular|enlargement of the) (?:\w+ )?{_HEART}\b(?! failure)",
     ],
     "Pleural Effusion": [
-        r"\bblunt\w* (?:of )?(?:the )?(?:\w+ ){0,2}?(?:costophrenic|cp|costodiaphragmatic) (?:angles?|sulc[iu]s?|recess\w*|xxxx)",
+        r"\bblunt\w* (?:of )?(?:the )?(?:\w+ ){0,2}?(?:costophrenic|cp|costodiaphragmatic) (?:angles?|sulc[iu]s?|"
+        r"recess\w*|xxxx)",
         r"\b(?:costophrenic|cp) (?:angles?|sulc[iu]s?|recess\w*|xxxx)" + _GAP % 3 + r"(?:is |are )?(?:\w+ )?blunt\w*",
         r"\bmeniscus\b",
     ],
@@ -317,7 +328,8 @@ _NORMALS = {
         r"\bnormal cardiomediastinal",
     ],
     "Lung Opacity": [
-        r"\blungs? (?:\w+ ){0,3}?(?:is |are |appears? |remains? )?(?:otherwise |grossly |now |again |both )?(?:\w+ and )?clear\b",
+        r"\blungs? (?:\w+ ){0,3}?(?:is |are |appears? |remains? )?(?:otherwise |grossly |now |again |"
+        r"both )?(?:\w+ and )?clear\b",
         r"\bclear (?:\w+ )?lungs?\b",
         r"\blungs?\s*:\s*(?:\w+ )?clear\b",
         r"\blung fields? (?:\w+ )?(?:are |is )?clear\b",
@@ -519,7 +531,8 @@ def label_many(texts) -> list[dict[str, int | None]]:
 
 _SIDE_RE = re.compile(rf"\b{_SIDE_TOKEN}\b")
 _BOTH_RE = re.compile(
-    r"\b(?:right|left) (?:greater|more|larger|worse) than (?:right|left)\b|\b(?:right|left) (?:and|>|/) (?:right|left)\b"
+    r"\b(?:right|left) (?:greater|more|larger|worse) than (?:right|left)\b|\b(?:right|left) (?:and|>|/) (?:right|"
+    r"left)\b"
 )
 _NO_SIDE = {"No Finding", "Cardiomegaly", "Enlarged Cardiomediastinum"}
 

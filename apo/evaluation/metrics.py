@@ -8,7 +8,8 @@ off and dropped, whitespace split); BLEU/ROUGE-L/CIDEr then differ slightly from
 
 `clinical_efficacy(refs, hyps, uncertain="positive")` -> micro/macro precision/recall/F1 over the 14 CheXpert
 observations of the labels of the hypotheses against those of the references (texts are labelled with
-`apo.evaluation.labeler.label`, or pass label dicts; `labeler=` swaps in another labeler, e.g. `chexbert_labeler(path)`).
+`apo.evaluation.labeler.label`, or pass label dicts; `labeler=` swaps in another labeler, e.g.
+`chexbert_labeler(path)`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 
 from apo.constants import OBSERVATIONS
 from apo.errors import ApoError
+from apo.evaluation.labeler import label
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,8 @@ def nlg_scores(references: list, hypotheses: list[str]) -> dict:
     else:
         log.warning(
             "java not found on PATH: METEOR is not computed (None) and the PTB tokenizer is replaced by "
-            "apo.evaluation.metrics.simple_tokenize (install a JRE, e.g. openjdk-17-jre-headless, for the exact numbers)"
+            "apo.evaluation.metrics.simple_tokenize (install a JRE, e.g. openjdk-17-jre-headless, for the exact "
+            "numbers)"
         )
         gts = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in gts.items()}
         res = {k: [simple_tokenize(c["caption"]) for c in v] for k, v in res.items()}
@@ -127,7 +130,8 @@ def clinical_efficacy(
 ) -> dict:
     """Clinical efficacy (CE): precision/recall/F1 of the hypotheses' CheXpert labels against the references'.
 
-    `refs`, `hyps`: texts (labelled with `labeler`, default `apo.evaluation.labeler.label`) or label dicts {obs: 1|0|-1|None}.
+    `refs`, `hyps`: texts (labelled with `labeler`, default `apo.evaluation.labeler.label`) or label dicts
+    {obs: 1|0|-1|None}.
     Per observation, a report counts as positive when its label is 1; unmentioned (None) and negative (0) count as
     negative; uncertain (-1) follows `uncertain`:
       "positive" (default)  -1 -> 1. The convention of the CheXbert-based CE / F1-CheXbert used in the report
@@ -145,8 +149,7 @@ def clinical_efficacy(
         raise ApoError(f"clinical_efficacy: uncertain must be one of {UNCERTAIN_POLICIES}, not {uncertain!r}")
     if len(refs) != len(hyps):
         raise ApoError(f"clinical_efficacy: {len(refs)} references but {len(hyps)} hypotheses")
-    if labeler is None:
-        from apo.evaluation.labeler import label as labeler
+    labeler = labeler or label
     counts = {o: [0, 0, 0, 0] for o in observations}  # tp, fp, fn, support
     for r, h in zip(refs, hyps):
         rl, hl = _labels(r, labeler), _labels(h, labeler)

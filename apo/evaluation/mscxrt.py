@@ -21,6 +21,14 @@ from collections import Counter
 from pathlib import Path
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
+from apo.data import ImageResolver
+from apo.errors import ApoError, DataError
+from apo.io.jobs import run_resumable
+from apo.io.mimic import ID_RULE, is_mimic_id, mimic_image_path, previous_image
+from apo.io.records import Rejects, not_utf8, write_rejects
+from apo.io.resumable import write_json_atomic, write_jsonl_atomic
+from apo.model import generation  # generation.generate looked up per call: tests stand in for it
+from apo.model.generation import add_model_arguments, model_from_args
 
 PROMPT = (
     "The first image is the previous study, the second the current study. Compared with the previous study, "
@@ -72,27 +80,13 @@ def finding_name(finding: str) -> str:
     return finding.replace("_", " ")
 
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # MIMIC ids: digits, hex, dashes; never a path or a glob
-
-
-def _previous_image(root: Path, row: dict) -> Path | None:
-    from apo.data import mimic_image_path
-
-    prev_study = (row.get("previous_study_id") or "").strip()
-    if prev_study:
-        return mimic_image_path(root, row["subject_id"], prev_study, row["previous_dicom_id"])
-    subject = str(row["subject_id"]).strip().lstrip("p")
-    hits = sorted((root / "files" / f"p{subject[:2]}" / f"p{subject}").glob(f"s*/{row['previous_dicom_id']}.jpg"))
-    return hits[0] if hits else None
-
-
 def _decoded_lines(data: bytes, bad_utf8: dict):
     """The CSV's lines as text; a line that is not UTF-8 is replaced (and its number noted in bad_utf8)."""
     for i, raw in enumerate(data.splitlines(keepends=True), 1):
         try:
             yield raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            bad_utf8[i] = f"not UTF-8 ({e.reason} at byte {e.start})"
+            bad_utf8[i] = not_utf8(e)
             yield raw.decode("utf-8", "replace")
 
 
@@ -101,21 +95,15 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     row}. A bad row raises DataError(csv, line, reason) unless skip_bad (then it goes to rejects). Ids must be plain
     MIMIC ids (no path separators or wildcards), so an image path never leaves --image-root; images are checked up
     front (exist, decode, not absurdly large), like the data loader does."""
-    from apo.data import ImageResolver, mimic_image_path
-    from apo.errors import ApoError, DataError
-
     csv_path, root = Path(csv_path), Path(image_root)
     if not csv_path.is_file():
         raise ApoError(f"--csv {csv_path}: file not found")
     if not root.is_dir():
         raise ApoError(f"--image-root {root}: not a folder (the MIMIC-CXR-JPG root, holding files/)")
     root = root.resolve()
-    rows, rejects, seen, bad_utf8 = [], [], set(), {}
-
-    def bad(line, reason, raw):
-        if not skip_bad:
-            raise DataError(csv_path, line, reason)
-        rejects.append({"file": str(csv_path), "record": line, "reason": reason, "raw": raw})
+    rows, seen, bad_utf8 = [], set(), {}
+    rejects = Rejects(csv_path, skip_bad)
+    bad = rejects.add
 
     reader = csv.DictReader(_decoded_lines(csv_path.read_bytes().removeprefix(b"\xef\xbb\xbf"), bad_utf8))
     try:
@@ -153,8 +141,8 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
                 if not row.get(c):
                     raise ValueError(f"missing {c}")
             for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id", "previous_study_id"):
-                if row.get(c) and not _ID.match(row[c]):
-                    raise ValueError(f"{c} {row[c][:80]!r} is not a MIMIC id (letters, digits, '-', '_', '.')")
+                if row.get(c) and not is_mimic_id(row[c]):
+                    raise ValueError(f"{c} {row[c][:80]!r} is not a MIMIC id ({ID_RULE})")
             labelled = []
             for f in findings:
                 value = row.get(f"{f}_progression", "").lower()
@@ -167,7 +155,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             if not labelled:
                 raise ValueError("no <finding>_progression label in this row")
             cur = mimic_image_path(root, row["subject_id"], row["study_id"], row["dicom_id"])
-            prev = _previous_image(root, row)
+            prev = previous_image(root, row["subject_id"], row["previous_dicom_id"], row.get("previous_study_id"))
             for what, p in (("current", cur), ("previous", prev)):
                 if p is None or not p.is_file():
                     raise ValueError(
@@ -195,7 +183,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             bad(line, problem, row)
             continue
         items.extend(new)
-    return items, rejects
+    return items, rejects.items
 
 
 def score(items, records: dict) -> dict:
@@ -218,8 +206,6 @@ def score(items, records: dict) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from apo.model.generation import add_model_arguments
-
     add_model_arguments(parser)
     parser.set_defaults(max_new_tokens=16)
     parser.add_argument("--csv", required=True, help="MS_CXR_T_temporal_image_classification_v1.0.0.csv")
@@ -234,15 +220,10 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    from apo.errors import ApoError
-    from apo.io.jobs import run_resumable
-    from apo.io.resumable import write_json_atomic, write_jsonl_atomic
-    from apo.model.generation import generate, model_from_args
-
     out = Path(args.out)
     items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad)
     if rejects:
-        write_jsonl_atomic(out / "mscxrt_rejects.jsonl", rejects)
+        write_rejects(rejects, out / "mscxrt_rejects.jsonl")
         print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'mscxrt_rejects.jsonl'}")
     items = items[: args.limit] if args.limit else items
     if not items:
@@ -250,7 +231,7 @@ def run(args) -> int:
     model, processor = model_from_args(args)
 
     def process(chunk):
-        answers = generate(
+        answers = generation.generate(
             model,
             processor,
             [(it["images"], PROMPT.format(finding=finding_name(it["finding"]))) for it in chunk],

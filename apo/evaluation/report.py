@@ -3,10 +3,11 @@
 For each case the model answers the case's prompt (or --prompt) about its image(s). OUT/predictions.jsonl holds
 {"case_id", "prediction", "reference"} (resumable, like consensus); OUT/metrics.json holds
   nlg       BLEU-1..4, METEOR, ROUGE-L, CIDEr (apo.evaluation.metrics.nlg_scores, pycocoevalcap definitions)
-  clinical  CheXpert-label precision/recall/F1 of predictions against references (apo.evaluation.metrics.clinical_efficacy)
+  clinical  CheXpert-label precision/recall/F1 of predictions against references
+            (apo.evaluation.metrics.clinical_efficacy)
   drift     the errors the teachers drift into, measured on the student's answers as `apo drift` measures each
-            teacher (apo.evaluation.drift.answer_stats): labeler F1 against the case's labels, hallucination, omission and
-            refusal rates, side accuracy against meta["sides"]
+            teacher (apo.evaluation.drift.answer_stats): labeler F1 against the case's labels, hallucination,
+            omission and refusal rates, side accuracy against meta["sides"]
   n         answers scored (cases with a reference).
   drift_rates  {"greedy": {...}, "sampled": {...} or null}: refusal, hedge, wrong_side, hallucination, omission
             (fractions, answer_stats' definitions; wrong_side = side_error_rate) of the greedy answers and of all
@@ -42,6 +43,18 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from apo.data import add_data_arguments, cases_from_args, load_cases
+from apo.errors import ApoError
+from apo.evaluation import metrics as scoring  # looked up per call: tests skip METEOR by standing in for nlg_scores
+from apo.evaluation.drift import answer_stats
+from apo.evaluation.signatures import copy_rates, mine
+from apo.io.jobs import finished_records, run_resumable
+from apo.io.mimic import mimic_report_path
+from apo.io.resumable import write_json_atomic, write_jsonl_atomic
+from apo.model import generation  # generation.generate looked up per call: tests stand in for it
+from apo.model.chat import prompt_text
+from apo.model.generation import add_model_arguments, estimate_length, model_from_args
+
 # ---------------------------------------------------------------- references
 
 _SECTION = re.compile(r"^[ \t]*([A-Z][A-Z /&()-]{2,}):", re.M)
@@ -57,22 +70,6 @@ def parse_mimic_report(text: str) -> str | None:
             sections.setdefault(h.group(1).strip(), body)
     parts = [sections.get("FINDINGS"), sections.get("IMPRESSION")]
     return " ".join(p for p in parts if p) or None
-
-
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-
-
-def mimic_report_path(reports_dir, subject_id, study_id) -> Path | None:
-    """files/pXX/p<subject>/s<study>.txt under reports_dir; None if absent, or if an id is not a plain MIMIC id
-    (so a crafted id cannot read a file outside reports_dir)."""
-    subject, study = str(subject_id).lstrip("p"), str(study_id).lstrip("s")
-    if not (_ID.match(subject) and _ID.match(study)):
-        return None
-    for base in (Path(reports_dir) / "files", Path(reports_dir)):
-        p = base / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt"
-        if p.is_file():
-            return p
-    return None
 
 
 def reference(case, reports_dir=None) -> str | None:
@@ -98,8 +95,6 @@ DRIFT_RATES = {
 def drift_rates(cases, texts) -> dict:
     """{refusal, hedge, wrong_side, hallucination, omission} of `texts[i]` answering `cases[i]` (None = not
     measurable, e.g. no lateral finding for wrong_side)."""
-    from apo.evaluation.drift import answer_stats
-
     d = answer_stats(cases, list(texts))
     return {name: d[key] for name, key in DRIFT_RATES.items()}
 
@@ -114,8 +109,6 @@ def drift_metrics(cases, predictions) -> dict:
     """The student's answers read like a teacher's by `apo.evaluation.drift.answer_stats` (one definition for the repo):
     labeler precision/recall/F1 against case.labels, hallucination/omission/hedge/refusal rates, side error rate
     against meta["sides"]; plus side_accuracy = 1 - side_error_rate."""
-    from apo.evaluation.drift import answer_stats
-
     d = answer_stats(cases, list(predictions))
     d["side_accuracy"] = None if d.get("side_error_rate") is None else 1 - d["side_error_rate"]
     return d
@@ -125,9 +118,6 @@ def drift_metrics(cases, predictions) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from apo.data import add_data_arguments
-    from apo.model.generation import add_model_arguments
-
     add_data_arguments(parser)
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, help="output folder: predictions.jsonl, metrics.json")
@@ -169,15 +159,11 @@ def add_arguments(parser) -> None:
 
 def _fit(cases, processor, args):
     """-> (cases within --max-length, the others). Over-long cases stop the run unless --skip-bad."""
-    from apo.errors import ApoError
-    from apo.io.resumable import write_jsonl_atomic
-    from apo.model.generation import _prompt_text, estimate_length
-
     if not args.max_length:
         return cases, []
     keep, too_long = [], []
     for c in cases:
-        n = estimate_length(processor, c.images, _prompt_text(processor, len(c.images), args.prompt or c.prompt))
+        n = estimate_length(processor, c.images, prompt_text(processor, len(c.images), args.prompt or c.prompt))
         if n + args.max_new_tokens <= args.max_length:
             keep.append(c)
             continue
@@ -191,7 +177,8 @@ def _fit(cases, processor, args):
     if too_long:
         write_jsonl_atomic(Path(args.out) / "too_long.jsonl", too_long)
         print(
-            f"eval-report: left out {len(too_long)} case(s) over --max-length; listed in {Path(args.out) / 'too_long.jsonl'}"
+            f"eval-report: left out {len(too_long)} case(s) over --max-length; listed in "
+            f"{Path(args.out) / 'too_long.jsonl'}"
         )
     if not keep:
         raise ApoError(f"no case fits --max-length {args.max_length}")
@@ -200,11 +187,9 @@ def _fit(cases, processor, args):
 
 def _check_sample_settings(path: Path, args) -> None:
     """Stop if samples already on disk (OUT/samples.jsonl or its shard files) were drawn with other settings."""
-    from apo.errors import ApoError
-    from apo.io.jobs import _finished
 
     want = (args.num_samples, args.temperature, args.seed)
-    for r in _finished(path).values():
+    for r in finished_records(path).values():
         have = (len(r.get("samples") or []), r.get("temperature"), r.get("seed"))
         if have != want:
             raise ApoError(
@@ -215,10 +200,6 @@ def _check_sample_settings(path: Path, args) -> None:
 
 
 def _signature_metrics(args, greedy_texts, sample_texts) -> dict | None:
-    from apo.data import load_cases
-    from apo.errors import ApoError
-    from apo.evaluation.signatures import copy_rates, mine
-
     if not args.signatures_from:
         return None
     teachers_data = load_cases(args.signatures_from, verify_images="none", check_images=False)
@@ -239,13 +220,6 @@ def _signature_metrics(args, greedy_texts, sample_texts) -> dict | None:
 
 
 def run(args) -> int:
-    from apo.data import cases_from_args
-    from apo.errors import ApoError
-    from apo.evaluation.metrics import clinical_efficacy, nlg_scores
-    from apo.io.jobs import run_resumable
-    from apo.io.resumable import write_json_atomic
-    from apo.model.generation import generate, model_from_args, sample_seed
-
     out = Path(args.out)
     if args.num_samples < 0:
         raise ApoError("--num-samples must be 0 (greedy only) or more")
@@ -264,7 +238,7 @@ def run(args) -> int:
     cases, too_long = _fit(cases, processor, args)
 
     def process(chunk):
-        answers = generate(
+        answers = generation.generate(
             model,
             processor,
             [(c.images, args.prompt or c.prompt) for c in chunk],
@@ -287,7 +261,7 @@ def run(args) -> int:
         K = args.num_samples
 
         def draw(chunk):
-            answers = generate(
+            answers = generation.generate(
                 model,
                 processor,
                 [(c.images, args.prompt or c.prompt) for c in chunk for _ in range(K)],
@@ -296,7 +270,7 @@ def run(args) -> int:
                 progress=False,
                 greedy=False,
                 temperature=args.temperature,
-                seeds=[sample_seed(args.seed, c.case_id, k) for c in chunk for k in range(K)],
+                seeds=[generation.sample_seed(args.seed, c.case_id, k) for c in chunk for k in range(K)],
             )
             return [
                 {
@@ -326,8 +300,8 @@ def run(args) -> int:
     metrics = {
         "n": len(scored),
         "no_reference": len(cases) - len(scored),
-        "nlg": nlg_scores(gts, hyps),
-        "clinical": clinical_efficacy(gts, hyps),
+        "nlg": scoring.nlg_scores(gts, hyps),
+        "clinical": scoring.clinical_efficacy(gts, hyps),
         "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases]),
     }
     greedy_texts = [records[c.case_id]["prediction"] for c in cases]

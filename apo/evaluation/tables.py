@@ -8,16 +8,18 @@ Results layout (what the evaluation stages write; any run name works, base / sft
                                       "drift_rates": {"greedy": {...}, "sampled": {...} | null},
                                       "signature": {"phrases", "own", "greedy", "sampled"} | null} (the last two
                                       optional: older files without them give greedy rates only)
-    results/<run>/mscxrt.json         apo eval-mscxrt: {"per_finding": {finding: top-1 accuracy}, "average": x, "n": ...}
+    results/<run>/mscxrt.json         apo eval-mscxrt: {"per_finding": {finding: top-1 accuracy}, "average": x,
+                                      "n": ...}
     results/<run>/trainer_state.json  HF Trainer state (its "log_history": loss, rewards/margins, rewards/accuracies,
-                                      rewards/teacher/<name>, ...); else the latest <run>/checkpoint-*/trainer_state.json
+                                      rewards/teacher/<name>, ...); else the latest
+                                      <run>/checkpoint-*/trainer_state.json
     results/drift/drift.json          apo drift: per-teacher statistics on the teachers' own trajectories
 
 Writes OUT/tables.md and OUT/tables.tex with: MS-CXR-T top-1 per finding and average; report generation (NLG and
 clinical efficacy); the ablation (each run's headline numbers and its drift rates, greedy and sampled side by side);
 the teachers scored on their own trajectories (with each student's rates on its answers for comparison); how often
 each run copies each teacher's signature wording (runs evaluated with --signatures-from); and OUT/curves_<run>.png
-(loss, reward margin, mean reward per teacher). Numbers the paper publishes (DESIGN.md) are shown in their own rows,
+(loss, reward margin, mean reward per teacher). Numbers the paper publishes (PAPER_* below) are shown in their own rows,
 labelled "paper (published)", below the measured ones; cells it does not publish stay blank. Prints the MS-CXR-T table.
 """
 
@@ -35,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ABLATION_ORDER = ("base", "sft", "dpo", "apo")
 PUBLISHED = "paper (published)"
-# Only what DESIGN.md states (arXiv 2510.04142): MS-CXR-T top-1 and report-generation BLEU-1.
+# Only what the paper (arXiv 2510.04142) publishes as numbers: MS-CXR-T top-1 and report-generation BLEU-1.
 PAPER_MSCXRT = [
     ("APO 7B", {"pneumothorax": 0.96, "consolidation": 0.84, "average": 0.78}),
     ("best prior", {"average": 0.69}),
@@ -113,9 +115,10 @@ def read_results(root) -> dict:
     return {"runs": {k: runs[k] for k in _order(runs)}, "drift": drift}
 
 
-def _student_drift(metrics: dict) -> dict | None:
-    """A run's drift rates from its metrics.json: a flat rate dict (apo.evaluation.drift.answer_stats, or eval-report's own
-    drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's answers."""
+def student_drift(metrics: dict) -> dict | None:
+    """A run's drift rates from its metrics.json: a flat rate dict (apo.evaluation.drift.answer_stats, or
+    eval-report's own drift_metrics), or a drift_stats dict whose pseudo-teacher ("consensus") holds the run's
+    answers."""
     d = (metrics or {}).get("drift")
     if not isinstance(d, dict):
         return None
@@ -132,7 +135,7 @@ def _greedy_sampled(metrics: dict) -> tuple[dict, dict]:
     written before eval-report had drift_rates gives its `drift` rates as greedy and no sampled rates."""
     dr = (metrics or {}).get("drift_rates") or {}
     greedy = dr.get("greedy")
-    greedy = {k: greedy.get(n) for k, n in RATE_NAMES.items()} if greedy else (_student_drift(metrics) or {})
+    greedy = {k: greedy.get(n) for k, n in RATE_NAMES.items()} if greedy else (student_drift(metrics) or {})
     sampled = dr.get("sampled")
     return greedy, ({k: sampled.get(n) for k, n in RATE_NAMES.items()} if sampled else {})
 
@@ -234,7 +237,7 @@ def teachers_table(res) -> dict:
             s = drift["per_teacher"][name]
             rows.append((name, [_num(s.get(k)) for k in keys]))
     for run, r in res["runs"].items():
-        d = _student_drift(r.get("metrics"))
+        d = student_drift(r.get("metrics"))
         if d:
             rows.append((f"student: {run}", [_num(d.get(k)) for k in keys]))
     return {

@@ -1,1 +1,2 @@
-"""Records and jobs: resumable append-only outputs (resumable) and data-parallel sharded jobs (jobs)."""
+"""Records and jobs: reading records (records), MIMIC ids and paths (mimic), resumable append-only outputs
+(resumable) and data-parallel sharded jobs (jobs)."""

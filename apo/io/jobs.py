@@ -41,8 +41,9 @@ def _shard_files(out: Path) -> list[Path]:
     return sorted(p for p in out.parent.glob(out.name + ".rank*-of-*") if not p.name.endswith(".tmp"))
 
 
-def _finished(out: Path, skip=None) -> dict[str, dict]:
+def finished_records(out, skip=None) -> dict[str, dict]:
     """Records already in OUT or in any shard file (read-only: other ranks may be appending to theirs)."""
+    out = Path(out)
     found = {}
     for p in [out] + _shard_files(out):
         if p != skip and p.exists():
@@ -62,7 +63,7 @@ def run_resumable(out, items, key, process, chunk_size, order=None, desc="cases"
     order = keys if order is None else [str(k) for k in order]
     target = out if world == 1 else _shard_path(out, rank, world)
     sink = ResumableJsonl(target)  # only this rank writes `target`; a torn last line is cut here
-    done = set(_finished(out, skip=target)) | sink.done
+    done = set(finished_records(out, skip=target)) | sink.done
     mine = shard(items, rank, world)
     todo = [it for it in mine if str(key(it)) not in done]
     if len(todo) < len(mine):
@@ -88,13 +89,13 @@ def run_resumable(out, items, key, process, chunk_size, order=None, desc="cases"
         return None
     if world > 1:  # wait (file system only: no process group, no NCCL timeout) until every case is in some file;
         # if a rank dies, torchrun stops the others and a rerun picks up from the shard files
-        missing = set(keys) - set(_finished(out))
+        missing = set(keys) - set(finished_records(out))
         while missing:
             time.sleep(poll)
-            missing -= set(_finished(out))
+            missing -= set(finished_records(out))
     merged = ResumableJsonl(out)
     with merged:  # shard files: this run's ranks, or leftovers of an interrupted run with another world size
-        for record in _finished(out, skip=out).values():
+        for record in finished_records(out, skip=out).values():
             merged.append(record)
     records = merged.finalize(order)
     for p in _shard_files(out):

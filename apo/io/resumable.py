@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from apo.errors import DataError
+from apo.io.records import iter_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +39,25 @@ class ResumableJsonl:
         return set(self.records)
 
     def _load(self):
-        data = self.path.read_bytes()
-        good_end, lineno = 0, 0  # byte offset just past the last good line
-        lines = data.split(b"\n")
-        for i, raw in enumerate(lines):
-            last = i == len(lines) - 1
-            if last and raw == b"":  # the file ends with a newline: nothing after it
+        good_end = size = 0  # byte offsets just past the last good line, and past the last line read
+        for line in iter_jsonl(self.path, skip_blank=False):
+            size += len(line.raw)
+            record, problem = line.value, line.error
+            if not problem and (not isinstance(record, dict) or self.key not in record):
+                problem = f"not an object with a {self.key!r} field"
+            if line.torn:  # no newline at the end: the run died while writing this line; redo that case
+                self.torn = True  # (even when it parses: the newline never made it, so the record is redone)
                 break
-            lineno = i + 1
-            try:
-                record = json.loads(raw)
-                if not isinstance(record, dict) or self.key not in record:
-                    raise ValueError(f"not an object with a {self.key!r} field")
-            except ValueError as e:
-                if last:  # no newline at the end: the run died while writing this line; redo that case
-                    self.torn = True
-                    break
-                raise DataError(self.path, lineno, f"unreadable result line ({e}); fix or delete the file") from None
-            if last:  # parsed, but the newline never made it: treat as torn too, the record is redone
-                self.torn = True
-                break
+            if problem:
+                raise DataError(self.path, line.number, f"unreadable result line ({problem}); fix or delete the file")
             k = str(record[self.key])
             if k in self.records:
-                raise DataError(self.path, lineno, f"duplicate {self.key} {k!r}")
+                raise DataError(self.path, line.number, f"duplicate {self.key} {k!r}")
             self.records[k] = record
-            good_end += len(raw) + 1
-        if good_end != len(data) and not self.readonly:
+            good_end += len(line.raw)
+        if good_end != size and not self.readonly:
             log.warning(
-                "%s: dropping a torn last line (%d bytes); that case will be redone", self.path, len(data) - good_end
+                "%s: dropping a torn last line (%d bytes); that case will be redone", self.path, size - good_end
             )
             with open(self.path, "r+b") as fh:
                 fh.truncate(good_end)

@@ -17,6 +17,11 @@ def user_message(n_images: int, text: str) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
+def prompt_text(processor, n_images: int, prompt: str) -> str:
+    """The chat-formatted prompt text (N image placeholders, the text, the generation prompt) the model answers."""
+    return processor.apply_chat_template(user_message(n_images, prompt), tokenize=False, add_generation_prompt=True)
+
+
 def assistant_message(text: str) -> dict:
     return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 

@@ -1,9 +1,10 @@
 """Text generation with a (tiny or 7B) Qwen2.5-VL, shared by consensus, eval-report and eval-mscxrt.
 
-`load_model` gives (model, processor) in eval mode; `generate` answers a list of requests (image paths, prompt)
-in batches: prompts built by `apo.model.chat`, left padding, KV cache, longest requests first (less padding, and an
-out-of-memory shows up on the first batch, not after an hour), answers returned in input order. Greedy by default,
-so a rerun reproduces every answer. Multi-GPU runs shard the cases over processes: `apo.io.jobs`.
+`apo.model.loading.load_model` gives (model, processor) in eval mode; `generate` answers a list of requests
+(image paths, prompt) in batches: prompts built by `apo.model.chat`, left padding, KV cache, longest requests first
+(less padding, and an out-of-memory shows up on the first batch, not after an hour), answers returned in input
+order. Greedy by default, so a rerun reproduces every answer. Multi-GPU runs shard the cases over processes:
+`apo.io.jobs`.
 
 Sampling (`greedy=False`, `temperature`): with `seeds` (one integer per request) each request draws its tokens
 from its own generator (`SeededSampler`: plain temperature sampling, no top-k / top-p, by the Gumbel-max trick),
@@ -18,55 +19,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 
 from apo.errors import ApoError
-from apo.model.chat import load_images, user_message
+from apo.model.chat import load_images, prompt_text
+from apo.model.loading import adapter_config, check_model, load_model, load_processor
 
 log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- model
-
-
-def pick_device(device=None) -> str:
-    import torch
-
-    if device:
-        return str(device)
-    if torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-    return "cpu"
-
-
-def load_model(model, adapter=None, device=None, dtype="auto", trust_remote_code=False, merge_adapter=True):
-    """(model, processor) for generation. `model` is a local folder (a hub id only when HF_HUB_OFFLINE is unset);
-    `adapter` a PEFT (LoRA) folder put on top, merged for speed. bf16 on CUDA, fp32 on CPU unless `dtype` says."""
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-    if not Path(model).is_dir() and offline:
-        raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1; pass a local model folder)")
-    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
-        raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA checkpoint folder)")
-    device = pick_device(device)
-    if dtype == "auto":
-        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    elif isinstance(dtype, str):
-        if not isinstance(getattr(torch, dtype, None), torch.dtype):
-            raise ApoError(f"--dtype {dtype}: not a torch dtype (auto, bfloat16, float16, float32)")
-        dtype = getattr(torch, dtype)
-    kw = dict(dtype=dtype, trust_remote_code=trust_remote_code, local_files_only=offline)
-    processor = AutoProcessor.from_pretrained(model, **{k: v for k, v in kw.items() if k != "dtype"})
-    net = AutoModelForImageTextToText.from_pretrained(model, **kw)
-    if adapter is not None:
-        from peft import PeftModel
-
-        net = PeftModel.from_pretrained(net, adapter)
-        if merge_adapter:
-            net = net.merge_and_unload()
-    net.to(device).eval()
-    return net, processor
 
 
 def add_model_arguments(parser, required=True) -> None:
@@ -120,9 +80,9 @@ class VllmEngine:
     texts (the processor's template; vLLM expands each image's placeholder into its patch tokens), the images the
     same PIL images, greedy decoding the same (temperature 0), answers in input order. vLLM schedules the requests
     itself (continuous batching, paged KV cache): it gets a whole resumable chunk (4 x --batch-size requests) per
-    call, and --batch-size only bounds what a crash can lose. An adapter is served as a LoRA (vLLM's LoRA covers the language model's linear
-    layers - what `scripts/SFT-Qwen2.5.sh` trains by default); one that also trains embeddings or the head
-    (MODULES_TO_SAVE) must be merged first (MERGE_LORA=true) and passed as --model.
+    call, and --batch-size only bounds what a crash can lose. An adapter is served as a LoRA (vLLM's LoRA covers the
+    language model's linear layers - what `scripts/SFT-Qwen2.5.sh` trains by default); one that also trains
+    embeddings or the head (MODULES_TO_SAVE) must be merged first (MERGE_LORA=true) and passed as --model.
 
     Data parallel: one engine per process, so run one process per GPU replica with RANK / WORLD_SIZE set by hand
     (run_resumable reads only those), or one process with --tensor-parallel-size; not under torchrun, whose process
@@ -140,23 +100,18 @@ class VllmEngine:
         max_images=4,
         seed=0,
     ):
-        import json
-
         try:
             from vllm import LLM
         except ImportError:
             raise ApoError(
                 "--backend vllm needs vLLM on a CUDA machine: pip install -e '.[vllm]' (or use --backend hf)"
             ) from None
-        from transformers import AutoProcessor
-
         if os.environ.get("TORCHELASTIC_RUN_ID"):
             raise ApoError(
                 "--backend vllm runs one engine per process: launch it without torchrun (set RANK and "
                 "WORLD_SIZE per process for data parallel, or use --tensor-parallel-size)"
             )
-        if not Path(model).is_dir() and os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-            raise ApoError(f"--model {model}: no such folder (offline mode: HF_HUB_OFFLINE=1)")
+        check_model(model)
         kw = dict(
             model=str(model),
             dtype=dtype,
@@ -170,10 +125,7 @@ class VllmEngine:
             kw["max_model_len"] = int(max_model_len)
         self.lora = None
         if adapter is not None:
-            cfg_path = Path(adapter) / "adapter_config.json"
-            if not cfg_path.is_file():
-                raise ApoError(f"--adapter {adapter}: no adapter_config.json there (expected a PEFT/LoRA folder)")
-            cfg = json.loads(cfg_path.read_text())
+            cfg = adapter_config(adapter)
             if cfg.get("modules_to_save"):
                 raise ApoError(
                     f"--adapter {adapter}: it also trains {cfg['modules_to_save']}, which vLLM's LoRA "
@@ -184,7 +136,7 @@ class VllmEngine:
 
             kw.update(enable_lora=True, max_lora_rank=max(8, int(cfg.get("r", 8))))
             self.lora = LoRARequest("adapter", 1, str(adapter))
-        self.processor = AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.processor = load_processor(model, trust_remote_code)
         self.llm = LLM(**kw)
 
     def answer(
@@ -212,10 +164,6 @@ class VllmEngine:
 
 
 # ---------------------------------------------------------------- generation
-
-
-def _prompt_text(processor, n_images: int, prompt: str) -> str:
-    return processor.apply_chat_template(user_message(n_images, prompt), tokenize=False, add_generation_prompt=True)
 
 
 def estimate_length(processor, image_paths, text: str) -> int:
@@ -321,12 +269,12 @@ def generate(
     import torch
     from tqdm import tqdm
 
-    from apo.model.decoding import ReservedCache, use_generation_attention
+    from apo.model.decoding import ReservedCache, use_generation_attention  # torch + transformers: not for --help
 
     requests = list(requests)
     if seeds is not None and not greedy and len(seeds) != len(requests):
         raise ValueError(f"{len(seeds)} seeds for {len(requests)} requests")
-    texts = [_prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
+    texts = [prompt_text(processor, len(paths), prompt) for paths, prompt in requests]
     if isinstance(model, VllmEngine):
         images = [load_images(paths) for paths, _ in requests]
         if greedy:

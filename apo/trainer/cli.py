@@ -14,6 +14,9 @@ import argparse
 import logging
 import os
 
+from apo.errors import ApoError
+from apo.trainer.checkpoint import checkpoint_problem, checkpoints, last_complete_checkpoint
+
 log = logging.getLogger(__name__)
 
 
@@ -40,9 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from transformers import HfArgumentParser
+    from transformers import HfArgumentParser  # these pull in torch + transformers (~10 s): not for `apo train --help`
 
-    from apo.errors import ApoError
     from apo.trainer.collator import load_groups
     from apo.trainer.config import APOConfig, parse_config
     from apo.trainer.trainer import APOTrainer, build_model
@@ -91,9 +93,6 @@ def run(args) -> int:
 def resume_point(config, resume_flag=False) -> str | None:
     """The checkpoint folder to resume from, or None. "auto"/"last"/"true" (or --resume): the newest complete
     checkpoint in output_dir, none = from scratch; a folder: that one, refused if it is incomplete."""
-    from apo.errors import ApoError
-    from apo.trainer.checkpoint import checkpoint_problem, checkpoints, last_complete_checkpoint
-
     want = "auto" if resume_flag else config.resume_from_checkpoint
     if not want:
         done = [p for p in checkpoints(config.output_dir) if checkpoint_problem(p) is None]

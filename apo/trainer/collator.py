@@ -16,13 +16,14 @@ counted in `dropped`).
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 
 import torch
 
+from apo.data import MAX_TEXT_CHARS, ImageResolver
 from apo.errors import ApoError, DataError
+from apo.io.records import iter_jsonl
 from apo.model.chat import assistant_message, load_images, user_message
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ GROUP_FIELDS = ("case_id", "prompt", "images", "positive", "negatives", "teacher
 
 
 def _group_problem(g) -> str | None:
-    from apo.data import MAX_TEXT_CHARS
-
     if not isinstance(g, dict):
         return f"a group must be an object, got {type(g).__name__}"
     missing = [k for k in GROUP_FIELDS if k not in g]
@@ -67,43 +66,31 @@ def load_groups(path, max_negatives: int | None = None) -> list[dict]:
     now, not as a crash hours into training: field types, non-empty texts, duplicate case ids, and every image
     (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its --image-root); a
     relative path resolves against the groups file's folder and may not leave it."""
-    from apo.data import ImageResolver
-
     path = Path(path)
     if not path.is_file():
         raise ApoError(f"{path}: groups file not found (write it with `apo build-pairs`)")
     root = path.parent.resolve()
     groups, lines, first = [], [], {}
-    with open(path, "rb") as fh:
-        for lineno, raw in enumerate(fh, 1):
-            if not raw.strip():
-                continue
-            try:
-                g = json.loads(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"not UTF-8 ({e.reason} at byte {e.start})") from None
-            except ValueError as e:
-                raise DataError(path, lineno, f"not JSON ({e})") from None
-            problem = _group_problem(g)
-            if problem:
-                raise DataError(path, lineno, problem)
-            g["case_id"] = str(g["case_id"])
-            if g["case_id"] in first:
-                raise DataError(
-                    path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})"
-                )
-            first[g["case_id"]] = lineno
-            images = []
-            for p in g["images"]:
-                full = Path(p) if Path(p).is_absolute() else (root / p).resolve()
-                if not Path(p).is_absolute() and not full.is_relative_to(root):
-                    raise DataError(path, lineno, f"image path {p!r} leaves the groups file's folder {root}")
-                images.append(str(full))
-            g["images"] = images
-            if max_negatives is not None:
-                g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
-            groups.append({k: g[k] for k in GROUP_FIELDS})
-            lines.append(lineno)
+    for line in iter_jsonl(path):
+        lineno, g = line.number, line.value
+        problem = line.error or _group_problem(g)
+        if problem:
+            raise DataError(path, lineno, problem)
+        g["case_id"] = str(g["case_id"])
+        if g["case_id"] in first:
+            raise DataError(path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})")
+        first[g["case_id"]] = lineno
+        images = []
+        for p in g["images"]:
+            full = Path(p) if Path(p).is_absolute() else (root / p).resolve()
+            if not Path(p).is_absolute() and not full.is_relative_to(root):
+                raise DataError(path, lineno, f"image path {p!r} leaves the groups file's folder {root}")
+            images.append(str(full))
+        g["images"] = images
+        if max_negatives is not None:
+            g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
+        groups.append({k: g[k] for k in GROUP_FIELDS})
+        lines.append(lineno)
     if not groups:
         raise DataError(path, None, "no groups")
     check = ImageResolver(root, allow_absolute=True, verify="full")

@@ -6,8 +6,9 @@ padded rows (`--packed false`, the plain path; same log-probs to 1e-5); the refe
 model with its LoRA adapter disabled (no second copy; with an SFT adapter merged in at load time, that is pi_st),
 or from a frozen copy (full fine-tuning), or from a cache precomputed before the first step. Row log-probs are
 scattered back into [B, 1+N] and handed to the pure loss in `apo.loss`. DeepSpeed, DDP, gradient accumulation,
-checkpoints and resume are the Trainer's own (plus a commit record per checkpoint, apo.trainer.checkpoint); this file adds the loss, the reference, and metrics that are summed
-(not averaged twice) over the logging interval and across processes.
+checkpoints and resume are the Trainer's own (plus a commit record per checkpoint, apo.trainer.checkpoint); this
+file adds the loss, the reference, and metrics that are summed (not averaged twice) over the logging interval and
+across processes.
 """
 
 from __future__ import annotations
@@ -28,8 +29,10 @@ from transformers import Trainer, TrainerCallback
 from apo.errors import ApoError
 from apo.io.resumable import ResumableJsonl, write_json_atomic
 from apo.loss import LOSSES
+from apo.model.loading import load_pretrained, merge_adapter
 from apo.model.logps import eval_mode, forward_logps
 from apo.model.packing import PackedGroupCollator, packed_logps
+from apo.trainer.checkpoint import mark_complete, unmark
 from apo.trainer.collator import GroupCollator, candidate_key
 
 log = logging.getLogger(__name__)
@@ -42,6 +45,7 @@ METRICS = (
     "logps/positive",
     "logps/negatives",
 )
+FLAGS = ("--model_name_or_path", "--adapter_name_or_path")  # how error messages name the model options
 PER_GROUP = {"rewards/positive", "rewards/margins", "rewards/accuracies", "logps/positive"}  # weight: active groups
 
 
@@ -64,24 +68,22 @@ def lora_targets(model: nn.Module, spec: str):
 
 def build_model(args):
     """(model, processor): base (+ SFT adapter merged = pi_st) (+ a fresh APO LoRA when use_lora)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
-    from transformers import AutoModelForImageTextToText, AutoProcessor, set_seed
+    from peft import LoraConfig, get_peft_model
+    from transformers import set_seed
 
     if not args.model_name_or_path:
         raise ApoError("--model_name_or_path is required")
-    for path in filter(None, (args.model_name_or_path, args.adapter_name_or_path)):
-        if not os.path.isdir(path) and os.environ.get("HF_HUB_OFFLINE") == "1":
-            raise ApoError(f"{path}: not a local folder, and HF_HUB_OFFLINE=1 forbids the hub")
     set_seed(args.seed)  # LoRA init is random: same seed, same adapter on every process and run
     if args.deepspeed:
         _init_deepspeed_comm()
-    processor = AutoProcessor.from_pretrained(args.model_name_or_path)
-    model = AutoModelForImageTextToText.from_pretrained(
-        args.model_name_or_path, dtype=args.dtype, attn_implementation=args.attn_implementation
+    model, processor = load_pretrained(
+        args.model_name_or_path,
+        args.adapter_name_or_path,  # the reference policy pi_st = base + SFT adapter, merged
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+        flags=FLAGS,
     )
     model.config.use_cache = False
-    if args.adapter_name_or_path:  # the reference policy pi_st = base + SFT adapter, merged
-        model = PeftModel.from_pretrained(model, args.adapter_name_or_path).merge_and_unload()
     if args.use_lora:
         model = get_peft_model(
             model,
@@ -112,21 +114,18 @@ def _init_deepspeed_comm():
 
 def merge_and_save(args, adapter_dir, out_dir, processor=None):
     """base (+ SFT) + the trained adapter, merged into one model any `from_pretrained` loads."""
-    from peft import PeftModel
-    from transformers import AutoModelForImageTextToText, AutoProcessor
     from transformers.integrations import deepspeed as hf_ds
 
     ds_config = hf_ds._hf_deepspeed_config_weak_ref
     hf_ds.unset_hf_deepspeed_config()  # one process, whole weights: no ZeRO-3 partitioning (it would wait for peers)
     try:
-        model = AutoModelForImageTextToText.from_pretrained(args.model_name_or_path, dtype=args.dtype)
+        model, base_processor = load_pretrained(
+            args.model_name_or_path, args.adapter_name_or_path, dtype=args.dtype, flags=FLAGS
+        )
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = ds_config
-    if args.adapter_name_or_path:
-        model = PeftModel.from_pretrained(model, args.adapter_name_or_path).merge_and_unload()
-    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-    model.save_pretrained(out_dir)
-    (processor or AutoProcessor.from_pretrained(args.model_name_or_path)).save_pretrained(out_dir)
+    merge_adapter(model, adapter_dir).save_pretrained(out_dir)
+    (processor or base_processor).save_pretrained(out_dir)
     return out_dir
 
 
@@ -366,8 +365,6 @@ class APOTrainer(Trainer):
         """The Trainer's checkpoint, then its commit record. Older checkpoints are rotated out only after the new one
         is marked complete, so a kill mid-save always leaves the previous complete checkpoint to resume from."""
         from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
-
-        from apo.trainer.checkpoint import mark_complete, unmark
 
         run_dir = self._get_output_dir(trial=trial)
         folder = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")

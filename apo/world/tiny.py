@@ -17,6 +17,10 @@ import json
 import logging
 from pathlib import Path
 
+from apo.world.synth import QUESTIONS
+from apo.world.synth import teachers as T
+from apo.world.synth.reports import TEMPLATES, iu_reports
+
 log = logging.getLogger(__name__)
 
 # Qwen2.5-VL's added tokens, in the real model's order (ids follow the learned vocabulary).
@@ -41,10 +45,10 @@ CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
     "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
     "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
-    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in content"
-    " or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
-    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] == 'video' "
-    "or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id "
+    "%}Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
     "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content %}"
     "{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}"
@@ -94,10 +98,6 @@ EXTRA_CORPUS = (
 
 def training_corpus() -> list[str]:
     """Texts the tokenizer learns from: IU FINDINGS/IMPRESSIONS, the teachers' sentence material, prompt words."""
-    from apo.world.synth import QUESTIONS
-    from apo.world.synth import teachers as T
-    from apo.world.synth.reports import TEMPLATES, iu_reports
-
     texts = [f"FINDINGS: {f} IMPRESSION: {i}" for _, f, i, _ in iu_reports()]  # the reports' format in this repo
     fill = dict(s="right", S="Right", sev="small", zone="lower")
     for bank in T.BASIS.values():

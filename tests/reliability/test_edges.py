@@ -7,8 +7,9 @@ Over-length policy, as documented where it lives:
   consensus (apo.consensus)     teacher trajectories cut per teacher (water-filling) to fit --max-length; a case whose
                                 image(s) + question alone do not fit stops the run naming it, or with --skip-bad is
                                 recorded with an empty text and "skipped" (build-pairs drops it).
-  eval-report (apo.evaluation.report)    no limit unless --max-length; then an over-long case stops the run naming it, or with
-                                --skip-bad is left out of generation and scoring (OUT/too_long.jsonl).
+  eval-report (apo.evaluation.report)    no limit unless --max-length; then an over-long case stops the run
+                                naming it, or with --skip-bad is left out of generation and scoring
+                                (OUT/too_long.jsonl).
 """
 
 import json

@@ -74,7 +74,7 @@ def test_trust_remote_code_is_off_unless_asked():
 def test_a_model_folder_that_ships_code_does_not_run_it(tiny_model_dir, tmp_path):
     """config.json/processor_config.json name modules in the folder (auto_map); importing them would drop a file.
     Generation and training load the folder with the library's classes, and the file never appears."""
-    from apo.model.generation import load_model
+    from apo.model.loading import load_model
     from apo.trainer.config import parse_config
     from apo.trainer.trainer import build_model
 
@@ -115,7 +115,7 @@ def test_trainer_resume_loads_only_weights_only_pickles():
 
 
 def test_mimic_report_ids_cannot_leave_reports_dir(tmp_path):
-    from apo.evaluation.report import mimic_report_path
+    from apo.io.mimic import mimic_report_path
 
     (tmp_path / "secret.txt").write_text("FINDINGS: leaked.")
     reports = tmp_path / "reports"

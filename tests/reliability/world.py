@@ -10,7 +10,7 @@ import numpy as np
 from PIL import Image
 
 from apo.cli import main
-from apo.data import mimic_image_path
+from apo.io.mimic import mimic_image_path
 
 CASES = ["c0", "c1", "c2", "c3"]
 TEXTS = {  # three teachers that disagree, so the vote picks one and the other two become negatives

@@ -26,6 +26,10 @@ import numpy as np
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS, OBSERVATIONS, TEACHERS
 from apo.errors import ApoError
+from apo.world.synth import images
+from apo.world.synth import teachers as T
+from apo.world.synth.reports import OPACITY_CHILDREN, build_report, device_side, sentence_bank, tag
+from apo.world.synth.teachers import RATES, join
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +117,6 @@ def image_path(subject: int, study: int, dicom: str) -> str:
 
 def _sample_truth(rng) -> dict:
     """{obs: {side, severity, zone, seed[, device, text]}} for the positive findings of one case."""
-    from apo.world.synth.reports import device_side, sentence_bank
-
     truth = {}
     if rng.random() >= P_NORMAL:
         k = 1 + int(rng.random() < 0.45) + int(rng.random() < 0.15)
@@ -138,8 +140,6 @@ def _sample_truth(rng) -> dict:
 
 
 def question_for(truth: dict, rng) -> str:
-    from apo.world.synth.teachers import join
-
     dx = [{"Edema": "pulmonary edema"}.get(o, o.lower()) for o in truth if o != "Support Devices"]
     what = f"diagnosis of {join(dx)}" if dx else "impression of no acute cardiopulmonary abnormality"
     return QUESTIONS[int(rng.integers(len(QUESTIONS)))].format(what=what)
@@ -147,8 +147,6 @@ def question_for(truth: dict, rng) -> str:
 
 def _report_and_labels(truth: dict, rng) -> tuple[str, dict, dict]:
     """A report whose tagged content agrees with the truth, and the CheXpert labels it implies."""
-    from apo.world.synth.reports import OPACITY_CHILDREN, build_report, tag
-
     want = set(truth)
     for _ in range(20):
         report, stats = build_report(truth, rng)
@@ -199,9 +197,6 @@ def generate(
     temporal_pairs: MS-CXR-T pairs (default: 15 * ceil(cases / 60), at least 15 = one per finding and class).
     teachers: per-teacher overrides of the drift rates, e.g. {"Grok-4": {"hallucinate": 0.8}}.
     """
-    from apo.world.synth import images
-    from apo.world.synth import teachers as T
-
     if cases < 1:
         raise ApoError("--cases must be at least 1")
     if not 0 <= test_fraction < 1:
@@ -281,9 +276,9 @@ def generate(
                     n: {k: p[k] for k in ("drift", "style", "negatives", *T.RATES)} for n, p in profiles.items()
                 },
                 "measured": measured,
-                "notes": "Rates are probabilities per finding (omit, omit_minor, wrong_side, hedge), per answer (hallucinate, "
-                "refuse), or per sentence of the answer (late_add_per_sentence). `measured` re-derives them from "
-                "the generated texts with apo.world.synth.reports.tag; see DATA_CARD.md.",
+                "notes": "Rates are probabilities per finding (omit, omit_minor, wrong_side, hedge), per answer "
+                "(hallucinate, refuse), or per sentence of the answer (late_add_per_sentence). `measured` re-derives "
+                "them from the generated texts with apo.world.synth.reports.tag; see DATA_CARD.md.",
             },
             indent=2,
         )
@@ -304,8 +299,6 @@ def generate(
 
 def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: int) -> dict:
     """Balanced previous/current pairs: each finding x class equally often, the extent rendered smaller/equal/larger."""
-    from apo.world.synth import images
-
     plan = [(f, c) for f in MSCXRT_FINDINGS for c in MSCXRT_CLASSES]
     plan = (plan * math.ceil(n / len(plan)))[:n]
     order = _rng(seed, S_PAIR).permutation(n)
@@ -368,8 +361,6 @@ def _label_counts(cases: list[dict]) -> dict:
 
 
 def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
-    from apo.world.synth.teachers import RATES
-
     m = s["measured"]
     lines = [
         "# Synthetic CXR-MAX-format benchmark (`apo synth`)",
@@ -406,28 +397,28 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
         "Body, mediastinum, trachea, heart, ribs, clavicles and hilar vessel markings are drawn around them. Findings: "
         "pleural effusion (dense base with a lateral meniscus, blunted angle), cardiomegaly (cardiothoracic ratio "
         "0.56-0.68 vs 0.40-0.47), pneumothorax (apical/lateral rim of air without markings and a pleural line), "
-        "atelectasis (basal plate-like band), consolidation and pneumonia (patchy confluent opacity in one zone), edema "
-        "(perihilar haze, Kerley B lines), support devices (central line, PICC, pacemaker, endotracheal tube). Severity "
-        "scales extent. Patient's right = image left.",
+        "atelectasis (basal plate-like band), consolidation and pneumonia (patchy confluent opacity in one zone), "
+        "edema (perihilar haze, Kerley B lines), support devices (central line, PICC, pacemaker, endotracheal tube). "
+        "Severity scales extent. Patient's right = image left.",
         f"- **Reports.** Sentences of the 3,955 Indiana University reports in torchxrayvision (`NLMCXR_reports.tgz`), "
         "kept only when a rule tagger can account for every finding they name; side words are rewritten to the case's "
-        f"side. {rs['mined']} report sentences are mined from IU, {rs['template']} come from templates (impressions and "
-        "findings the corpus lacks for a side/severity). Labels: 1 for the drawn findings (Lung Opacity when an "
+        f"side. {rs['mined']} report sentences are mined from IU, {rs['template']} come from templates (impressions "
+        "and findings the corpus lacks for a side/severity). Labels: 1 for the drawn findings (Lung Opacity when an "
         "opacity is drawn, No Finding when nothing pathological is), 0 where the report negates an observation, "
         "null otherwise.",
         '- **Questions.** CXR-MAX style: the diagnosis is given, the imaging basis is asked ("What findings on this '
         'chest X-ray support the diagnosis of pleural effusion and cardiomegaly?"); normal cases ask about "no acute '
         'cardiopulmonary abnormality". No `<image>` tag in the text: the chat template adds the image.',
         "- **Teachers.** Each writes a reasoning trajectory (imaging basis of each finding, pertinent negatives, "
-        "conclusion) after its drift profile perturbs what it says. Errors are drawn independently per teacher, so each "
-        "is wrong in its own way while the majority is right.",
+        "conclusion) after its drift profile perturbs what it says. Errors are drawn independently per teacher, so "
+        "each is wrong in its own way while the majority is right.",
         "",
         "## Teachers: set rates and rates measured on the text",
         "",
-        "Measured with `apo.world.synth.reports.tag` on the generated answers. omission / hedge: share of true findings not "
-        "reported / reported as uncertain; wrong side: share of lateral findings reported on the wrong side; "
-        "hallucination: share of answers asserting a finding the image lacks; late addition: share of answers whose "
-        "extra finding first appears in the last sentence; refusal: share of questions refused; exact: share of "
+        "Measured with `apo.world.synth.reports.tag` on the generated answers. omission / hedge: share of true "
+        "findings not reported / reported as uncertain; wrong side: share of lateral findings reported on the wrong "
+        "side; hallucination: share of answers asserting a finding the image lacks; late addition: share of answers "
+        "whose extra finding first appears in the last sentence; refusal: share of questions refused; exact: share of "
         "answers whose certain (finding, side) set equals the truth.",
         "",
         "| teacher | drift | set rates | words | omission | hedge | wrong side | hallucination | late addition | "

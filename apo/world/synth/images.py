@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from apo.world.synth.reports import package_data
+
 SIZE = 224
 JPEG_QUALITY = 90
 MASKS_ZIP = "semantic_masks_v7labs_lungs.zip"
@@ -32,8 +34,6 @@ MASKS_ZIP = "semantic_masks_v7labs_lungs.zip"
 
 @functools.lru_cache(maxsize=1)
 def _zip():
-    from apo.world.synth.reports import package_data
-
     return zipfile.ZipFile(package_data(MASKS_ZIP))
 
 

@@ -17,6 +17,7 @@ import tarfile
 from collections import Counter
 
 from apo.constants import OBSERVATIONS
+from apo.errors import ApoError
 
 # Findings that can sit on one side; the others are central (heart) or diffuse.
 LATERAL = ("Pleural Effusion", "Pneumothorax", "Atelectasis", "Consolidation", "Pneumonia", "Lung Lesion")
@@ -147,8 +148,6 @@ def package_data(name: str) -> str:
 
     spec = importlib.util.find_spec("torchxrayvision")
     if spec is None or not spec.submodule_search_locations:
-        from apo.errors import ApoError
-
         raise ApoError("torchxrayvision is not installed; `apo synth` reads its IU reports and lung masks")
     return os.path.join(list(spec.submodule_search_locations)[0], "data", name)
 

@@ -24,6 +24,7 @@ import copy
 import re
 
 from apo.constants import TEACHERS
+from apo.evaluation.labeler import is_refusal
 from apo.world.synth.reports import LATERAL, severity_word, split_sentences, tag
 
 RATES = ("omit", "omit_minor", "wrong_side", "hedge", "hallucinate", "late_add_base", "late_add_per_sentence", "refuse")
@@ -216,7 +217,6 @@ REFUSALS = [
     "As an AI assistant, I cannot provide a medical diagnosis. Please seek the opinion of a qualified healthcare "
     "professional who can review the image in its clinical context.",
 ]
-_REFUSAL = re.compile(r"\bI (?:cannot|can't|am unable to) provide\b|\bcannot provide (?:a )?medical", re.I)
 OPENERS = {
     "verbose": [
         "Reviewing this frontal chest radiograph systematically, I will describe the relevant findings.",
@@ -245,10 +245,6 @@ HALLUCINATABLE = (
     "Lung Lesion",
 )
 MINOR = ("Support Devices", "Atelectasis")
-
-
-def is_refusal(text: str) -> bool:
-    return bool(_REFUSAL.search(text))
 
 
 def finding_name(obs: str, side: str | None, zone: str | None = None) -> str:

@@ -1,0 +1,107 @@
+"""Loading a model: the one way generation, training and merging get (model, processor).
+
+A model is a folder `from_pretrained` reads (a hub id only when online), optionally with a PEFT (LoRA) adapter
+folder merged into it (base + SFT adapter = the SFT policy pi_st). One offline rule for every stage: HF_HUB_OFFLINE
+read as huggingface_hub reads it (1/ON/YES/TRUE, any case); offline, a model that is not a local folder is a clear
+error up front, not a network timeout. Code shipped with a model runs only with trust_remote_code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from apo.errors import ApoError
+
+TRUE_VALUES = {"1", "ON", "YES", "TRUE"}  # huggingface_hub.constants.ENV_VARS_TRUE_VALUES
+
+
+def is_offline() -> bool:
+    """HF_HUB_OFFLINE is set to a true value (scripts/env.sh sets 1 unless the user chose otherwise)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in TRUE_VALUES
+
+
+def check_model(model, flag: str = "--model") -> None:
+    if not Path(model).is_dir() and is_offline():
+        raise ApoError(f"{flag} {model}: no such folder (offline mode: HF_HUB_OFFLINE=1; pass a local model folder)")
+
+
+def adapter_config(adapter, flag: str = "--adapter") -> dict:
+    """The adapter folder's adapter_config.json; anything else is an error naming the flag."""
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise ApoError(f"{flag} {adapter}: no adapter_config.json there (expected a PEFT/LoRA checkpoint folder)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def pick_device(device=None) -> str:
+    import torch
+
+    if device:
+        return str(device)
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_dtype(dtype, device=None):
+    """A torch dtype from "auto" (bf16 on CUDA, fp32 elsewhere), a name ("bfloat16") or a torch dtype."""
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if str(device or "").startswith("cuda") else torch.float32
+    if not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise ApoError(f"--dtype {dtype}: not a torch dtype (auto, bfloat16, float16, float32)")
+    return getattr(torch, dtype)
+
+
+def load_processor(model, trust_remote_code: bool = False):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(model, trust_remote_code=trust_remote_code, local_files_only=is_offline())
+
+
+def merge_adapter(net, adapter):
+    """`net` with the PEFT adapter folder merged in: a plain transformers model again."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(net, str(adapter)).merge_and_unload()
+
+
+def load_pretrained(
+    model,
+    adapter=None,
+    dtype="auto",
+    device=None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    flags=("--model", "--adapter"),
+):
+    """(model, processor): `model` (+ `adapter` merged) in `dtype`, attention kernel `attn_implementation` (None:
+    transformers' default). `device` None leaves the weights where from_pretrained put them (the CPU, or ZeRO-3
+    partitions; the Trainer places them). `flags` name the options in error messages."""
+    from transformers import AutoModelForImageTextToText
+
+    check_model(model, flags[0])
+    if adapter is not None:
+        adapter_config(adapter, flags[1])
+    kw = dict(dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, local_files_only=is_offline())
+    if attn_implementation:
+        kw["attn_implementation"] = attn_implementation
+    processor = load_processor(model, trust_remote_code)
+    net = AutoModelForImageTextToText.from_pretrained(model, **kw)
+    if adapter is not None:
+        net = merge_adapter(net, adapter)
+    if device is not None:
+        net.to(device)
+    return net, processor
+
+
+def load_model(model, adapter=None, device=None, dtype="auto", trust_remote_code: bool = False):
+    """(model, processor) for generation, in eval mode on `device` (default: cuda:$LOCAL_RANK if CUDA is available,
+    else cpu); bf16 on CUDA, fp32 on CPU unless `dtype` says."""
+    net, processor = load_pretrained(model, adapter, dtype, pick_device(device), trust_remote_code)
+    return net.eval(), processor
