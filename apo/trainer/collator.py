@@ -62,18 +62,27 @@ def _group_problem(g) -> str | None:
     return None
 
 
-def load_groups(path, max_negatives: int | None = None) -> list[dict]:
-    """Read groups.jsonl (from `apo build-pairs`); a malformed line raises DataError naming it. Everything is checked
-    now, not as a crash hours into training: field types, non-empty texts, duplicate case ids, and every image
-    (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its --image-root); a
-    relative path resolves against the groups file's folder and may not leave it."""
-    from apo.data import ImageResolver
+def load_groups(path, max_negatives: int | None = None, skip_bad: bool = False, rejects_path=None) -> list[dict]:
+    """Read groups.jsonl (from `apo build-pairs`) or ms-swift-style rows with several rejected answers
+    (`apo.trainer.swift_rows`; detected per row, a file may mix them); a malformed line raises DataError naming it,
+    or with `skip_bad` is left out and listed with its reason in `rejects_path` (default: next to the file).
+    Everything is checked now, not as a crash hours into training: field types, non-empty texts, duplicate case ids,
+    and every image (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its
+    --image-root); a relative path resolves against the groups file's folder and may not leave it."""
+    from apo.data import MAX_TEXT_CHARS, ImageResolver, _clip, write_rejects
+    from apo.trainer.swift_rows import is_swift_row, swift_group, swift_problem
 
     path = Path(path)
     if not path.is_file():
         raise ApoError(f"{path}: groups file not found (write it with `apo build-pairs`)")
     root = path.parent.resolve()
-    groups, lines, first = [], [], {}
+    groups, lines, raws, first, rejects = [], [], [], {}, []
+
+    def bad(lineno, reason, raw):
+        if not skip_bad:
+            raise DataError(path, lineno, reason)
+        rejects.append({"file": str(path), "record": lineno, "reason": reason, "raw": _clip(raw)})
+
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             if not raw.strip():
@@ -81,38 +90,55 @@ def load_groups(path, max_negatives: int | None = None) -> list[dict]:
             try:
                 g = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                raise DataError(path, lineno, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+                bad(lineno, f"not UTF-8 ({e.reason} at byte {e.start})", raw.decode("utf-8", "replace"))
+                continue
             except ValueError as e:
-                raise DataError(path, lineno, f"not JSON ({e})") from None
-            problem = _group_problem(g)
+                bad(lineno, f"not JSON ({e})", raw.decode("utf-8", "replace"))
+                continue
+            swift = is_swift_row(g)
+            problem = swift_problem(g, MAX_TEXT_CHARS) if swift else _group_problem(g)
             if problem:
-                raise DataError(path, lineno, problem)
+                bad(lineno, problem, g)
+                continue
+            row = g
+            g = swift_group(g) if swift else g
             g["case_id"] = str(g["case_id"])
             if g["case_id"] in first:
-                raise DataError(
-                    path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})"
-                )
-            first[g["case_id"]] = lineno
+                bad(lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})", row)
+                continue
             images = []
             for p in g["images"]:
                 full = Path(p) if Path(p).is_absolute() else (root / p).resolve()
                 if not Path(p).is_absolute() and not full.is_relative_to(root):
-                    raise DataError(path, lineno, f"image path {p!r} leaves the groups file's folder {root}")
+                    bad(lineno, f"image path {p!r} leaves the groups file's folder {root}", row)
+                    break
                 images.append(str(full))
-            g["images"] = images
-            if max_negatives is not None:
-                g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
-            groups.append({k: g[k] for k in GROUP_FIELDS})
-            lines.append(lineno)
-    if not groups:
-        raise DataError(path, None, "no groups")
+            else:
+                first[g["case_id"]] = lineno
+                g["images"] = images
+                if max_negatives is not None:
+                    g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
+                groups.append({k: g[k] for k in GROUP_FIELDS + ("messages",) if k in g})
+                lines.append(lineno)
+                raws.append(row)
     check = ImageResolver(root, allow_absolute=True, verify="full")
     check.check_all(p for g in groups for p in g["images"])
-    for g, lineno in zip(groups, lines):
+    kept = []
+    for g, lineno, row in zip(groups, lines, raws):
         problem = next((check.problem(p) for p in g["images"] if check.problem(p)), None)
         if problem:
-            raise DataError(path, lineno, problem)
-    return groups
+            bad(lineno, problem, row)
+        else:
+            kept.append(g)
+    if rejects:
+        rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
+        write_rejects(rejects, rejects_path)
+        log.warning(
+            "%s: skipped %d bad record(s), kept %d group(s); reasons in %s", path, len(rejects), len(kept), rejects_path
+        )
+    if not kept:
+        raise DataError(path, None, "no groups")
+    return kept
 
 
 def candidate_key(case_id: str, text: str) -> str:
@@ -130,7 +156,8 @@ class GroupCollator:
     def encode_group(self, g: dict):
         """The prompt once (ids + pixels), then each candidate's response token ids (None if dropped)."""
         images = load_images(g["images"])
-        messages = user_message(len(images), g["prompt"])
+        # the prompt conversation of an ms-swift-style row (history, system prompt), else one user turn
+        messages = g.get("messages") or user_message(len(images), g["prompt"])
         prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = self.processor(text=[prompt_text], images=images or None, return_tensors="pt")
         budget = self.max_length - enc["input_ids"].shape[1]

@@ -50,8 +50,19 @@ class APOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "groups.jsonl from `apo build-pairs`: {case_id, prompt, images, positive, "
-            "negatives, teachers} per line."
+            "negatives, teachers} per line; or ms-swift-style rows {messages (last turn = the chosen "
+            "answer), images, rejected_responses: [...]} (apo.trainer.swift_rows); detected per row."
         },
+    )
+    skip_bad: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave malformed rows of groups_file out (listed with their reasons in rejects_file) "
+            "instead of stopping at the first one."
+        },
+    )
+    rejects_file: str | None = field(
+        default=None, metadata={"help": "Where skip_bad lists rejected rows (default: GROUPS_FILE.rejects.jsonl)."}
     )
     max_length: int = field(
         default=4096,
