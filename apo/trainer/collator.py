@@ -147,6 +147,18 @@ def candidate_key(case_id: str, text: str) -> str:
 
 
 class GroupCollator:
+    """B groups -> one padded batch of candidate rows (the plain path), R = the groups' valid candidates:
+
+    input_ids, attention_mask, mm_token_type_ids, labels  [R, T] (labels -100 outside each response)
+    pixel_values, image_grid_thw                          each row's images (repeated per row)
+    group_index, candidate_index                          [R]: the row's group b and column j (0 = positive)
+    valid                                                 [B, 1+N] bool; ref_keys, case_id, teachers: lists
+
+    collator = GroupCollator(processor, max_length=4096)
+    batch = collator(load_groups("groups.jsonl")[:2])
+    logps, n_tokens = apo.model.logps.forward_logps(model, batch)   # [R] each
+    """
+
     def __init__(self, processor, max_length: int = 4096, end_token: str = "<|im_end|>"):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.max_length, self.end_token = max_length, end_token

@@ -25,6 +25,13 @@ def default_reentrant(world_size: int, deepspeed: bool, fsdp: bool) -> bool:
 
 @dataclass
 class APOConfig(TrainingArguments):
+    """Every stage-3 setting: the model and data, the loss (`loss`, `beta`), LoRA, the reference, plus every
+    `transformers.TrainingArguments` field. Build it in code or with `parse_config(yaml_file, ["--key", "value"])`.
+
+        config = APOConfig(output_dir="runs/apo", model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct",
+                           groups_file="groups.jsonl", beta=0.1, learning_rate=5e-7, bf16=True)
+    """
+
     # --- model ---
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base MLLM (local folder or hub id), e.g. Qwen/Qwen2.5-VL-7B-Instruct."}

@@ -176,6 +176,24 @@ class _PrecomputeRef(TrainerCallback):
 
 
 class APOTrainer(Trainer):
+    """A `transformers.Trainer` whose loss ranks each group's positive above its N negatives (`args.loss`).
+
+    train_dataset: a list of groups {case_id, prompt, images, positive, negatives, teachers[, messages]} (what
+    `load_groups` returns). Per step the collator turns B groups into candidate rows, the policy and the reference
+    (the same model with its LoRA adapter disabled; `ref_model`, a frozen copy, for full fine-tuning; or the cache
+    of `--precompute_ref`) give [B, 1+N] summed log-probs, and `apo.loss` the loss. Logs rewards/*, logps/* and
+    rewards/teacher/<name>.
+
+        from apo import APOConfig, APOTrainer, build_model, load_groups
+        config = APOConfig(output_dir="runs/apo", model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct",
+                           groups_file="groups.jsonl", max_steps=100)
+        model, processor = build_model(config)           # base (+ SFT adapter merged) + a fresh LoRA
+        trainer = APOTrainer(model=model, args=config, train_dataset=load_groups(config.groups_file),
+                             processing_class=processor)
+        trainer.train()
+        trainer.save_final()                             # adapter, processor, model card (README.md)
+    """
+
     def __init__(self, model, args, train_dataset, processing_class, ref_model=None, **kwargs):
         from peft import PeftModel
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
