@@ -31,6 +31,7 @@ from apo.loss import LOSSES
 from apo.model.logps import eval_mode, forward_logps
 from apo.model.packing import PackedGroupCollator, packed_logps
 from apo.trainer.collator import GroupCollator, candidate_key
+from apo.trainer.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -408,7 +409,8 @@ class APOTrainer(Trainer):
 
     # ---- the end
     def save_final(self):
-        """Adapter (or full model) + processor in output_dir, trainer_state.json there too, merged/ if asked."""
+        """Adapter (or full model) + processor in output_dir, trainer_state.json there too, merged/ if asked; a model
+        card (README.md) in each."""
         out = self.args.output_dir
         self.save_model(out)
         if self.accelerator.is_main_process:
@@ -422,9 +424,17 @@ class APOTrainer(Trainer):
                         "note": "this adapter applies to base with sft_adapter merged in; merged/ is standalone",
                     },
                 )
+            card = dict(
+                args=self.args,
+                groups=self.train_dataset,
+                log_history=self.state.log_history,
+                world_size=self.accelerator.num_processes,
+            )
+            write_model_card(out, **card)
             if self.args.merge_on_save:
                 if self.is_peft:
                     merge_and_save(self.args, out, os.path.join(out, "merged"), self.processing_class)
+                    write_model_card(os.path.join(out, "merged"), merged=True, **card)
                 else:
                     log.info("full fine-tuning: %s already holds the whole model; no merged/ needed", out)
         self.accelerator.wait_for_everyone()
