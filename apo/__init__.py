@@ -19,6 +19,42 @@ Around them:
   world/       the embedded demo world: synth/ (the synthetic CXR-MAX-format benchmark, `apo synth`), tiny (the tiny
                Qwen2.5-VL models, `apo tiny-model`)
   cli          the `apo` console script; constants, errors (ApoError, DataError: one line `file:record: reason`)
+
+The public API, for one's own training code (imported on first use, so `import apo` does not import torch):
+
+    from apo import plackett_luce_loss, dpo_loss        # [B, 1+N] log-probs -> (loss, metrics)
+    from apo import APOConfig, APOTrainer                # transformers.TrainingArguments / Trainer subclasses
+    from apo import GroupCollator, PackedGroupCollator   # groups -> plain 1+N rows / one packed row per batch
+    from apo import load_groups                          # groups.jsonl or ms-swift-style rows -> groups
+    from apo import build_model                          # (model with a fresh LoRA, processor) from an APOConfig
 """
 
 __version__ = "0.1.0"
+
+# public name -> the module that defines it (PEP 562: resolved on first attribute access)
+_PUBLIC = {
+    "plackett_luce_loss": "apo.loss",
+    "dpo_loss": "apo.loss",
+    "APOConfig": "apo.trainer.config",
+    "APOTrainer": "apo.trainer.trainer",
+    "GroupCollator": "apo.trainer.collator",
+    "PackedGroupCollator": "apo.model.packing",
+    "load_groups": "apo.trainer.collator",
+    "build_model": "apo.trainer.trainer",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name):
+    module = _PUBLIC.get(name)
+    if module is None:  # AttributeError lets `from apo import consensus` fall back to importing the submodule
+        raise AttributeError(f"module 'apo' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cached: later lookups do not come back here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

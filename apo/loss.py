@@ -46,7 +46,23 @@ def _metrics(r, policy_logps, neg, active):
 
 
 def plackett_luce_loss(policy_logps, ref_logps, beta: float, valid=None):
-    """-log P(t+ ranked above all negatives) = logsumexp([r+, r_1..r_N]) - r+ = log(1 + sum_i exp(r_i - r+))."""
+    """-log P(t+ ranked above all negatives) = logsumexp([r+, r_1..r_N]) - r+ = log(1 + sum_i exp(r_i - r+)).
+
+    policy_logps, ref_logps: [B, 1+N] summed response log-probs under the policy and pi_ref, column 0 t+.
+    valid: [B, 1+N] bool or None (all valid). Returns (loss: scalar, the mean over groups with a negative;
+    metrics: dict of scalars, rewards/{positive,negatives,margins,accuracies}, logps/{positive,negatives}).
+
+    >>> import torch
+    >>> from apo import plackett_luce_loss
+    >>> policy = torch.tensor([[-10.0, -12.0, -11.0, 0.0]], requires_grad=True)  # 1 group: t+, 2 negatives, padding
+    >>> ref = torch.tensor([[-11.0, -11.0, -11.0, 0.0]])
+    >>> loss, m = plackett_luce_loss(policy, ref, beta=0.1, valid=torch.tensor([[True, True, True, False]]))
+    >>> round(loss.item(), 4), round(m["rewards/margins"].item(), 4)
+    (1.0019, 0.15)
+    >>> loss.backward()  # gradients reach the policy log-probs; the padded column gets none
+    >>> policy.grad[0, 3].item()
+    0.0
+    """
     r, d, neg, active = _prepare(policy_logps, ref_logps, beta, valid)
     d = torch.cat([torch.zeros_like(d[:, :1]), d.masked_fill(~neg, float("-inf"))], dim=1)
     losses = torch.logsumexp(d, dim=1)  # N=1: log(1 + e^(r1 - r+)) = -logsigmoid(r+ - r1), DPO exactly
@@ -55,7 +71,16 @@ def plackett_luce_loss(policy_logps, ref_logps, beta: float, valid=None):
 
 
 def dpo_loss(policy_logps, ref_logps, beta: float, valid=None):
-    """Pairwise DPO: -logsigmoid(r+ - r_i), mean over every valid (positive, negative) pair in the batch."""
+    """Pairwise DPO: -logsigmoid(r+ - r_i), mean over every valid (positive, negative) pair in the batch.
+
+    Same shapes and return as `plackett_luce_loss`; with N = 1 both give the same loss.
+
+    >>> import torch
+    >>> from apo import dpo_loss, plackett_luce_loss
+    >>> policy, ref = torch.tensor([[-10.0, -12.0]]), torch.tensor([[-11.0, -11.0]])
+    >>> torch.allclose(dpo_loss(policy, ref, 0.1)[0], plackett_luce_loss(policy, ref, 0.1)[0])
+    True
+    """
     r, d, neg, active = _prepare(policy_logps, ref_logps, beta, valid)
     losses = F.softplus(d)  # = -logsigmoid(r+ - r_i)
     loss = (losses * neg).sum() / neg.sum().clamp(min=1)

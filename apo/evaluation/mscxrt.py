@@ -3,13 +3,18 @@
 Input: the official CSV `MS_CXR_T_temporal_image_classification_v1.0.0.csv` (PhysioNet, MS-CXR-T 1.0.0): one row per
 image pair with `subject_id, study_id, dicom_id, previous_dicom_id` (and `previous_study_id`), and one
 `<finding>_progression` column per finding (consolidation, edema, pleural_effusion, pneumonia, pneumothorax), empty
-where that finding was not labelled. Every labelled (row, finding) is one question. Images are read in the
+where that finding was not labelled, and its `<finding>_label_quality` (one_expert, multiple_experts,
+disagreement: how many radiologists rated it and whether they agreed; optional). Every labelled (row, finding) is
+one question; `--label-quality Q [Q ...]` keeps the questions of those qualities only. Images are read in the
 MIMIC-CXR-JPG layout under --image-root: files/pXX/p<subject>/s<study>/<dicom_id>.jpg; without a
 previous_study_id column the previous image is looked up among the subject's studies.
 
 The model sees the previous and the current image in one prompt and answers in words; `parse_progression` maps the
-answer to a class. An unparseable answer counts as wrong and is listed in OUT/unparsed.jsonl. Reported: Top-1
-accuracy per finding and their mean (macro over findings, as the paper's "average") in OUT/mscxrt.json. Answers go
+answer to a class. An unparseable answer counts as wrong and is listed in OUT/unparsed.jsonl. Reported in
+OUT/mscxrt.json: Top-1 accuracy per finding and their mean over findings ("average", the paper's); beside it the
+class-balanced accuracy (mean recall over improving/stable/worsening, BioViL-T's "macro accuracy") per finding and
+its mean ("average_macro"); the recall per class (`per_class`); and all of it per label quality
+(`by_label_quality`). Answers go
 to OUT/mscxrt_predictions.jsonl (resumable), so OUT can be shared with `apo eval-report` (OUT/predictions.jsonl).
 """
 
@@ -29,6 +34,8 @@ from apo.io.records import Rejects, not_utf8, write_rejects
 from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 from apo.model import generation  # generation.generate looked up per call: tests stand in for it
 from apo.model.generation import add_model_arguments, model_from_args
+
+LABEL_QUALITIES = ("one_expert", "multiple_experts", "disagreement")
 
 PROMPT = (
     "The first image is the previous study, the second the current study. Compared with the previous study, "
@@ -111,6 +118,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     except csv.Error as e:
         raise DataError(csv_path, 1, f"not a CSV file ({e})") from None
     findings = [f for f in MSCXRT_FINDINGS if f"{f}_progression" in cols]
+    has_quality = any(f"{f}_label_quality" in cols for f in findings)
     missing = [c for c in ("subject_id", "study_id", "dicom_id", "previous_dicom_id") if c not in cols]
     if 1 in bad_utf8:
         raise DataError(csv_path, 1, bad_utf8[1])
@@ -150,8 +158,14 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
                     raise ValueError(
                         f"unknown class {value[:80]!r} in {f}_progression (expected one of {MSCXRT_CLASSES})"
                     )
+                quality = row.get(f"{f}_label_quality", "").lower() or None
+                if quality and quality not in LABEL_QUALITIES:
+                    raise ValueError(
+                        f"unknown label quality {quality[:80]!r} in {f}_label_quality (expected one of "
+                        f"{LABEL_QUALITIES})"
+                    )
                 if value:
-                    labelled.append((f, value))
+                    labelled.append((f, value, quality))
             if not labelled:
                 raise ValueError("no <finding>_progression label in this row")
             cur = mimic_image_path(root, row["subject_id"], row["study_id"], row["dicom_id"])
@@ -164,11 +178,21 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
                 if not p.resolve().is_relative_to(root):  # a symlink out of the tree
                     raise ValueError(f"{what} image {p} leaves --image-root {root}")
             new = []
-            for f, value in labelled:
+            for f, value, quality in labelled:
                 cid = f"{row['previous_dicom_id']}->{row['dicom_id']}/{f}"
                 if cid in seen:
                     raise ValueError(f"duplicate pair and finding {cid}")
-                new.append({"case_id": cid, "finding": f, "label": value, "images": [str(prev), str(cur)], "row": line})
+                new.append(
+                    {
+                        "case_id": cid,
+                        "finding": f,
+                        "label": value,
+                        "images": [str(prev), str(cur)],
+                        "row": line,
+                        "label_quality": quality if has_quality else None,
+                        "previous_study_id": row.get("previous_study_id") or None,
+                    }
+                )
         except ValueError as e:
             bad(line, str(e), row)
             continue
@@ -186,20 +210,42 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
     return items, rejects.items
 
 
-def score(items, records: dict) -> dict:
-    """Top-1 per finding, the macro average over findings and the micro accuracy over all questions."""
-    hits, n = Counter(), Counter()
+def _top1(items, records: dict) -> dict:
+    hits, n = Counter(), Counter()  # keys: finding and (finding, class)
     for it in items:
-        n[it["finding"]] += 1
-        hits[it["finding"]] += records[it["case_id"]]["prediction"] == it["label"]
-    per = {f: round(hits[f] / n[f], 6) for f in MSCXRT_FINDINGS if n[f]}
+        hit = records[it["case_id"]]["prediction"] == it["label"]
+        for key in (it["finding"], (it["finding"], it["label"])):
+            n[key] += 1
+            hits[key] += hit
+    found = [f for f in MSCXRT_FINDINGS if n[f]]
+    per = {f: round(hits[f] / n[f], 6) for f in found}
+    per_class = {f: {c: round(hits[f, c] / n[f, c], 6) for c in MSCXRT_CLASSES if n[f, c]} for f in found}
+    macro = {f: round(sum(r.values()) / len(r), 6) for f, r in per_class.items()}  # classes present only
+    mean = lambda d: round(sum(d.values()) / len(d), 6) if d else None
     return {
         "per_finding": per,
-        "average": round(sum(per.values()) / len(per), 6) if per else None,
-        "micro": round(sum(hits.values()) / sum(n.values()), 6) if n else None,
-        "n": dict(n),
+        "average": mean(per),
+        "per_finding_macro": macro,
+        "average_macro": mean(macro),
+        "per_class": per_class,
+        "micro": round(sum(hits[f] for f in found) / len(items), 6) if items else None,
+        "n": {f: n[f] for f in found},
         "unparsed": sum(records[it["case_id"]]["prediction"] is None for it in items),
     }
+
+
+def score(items, records: dict) -> dict:
+    """Top-1 per finding and its mean over findings ("average", the paper's); the class-balanced (macro) accuracy
+    per finding (mean recall over the classes present) and its mean ("average_macro"); the recall per class; the
+    micro accuracy over all questions; and the same per label quality (`by_label_quality`, when the CSV has it)."""
+    out = _top1(items, records)
+    qualities = [q for q in LABEL_QUALITIES if any(it.get("label_quality") == q for it in items)]
+    if any(it.get("label_quality") is None for it in items) and qualities:
+        qualities.append("unknown")  # a rated finding whose quality cell is empty
+    out["by_label_quality"] = {
+        q: _top1([it for it in items if (it.get("label_quality") or "unknown") == q], records) for q in qualities
+    }
+    return out
 
 
 # ---------------------------------------------------------------- CLI
@@ -216,7 +262,23 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--skip-bad", action="store_true", help="put bad CSV rows in OUT/mscxrt_rejects.jsonl and go on"
     )
+    parser.add_argument(
+        "--label-quality",
+        nargs="+",
+        choices=LABEL_QUALITIES,
+        default=None,
+        help="keep only questions whose <finding>_label_quality is one of these (the CSV must have the columns)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="first N questions only (a smoke test)")
+
+
+def select_quality(items: list[dict], qualities, csv_path) -> list[dict]:
+    """The questions whose label quality is one of `qualities` (None: all)."""
+    if not qualities:
+        return items
+    if items and all(it.get("label_quality") is None for it in items):
+        raise ApoError(f"--label-quality: {csv_path} has no <finding>_label_quality column")
+    return [it for it in items if it.get("label_quality") in qualities]
 
 
 def run(args) -> int:
@@ -225,6 +287,7 @@ def run(args) -> int:
     if rejects:
         write_rejects(rejects, out / "mscxrt_rejects.jsonl")
         print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'mscxrt_rejects.jsonl'}")
+    items = select_quality(items, getattr(args, "label_quality", None), args.csv)
     items = items[: args.limit] if args.limit else items
     if not items:
         raise ApoError(f"{args.csv}: no usable question")
@@ -267,7 +330,11 @@ def run(args) -> int:
     )
     print("MS-CXR-T Top-1: " + ", ".join(f"{f} {a:.3f} (n={result['n'][f]})" for f, a in result["per_finding"].items()))
     print(
-        f"  average (macro over findings) {result['average']:.3f}; unparsed answers {result['unparsed']} "
+        f"  average (mean over findings) {result['average']:.3f}; class-balanced (macro) average "
+        f"{result['average_macro']:.3f}; unparsed answers {result['unparsed']} "
         f"(counted wrong; listed in {out / 'unparsed.jsonl'})"
     )
+    for q, r in result["by_label_quality"].items():
+        n = sum(r["n"].values())
+        print(f"  {q}: average {r['average']:.3f}, class-balanced {r['average_macro']:.3f} (n={n})")
     return 0

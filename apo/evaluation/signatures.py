@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import re
 
+from apo.constants import TEACHERS
+
 _SENTENCE = re.compile(r"[.!?]+(?:\s+|$)")
 _TOKEN = re.compile(r"[a-z0-9]+(?:'[a-z]+)?|:")
 
@@ -70,8 +72,6 @@ def mine(
     < max_other of each other teacher's; most frequent first (ties: longer, then alphabetical); a phrase sharing
     an n_min-gram with one already kept (inside it, containing it, overlapping it) is dropped as the same wording;
     at most max_phrases."""
-    from apo.constants import TEACHERS
-
     texts = _teacher_texts(cases)
     share = {}  # teacher -> {gram: share of its answers}
     for teacher, answers in texts.items():

@@ -129,3 +129,15 @@ def write_json_atomic(path, obj) -> None:
         json.dump(obj, fh, sort_keys=True, indent=2, ensure_ascii=False)
         fh.write("\n")
     os.replace(tmp, path)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """The whole file or the previous one, never half of it: written to a temporary name, fsynced, renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

@@ -70,7 +70,9 @@ class PackedGroupCollator(GroupCollator):
     """Same tokenisation, truncation and dropping as `GroupCollator` (it reuses `encode_group`), packed output.
 
     Per candidate row r (valid candidates only, in group-major order) the plain batch's `group_index`,
-    `candidate_index`, `ref_keys` are kept, so the trainer scatters into [B, 1+N] the same way."""
+    `candidate_index`, `ref_keys` are kept, so the trainer scatters into [B, 1+N] the same way. The packed row:
+    input_ids [1, T], position_ids [3, 1, T] (mrope), label_positions / label_ids / label_rows [K] (K response
+    tokens), pixel_values once per group; `packed_logps(model, batch)` -> ([R] summed log-probs, [R] tokens)."""
 
     def __call__(self, groups: list[dict]) -> dict:
         merge = self.processor.image_processor.merge_size

@@ -56,7 +56,7 @@ def run(args) -> int:
     for name in ("model_name_or_path", "groups_file", "output_dir"):
         if not getattr(config, name):
             raise ApoError(f"--{name} is required (in the config file or on the command line)")
-    groups = load_groups(config.groups_file, config.max_negatives)
+    groups = load_groups(config.groups_file, config.max_negatives, config.skip_bad, config.rejects_file)
     resume = resume_point(config, getattr(args, "resume", False))  # before the model loads: a bad path fails fast
     model, processor = build_model(config)
     trainer = APOTrainer(model=model, args=config, train_dataset=groups, processing_class=processor)

@@ -23,8 +23,9 @@ import torch
 
 from apo.data import MAX_TEXT_CHARS, ImageResolver
 from apo.errors import ApoError, DataError
-from apo.io.records import iter_jsonl
+from apo.io.records import Rejects, iter_jsonl, write_rejects
 from apo.model.chat import assistant_message, load_images, user_message
+from apo.trainer.swift_rows import is_swift_row, swift_group, swift_problem
 
 log = logging.getLogger(__name__)
 
@@ -61,45 +62,72 @@ def _group_problem(g) -> str | None:
     return None
 
 
-def load_groups(path, max_negatives: int | None = None) -> list[dict]:
-    """Read groups.jsonl (from `apo build-pairs`); a malformed line raises DataError naming it. Everything is checked
-    now, not as a crash hours into training: field types, non-empty texts, duplicate case ids, and every image
-    (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its --image-root); a
-    relative path resolves against the groups file's folder and may not leave it."""
+def load_groups(path, max_negatives: int | None = None, skip_bad: bool = False, rejects_path=None) -> list[dict]:
+    """Read groups.jsonl (from `apo build-pairs`) or ms-swift-style rows with several rejected answers
+    (`apo.trainer.swift_rows`; detected per row, a file may mix them); a malformed line raises DataError naming it,
+    or with `skip_bad` is left out and listed with its reason in `rejects_path` (default: next to the file).
+    Everything is checked now, not as a crash hours into training: field types, non-empty texts, duplicate case ids,
+    and every image (exists, decodes, not absurdly large). build-pairs writes absolute image paths (fenced by its
+    --image-root); a relative path resolves against the groups file's folder and may not leave it."""
     path = Path(path)
     if not path.is_file():
         raise ApoError(f"{path}: groups file not found (write it with `apo build-pairs`)")
     root = path.parent.resolve()
-    groups, lines, first = [], [], {}
+    rejects = Rejects(path, skip_bad)
+    groups, lines, raws, first = [], [], [], {}
     for line in iter_jsonl(path):
         lineno, g = line.number, line.value
-        problem = line.error or _group_problem(g)
+        if line.error:
+            rejects.add(lineno, line.error, line.raw)
+            continue
+        swift = is_swift_row(g)
+        problem = swift_problem(g, MAX_TEXT_CHARS) if swift else _group_problem(g)
         if problem:
-            raise DataError(path, lineno, problem)
+            rejects.add(lineno, problem, g)
+            continue
+        row = g
+        g = swift_group(g) if swift else g
         g["case_id"] = str(g["case_id"])
         if g["case_id"] in first:
-            raise DataError(path, lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})")
-        first[g["case_id"]] = lineno
+            rejects.add(lineno, f"duplicate case_id {g['case_id']!r} (first at line {first[g['case_id']]})", row)
+            continue
         images = []
         for p in g["images"]:
             full = Path(p) if Path(p).is_absolute() else (root / p).resolve()
             if not Path(p).is_absolute() and not full.is_relative_to(root):
-                raise DataError(path, lineno, f"image path {p!r} leaves the groups file's folder {root}")
+                rejects.add(lineno, f"image path {p!r} leaves the groups file's folder {root}", row)
+                break
             images.append(str(full))
-        g["images"] = images
-        if max_negatives is not None:
-            g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
-        groups.append({k: g[k] for k in GROUP_FIELDS})
-        lines.append(lineno)
-    if not groups:
-        raise DataError(path, None, "no groups")
+        else:
+            first[g["case_id"]] = lineno
+            g["images"] = images
+            if max_negatives is not None:
+                g["negatives"], g["teachers"] = g["negatives"][:max_negatives], g["teachers"][:max_negatives]
+            groups.append({k: g[k] for k in GROUP_FIELDS + ("messages",) if k in g})
+            lines.append(lineno)
+            raws.append(row)
     check = ImageResolver(root, allow_absolute=True, verify="full")
     check.check_all(p for g in groups for p in g["images"])
-    for g, lineno in zip(groups, lines):
+    kept = []
+    for g, lineno, row in zip(groups, lines, raws):
         problem = next((check.problem(p) for p in g["images"] if check.problem(p)), None)
         if problem:
-            raise DataError(path, lineno, problem)
-    return groups
+            rejects.add(lineno, problem, row)
+        else:
+            kept.append(g)
+    if rejects.items:
+        rejects_path = Path(rejects_path or f"{path}.rejects.jsonl")
+        write_rejects(rejects.items, rejects_path)
+        log.warning(
+            "%s: skipped %d bad record(s), kept %d group(s); reasons in %s",
+            path,
+            len(rejects.items),
+            len(kept),
+            rejects_path,
+        )
+    if not kept:
+        raise DataError(path, None, "no groups")
+    return kept
 
 
 def candidate_key(case_id: str, text: str) -> str:
@@ -108,6 +136,18 @@ def candidate_key(case_id: str, text: str) -> str:
 
 
 class GroupCollator:
+    """B groups -> one padded batch of candidate rows (the plain path), R = the groups' valid candidates:
+
+    input_ids, attention_mask, mm_token_type_ids, labels  [R, T] (labels -100 outside each response)
+    pixel_values, image_grid_thw                          each row's images (repeated per row)
+    group_index, candidate_index                          [R]: the row's group b and column j (0 = positive)
+    valid                                                 [B, 1+N] bool; ref_keys, case_id, teachers: lists
+
+    collator = GroupCollator(processor, max_length=4096)
+    batch = collator(load_groups("groups.jsonl")[:2])
+    logps, n_tokens = apo.model.logps.forward_logps(model, batch)   # [R] each
+    """
+
     def __init__(self, processor, max_length: int = 4096, end_token: str = "<|im_end|>"):
         self.processor, self.tokenizer = processor, processor.tokenizer
         self.max_length, self.end_token = max_length, end_token
@@ -117,7 +157,8 @@ class GroupCollator:
     def encode_group(self, g: dict):
         """The prompt once (ids + pixels), then each candidate's response token ids (None if dropped)."""
         images = load_images(g["images"])
-        messages = user_message(len(images), g["prompt"])
+        # the prompt conversation of an ms-swift-style row (history, system prompt), else one user turn
+        messages = g.get("messages") or user_message(len(images), g["prompt"])
         prompt_text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = self.processor(text=[prompt_text], images=images or None, return_tensors="pt")
         budget = self.max_length - enc["input_ids"].shape[1]

@@ -25,6 +25,13 @@ def default_reentrant(world_size: int, deepspeed: bool, fsdp: bool) -> bool:
 
 @dataclass
 class APOConfig(TrainingArguments):
+    """Every stage-3 setting: the model and data, the loss (`loss`, `beta`), LoRA, the reference, plus every
+    `transformers.TrainingArguments` field. Build it in code or with `parse_config(yaml_file, ["--key", "value"])`.
+
+        config = APOConfig(output_dir="runs/apo", model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct",
+                           groups_file="groups.jsonl", beta=0.1, learning_rate=5e-7, bf16=True)
+    """
+
     # --- model ---
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "Base MLLM (local folder or hub id), e.g. Qwen/Qwen2.5-VL-7B-Instruct."}
@@ -50,8 +57,19 @@ class APOConfig(TrainingArguments):
         default=None,
         metadata={
             "help": "groups.jsonl from `apo build-pairs`: {case_id, prompt, images, positive, "
-            "negatives, teachers} per line."
+            "negatives, teachers} per line; or ms-swift-style rows {messages (last turn = the chosen "
+            "answer), images, rejected_responses: [...]} (apo.trainer.swift_rows); detected per row."
         },
+    )
+    skip_bad: bool = field(
+        default=False,
+        metadata={
+            "help": "Leave malformed rows of groups_file out (listed with their reasons in rejects_file) "
+            "instead of stopping at the first one."
+        },
+    )
+    rejects_file: str | None = field(
+        default=None, metadata={"help": "Where skip_bad lists rejected rows (default: GROUPS_FILE.rejects.jsonl)."}
     )
     max_length: int = field(
         default=4096,

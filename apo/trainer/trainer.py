@@ -34,6 +34,7 @@ from apo.model.logps import eval_mode, forward_logps
 from apo.model.packing import PackedGroupCollator, packed_logps
 from apo.trainer.checkpoint import mark_complete, unmark
 from apo.trainer.collator import GroupCollator, candidate_key
+from apo.trainer.model_card import write_model_card
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +176,24 @@ class _PrecomputeRef(TrainerCallback):
 
 
 class APOTrainer(Trainer):
+    """A `transformers.Trainer` whose loss ranks each group's positive above its N negatives (`args.loss`).
+
+    train_dataset: a list of groups {case_id, prompt, images, positive, negatives, teachers[, messages]} (what
+    `load_groups` returns). Per step the collator turns B groups into candidate rows, the policy and the reference
+    (the same model with its LoRA adapter disabled; `ref_model`, a frozen copy, for full fine-tuning; or the cache
+    of `--precompute_ref`) give [B, 1+N] summed log-probs, and `apo.loss` the loss. Logs rewards/*, logps/* and
+    rewards/teacher/<name>.
+
+        from apo import APOConfig, APOTrainer, build_model, load_groups
+        config = APOConfig(output_dir="runs/apo", model_name_or_path="Qwen/Qwen2.5-VL-7B-Instruct",
+                           groups_file="groups.jsonl", max_steps=100)
+        model, processor = build_model(config)           # base (+ SFT adapter merged) + a fresh LoRA
+        trainer = APOTrainer(model=model, args=config, train_dataset=load_groups(config.groups_file),
+                             processing_class=processor)
+        trainer.train()
+        trainer.save_final()                             # adapter, processor, model card (README.md)
+    """
+
     def __init__(self, model, args, train_dataset, processing_class, ref_model=None, **kwargs):
         from peft import PeftModel
         from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -387,7 +406,8 @@ class APOTrainer(Trainer):
 
     # ---- the end
     def save_final(self):
-        """Adapter (or full model) + processor in output_dir, trainer_state.json there too, merged/ if asked."""
+        """Adapter (or full model) + processor in output_dir, trainer_state.json there too, merged/ if asked; a model
+        card (README.md) in each."""
         out = self.args.output_dir
         self.save_model(out)
         if self.accelerator.is_main_process:
@@ -401,9 +421,17 @@ class APOTrainer(Trainer):
                         "note": "this adapter applies to base with sft_adapter merged in; merged/ is standalone",
                     },
                 )
+            card = dict(
+                args=self.args,
+                groups=self.train_dataset,
+                log_history=self.state.log_history,
+                world_size=self.accelerator.num_processes,
+            )
+            write_model_card(out, **card)
             if self.args.merge_on_save:
                 if self.is_peft:
                     merge_and_save(self.args, out, os.path.join(out, "merged"), self.processing_class)
+                    write_model_card(os.path.join(out, "merged"), merged=True, **card)
                 else:
                     log.info("full fine-tuning: %s already holds the whole model; no merged/ needed", out)
         self.accelerator.wait_for_everyone()

@@ -89,7 +89,7 @@ def held_out_set(folder, seed: int, n_images: int, n_pairs: int) -> tuple[list, 
     plan = [(f, c) for f in MSCXRT_FINDINGS for c in MSCXRT_CLASSES]
     for j in range(n_pairs):
         finding, cls = plan[j % len(plan)]
-        prev, cur = compare_pair(_rng(seed, 4, j), masks, j * 11 + 5, finding, cls)
+        (prev, cur), _ = compare_pair(_rng(seed, 4, j), masks, j * 11 + 5, finding, cls)
         paths = [folder / f"pair_{j:04d}_{k}.jpg" for k in ("previous", "current")]
         for p, im in zip(paths, (prev, cur)):
             draw.save_jpeg(im, p)

@@ -41,7 +41,13 @@ MSCXRT_COLUMNS = (
     "previous_study_id",
     "subject_id",
     *(f"{f}_progression" for f in MSCXRT_FINDINGS),
+    *(f"{f}_label_quality" for f in MSCXRT_FINDINGS),
 )
+# MS-CXR-T's `<finding>_label_quality`: how many radiologists rated the pair and whether they agreed. Drawn for the
+# rated finding of each synthetic pair with these fixed probabilities (a stream of its own, S_QUALITY: the other
+# columns, the images and every other file are the same bytes as without it). The demo's labels are exact whatever
+# the quality; the column lets `apo eval-mscxrt --label-quality` and `by_label_quality` run on it.
+MSCXRT_LABEL_QUALITY = {"one_expert": 0.6, "multiple_experts": 0.3, "disagreement": 0.1}
 MSCXRT_OBS = {
     "consolidation": "Consolidation",
     "edema": "Edema",
@@ -74,7 +80,7 @@ QUESTIONS = (
     "Describe the radiographic evidence on this chest X-ray that supports the {what}.",
 )
 # Generator streams: (seed, stream, index) -> independent, order-free randomness.
-S_TRUTH, S_ANATOMY, S_STUDY, S_REPORT, S_TEACHER, S_IDS, S_PAIR = range(7)
+S_TRUTH, S_ANATOMY, S_STUDY, S_REPORT, S_TEACHER, S_IDS, S_PAIR, S_QUALITY = range(8)
 
 
 def _rng(*key) -> np.random.Generator:
@@ -339,6 +345,7 @@ def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: 
             row["previous_study_id" if when == "previous" else "study_id"] = study
         row["subject_id"] = subject
         row[f"{finding}_progression"] = cls
+        row.update(_label_quality(seed, int(j), finding))
         counts[finding][cls] += 1
         rows.append(row)
     path = out / MSCXRT_CSV
@@ -349,6 +356,12 @@ def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: 
     w.writerows(rows)
     path.write_text(buf.getvalue(), encoding="utf-8")
     return counts
+
+
+def _label_quality(seed: int, j: int, finding: str) -> dict:
+    """{"<finding>_label_quality": q} for pair j, q drawn from MSCXRT_LABEL_QUALITY on its own stream."""
+    names, p = list(MSCXRT_LABEL_QUALITY), list(MSCXRT_LABEL_QUALITY.values())
+    return {f"{finding}_label_quality": names[int(_rng(seed, S_QUALITY, j).choice(len(names), p=p))]}
 
 
 def _label_counts(cases: list[dict]) -> dict:
@@ -378,7 +391,8 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
         "left / right / bilateral, the patient's side), report (ground-truth FINDINGS + IMPRESSION).",
         "- `files/`: 224x224 grayscale JPEGs (quality 90), one per case and two per MS-CXR-T pair.",
         f"- `{MSCXRT_CSV}`: {s['temporal_pairs']} previous/current pairs with the official columns "
-        f"({', '.join(MSCXRT_COLUMNS)}); one finding rated per pair (other cells empty), classes balanced:",
+        f"({', '.join(c for c in MSCXRT_COLUMNS if not c.endswith('_label_quality'))}); one finding rated per pair "
+        "(other cells empty), classes balanced:",
         "",
         "| finding | " + " | ".join(MSCXRT_CLASSES) + " |",
         "|---|" + "---|" * len(MSCXRT_CLASSES),
