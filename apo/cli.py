@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"apo {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        from apo.io.jobs import release_all
+
+        release_all()  # output locks (apo.io.jobs.claim) end with the command
     return int(rc or 0)
 
 

@@ -28,11 +28,17 @@ from apo.constants import OBSERVATIONS
 from apo.data import MAX_TEXT_CHARS, add_data_arguments, cases_from_args
 from apo.errors import ApoError
 from apo.evaluation import labeler
-from apo.io.jobs import run_resumable
+from apo.io.jobs import check_outputs, claim, fingerprint, run_resumable
 from apo.io.records import Rejects, iter_jsonl, write_rejects
 from apo.model import generation  # generation.generate looked up per call: tests stand in for it
 from apo.model.chat import prompt_text
-from apo.model.generation import add_model_arguments, estimate_length, model_from_args
+from apo.model.generation import (
+    add_model_arguments,
+    add_overwrite_argument,
+    estimate_length,
+    model_from_args,
+    model_identity,
+)
 
 log = logging.getLogger(__name__)
 
@@ -255,6 +261,8 @@ def load_consensus(path, skip_bad: bool = False, rejects_path=None) -> dict:
     records, rejects = read_consensus(path, skip_bad)
     if rejects:
         write_rejects(rejects, rejects_path or f"{path}.rejects.jsonl")
+    elif rejects_path is not None:
+        Path(rejects_path).unlink(missing_ok=True)  # no stale list from an earlier run
     return records
 
 
@@ -277,6 +285,7 @@ def add_arguments(parser) -> None:
         default=4096,
         help="prompt + answer token limit; trajectories are cut per teacher to fit",
     )
+    add_overwrite_argument(parser)
 
 
 def summary(records: list[dict]) -> str:
@@ -315,9 +324,26 @@ def by_length(cases):
     return sorted(cases, key=lambda c: -size[c.case_id])
 
 
+def run_identity(args) -> dict:
+    """What decides this command's records (OUT.identity.json; a rerun with another one is refused)."""
+    ident = {
+        "command": "consensus",
+        "strategy": args.strategy,
+        "dataset": fingerprint(args.dataset),
+        "split": args.split,
+        "teachers": args.teachers,
+        "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
+    }
+    if args.strategy == "model":
+        ident.update(model_identity(args), max_length=args.max_length, prompt=CONSENSUS_PROMPT + CUT_MARK)
+    return ident
+
+
 def run(args) -> int:
     if args.strategy == "model" and not args.model:
         raise ApoError("--strategy model needs --model (the SFT model); --strategy vote needs none")
+    check_outputs({"--out": args.out}, {"--dataset": args.dataset})
+    claim(args.out, run_identity(args), args.overwrite)  # before the model loads: one writer, no foreign results
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
     usable = [c for c in cases if c.trajectories]
     if len(usable) < len(cases):
@@ -351,6 +377,7 @@ def run(args) -> int:
         chunk_size=chunk_size,
         order=[c.case_id for c in cases],
         desc=f"consensus ({args.strategy})",
+        identity=run_identity(args),
     )
     if results is None:  # not rank 0: rank 0 merges and reports
         return 0

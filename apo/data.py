@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +38,7 @@ from apo.errors import ApoError, DataError
 from apo.io.mimic import mimic_image_path
 from apo.io.records import Rejects, iter_records, write_rejects
 from apo.io.resumable import write_jsonl_atomic
+from apo.model.chat import HIGH_BIT_MODES, to_rgb
 
 log = logging.getLogger(__name__)
 
@@ -151,11 +153,36 @@ def _meta(row: dict) -> dict:
     return meta
 
 
+def identity_string(value, what: str) -> str:
+    """A name that identifies something (case id, teacher): NFC, outer whitespace stripped; an int becomes its
+    decimal text (0 and "0" are one case); invisible or control characters are refused (a zero-width space would
+    make "GPT-5" and "GPT-5\u200b" two teachers)."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise ValueError(f"{what} must be a string or an integer, got {type(value).__name__}")
+    text = unicodedata.normalize("NFC", str(value)).strip()
+    if not text:
+        raise ValueError(f"{what} is empty")
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat in ("Cc", "Cf", "Co", "Cs", "Cn", "Zl", "Zp") or (cat == "Zs" and ch != " "):
+            raise ValueError(
+                f"{what} {text!r} contains an invisible or control character U+{ord(ch):04X} "
+                f"({unicodedata.name(ch, cat)})"
+            )
+    return text
+
+
 def _case_id(row: dict) -> str:
-    cid = _first(row, CASE_ID_KEYS) or row.get("dicom_id") or row.get("study_id")
-    if cid is None or isinstance(cid, (dict, list, bool)) or not str(cid).strip():
+    cid = None
+    for k in (*CASE_ID_KEYS, "dicom_id", "study_id"):
+        if row.get(k) is not None:
+            cid = row[k]
+            break
+    if cid is None:
         raise ValueError("missing case id (case_id, id or dicom_id)")
-    return str(cid)
+    if isinstance(cid, (dict, list, bool, float)):
+        raise ValueError(f"case id must be a string or an integer, got {type(cid).__name__}")
+    return identity_string(cid, "case id")
 
 
 def _raw_images(row: dict) -> list:
@@ -193,13 +220,15 @@ def _swift_row(row: dict) -> dict:
     if answers:
         trajs.append(
             Trajectory(
-                str(_first(row, TEACHER_KEYS) or "unknown"), _text(answers[-1].get("content"), "assistant content")
+                identity_string(_first(row, TEACHER_KEYS) or "unknown", "teacher name"),
+                _text(answers[-1].get("content"), "assistant content"),
             )
         )
     images = _raw_images(row)
-    cid = _first(row, CASE_ID_KEYS) or "swift-" + _digest(json.dumps([images, prompt]))
+    has_id = any(row.get(k) is not None for k in CASE_ID_KEYS)
+    cid = _case_id(row) if has_id else "swift-" + _digest(json.dumps([images, prompt]))
     return {
-        "case_id": str(cid),
+        "case_id": cid,
         "images": images,
         "prompt": _text(prompt, "prompt"),
         "trajectories": trajs,
@@ -243,6 +272,9 @@ def _parse_row(row) -> tuple[str, dict]:
         for teacher, text in items:
             if not isinstance(teacher, str) or not teacher.strip():
                 raise ValueError(f"teacher name must be a non-empty string, got {teacher!r}")
+            teacher = identity_string(teacher, "teacher name")
+            if teacher in [t.teacher for t in trajs]:
+                raise ValueError(f"teacher {teacher!r} answers twice in this record")
             trajs.append(Trajectory(teacher, _text(text, f"trajectory of {teacher}")))
         return "case", {**base, "trajectories": trajs}
     teacher = _first(row, TEACHER_KEYS)
@@ -253,6 +285,7 @@ def _parse_row(row) -> tuple[str, dict]:
         raise ValueError("a long row needs both a teacher (model) and a response")
     if not isinstance(teacher, str) or not teacher.strip():
         raise ValueError(f"teacher name must be a non-empty string, got {teacher!r}")
+    teacher = identity_string(teacher, "teacher name")
     return "part", {**base, "trajectories": [Trajectory(teacher, _text(text, f"response of {teacher}"))]}
 
 
@@ -260,11 +293,58 @@ def _parse_row(row) -> tuple[str, dict]:
 # Images
 
 
+# Qwen2.5-VL's image processor defaults: 14-px patches merged 2x2 (factor 28), 56*56 .. 28*28*1280 pixels
+QWEN_IMAGE_RULES = {"patch_size": 14, "merge_size": 2, "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280}
+
+
+def image_rules(model_dir=None) -> dict:
+    """The resize rules of a model's image processor (its preprocessor_config.json), else Qwen2.5-VL's defaults."""
+    rules = dict(QWEN_IMAGE_RULES)
+    if model_dir is None:
+        return rules
+    cfg = Path(model_dir) / "preprocessor_config.json"
+    try:
+        values = json.loads(cfg.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return rules  # loading the model reports a broken folder
+    if not isinstance(values, dict):
+        return rules
+    size = values.get("size") if isinstance(values.get("size"), dict) else {}
+    for key, alt in (
+        ("patch_size", None),
+        ("merge_size", None),
+        ("min_pixels", "shortest_edge"),
+        ("max_pixels", "longest_edge"),
+    ):
+        v = values.get(key) if values.get(key) is not None else size.get(alt)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            rules[key] = v
+    return rules
+
+
+def processor_problem(width: int, height: int, rules: dict) -> str | None:
+    """Why the model's image processor would refuse a width x height image (transformers' own smart_resize)."""
+    from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+    try:
+        smart_resize(
+            height,
+            width,
+            factor=rules["patch_size"] * rules["merge_size"],
+            min_pixels=rules["min_pixels"],
+            max_pixels=rules["max_pixels"],
+        )
+    except (ValueError, ZeroDivisionError) as e:
+        return f"image is {width}x{height} pixels: the image processor refuses it ({e})"
+    return None
+
+
 class ImageResolver:
-    def __init__(self, image_root, allow_absolute: bool, verify: str):
+    def __init__(self, image_root, allow_absolute: bool, verify: str, rules: dict | None = None):
         self.root = Path(image_root).resolve()
         self.allow_absolute = allow_absolute
         self.verify = verify
+        self.rules = rules or dict(QWEN_IMAGE_RULES)
         self._checked: dict[str, str | None] = {}
 
     def resolve(self, raw) -> str:
@@ -287,6 +367,7 @@ class ImageResolver:
         if self.verify == "none":
             self._checked.update({p: None if os.path.isfile(p) else "image not found" for p in todo})
             return
+        processor_problem(64, 64, self.rules)  # import transformers here, not in each thread
         with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 2) * 2)) as pool:  # PIL decodes without the GIL
             self._checked.update(zip(todo, pool.map(self._check_one, todo)))
 
@@ -307,9 +388,14 @@ class ImageResolver:
                 w, h = im.size
                 if w * h > MAX_IMAGE_PIXELS:
                     return f"image is {w}x{h} pixels (limit {MAX_IMAGE_PIXELS}): {path}"
+                problem = processor_problem(w, h, self.rules)
+                if problem:
+                    return f"{problem}: {path}"
                 if self.verify == "full":
                     im.draft("L", (max(1, w // 8), max(1, h // 8)))  # JPEG: decode at 1/8 scale, still reads every byte
                     im.load()
+                    if im.mode in HIGH_BIT_MODES:
+                        to_rgb(im)  # 16-bit is scaled; what cannot be scaled is refused here, not mid-run
                 else:
                     im.verify()
         except Exception as e:  # PIL raises many types for broken files
@@ -318,6 +404,21 @@ class ImageResolver:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def _rows_of_split(path, rows, split):
+    """--split on a single file: the rows whose `split` field is that split; a file without the field is an error."""
+    seen = set()
+    for record, row in rows:
+        if isinstance(row, dict) and row.get("split") is not None:
+            seen.add(str(row["split"]))
+            if str(row["split"]) != split:
+                continue
+        yield record, row
+    if not seen:
+        raise ApoError(f"{path}: --split {split}: a single data file has no splits (no row has a `split` field)")
+    if split not in seen:
+        raise ApoError(f"{path}: --split {split}: no row of that split (the rows have splits {sorted(seen)})")
 
 
 def read_cases(
@@ -329,6 +430,7 @@ def read_cases(
     allow_absolute=None,
     verify_images="full",
     check_images=True,
+    image_rules=None,
 ) -> tuple[list[Case], list[dict]]:
     """-> (cases in first-appearance order, rejected records). Raises DataError on the first bad record
     unless skip_bad."""
@@ -339,16 +441,19 @@ def read_cases(
     root = Path(image_root) if explicit_root else (path if path.is_dir() else path.parent)
     if explicit_root and not root.is_dir():
         raise ApoError(f"{root}: image root is not a folder")
-    if allow_absolute is None:  # without an explicit root the user has not fenced anything in
-        allow_absolute = not explicit_root
-    resolver = ImageResolver(root, allow_absolute, verify_images if check_images else "none")
+    if allow_absolute is None:  # the fence holds for the default root (the data file's folder) too
+        allow_absolute = False
+    resolver = ImageResolver(root, allow_absolute, verify_images if check_images else "none", image_rules)
     rejects = Rejects(path, skip_bad)
     bad = rejects.add
 
     # Pass 1: parse rows, merge parts into cases, keep where each case came from.
     cases: dict[str, dict] = {}
     origin: dict[str, list] = {}  # case_id -> [(record, raw, trajectory index)]
-    for record, row in iter_records(path, split):
+    rows = iter_records(path, split)
+    if split is not None and not path.is_dir():
+        rows = _rows_of_split(path, rows, split)
+    for record, row in rows:
         if isinstance(row, DataError):
             bad(record, row.reason, None)
             continue
@@ -375,6 +480,9 @@ def read_cases(
                 f"duplicate answer of teacher {part['trajectories'][0].teacher!r} for case {cid!r} (first at {first})",
                 row,
             )
+        elif have["labels"] is not None and part["labels"] is not None and have["labels"] != part["labels"]:
+            diff = sorted(k for k in have["labels"] if have["labels"][k] != part["labels"][k])
+            bad(record, f"case {cid!r} has other labels than at {first} ({', '.join(diff)})", row)
         else:
             have["trajectories"] += part["trajectories"]
             origin[cid] += [(record, row, len(have["trajectories"]) - 1)]
@@ -410,6 +518,13 @@ def load_cases(path, image_root=None, teachers=None, skip_bad=False, rejects_pat
         print(
             f"{path}: skipped {len(rejects)} bad record(s), kept {len(cases)} case(s); reasons in {rejects_path}",
             flush=True,
+        )
+    elif rejects_path is not None:
+        Path(rejects_path).unlink(missing_ok=True)  # a clean run leaves no stale list of an earlier run's rejects
+    if not cases:
+        raise ApoError(
+            f"{path}: no usable case"
+            + (f" (all {len(rejects)} record(s) rejected; reasons in {rejects_path})" if rejects else " (no records)")
         )
     return cases
 
@@ -456,4 +571,5 @@ def cases_from_args(args, rejects_default=None) -> list[Case]:
         split=args.split,
         allow_absolute=True if args.allow_absolute_paths else None,
         verify_images=args.verify_images,
+        image_rules=image_rules(getattr(args, "model", None)),
     )

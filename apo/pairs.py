@@ -22,6 +22,7 @@ from apo.constants import OBSERVATIONS
 from apo.data import add_data_arguments, cases_from_args
 from apo.errors import ApoError
 from apo.evaluation import labeler
+from apo.io.jobs import check_outputs
 from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 from apo.model.chat import swift_user_content
 
@@ -145,6 +146,12 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.max_negatives is not None and args.max_negatives < 1:
         raise ApoError("--max-negatives must be at least 1")
+    check_outputs(
+        {"--out": args.out, "--dpo-out": args.dpo_out},
+        {"--dataset": args.dataset, "--consensus": args.consensus},
+    )
+    if args.dpo_out and Path(args.dpo_out).resolve() == Path(args.out).resolve():
+        raise ApoError(f"--dpo-out {args.dpo_out}: is also --out")
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
     consensus = load_consensus(args.consensus, args.skip_bad, f"{args.out}.consensus_rejects.jsonl")
     known = {c.case_id for c in cases}

@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 
 from apo.data import add_data_arguments, cases_from_args
+from apo.io.jobs import check_outputs
 from apo.model.chat import swift_user_content
 
 
@@ -41,6 +42,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     out = Path(args.out)
+    check_outputs({"--out": out}, {"--dataset": args.dataset})
     cases = cases_from_args(args, rejects_default=f"{out}.rejects.jsonl")
     counts = collections.Counter()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -43,6 +43,7 @@ from apo.constants import OBSERVATIONS, TEACHERS
 from apo.data import add_data_arguments, cases_from_args
 from apo.errors import ApoError
 from apo.evaluation.labeler import is_refusal, label, laterality
+from apo.io.jobs import check_outputs
 from apo.io.resumable import write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -342,6 +343,7 @@ def add_arguments(parser) -> None:
 
 def run(args) -> int:
     out = Path(args.out)
+    check_outputs({"--out": out / "drift.json"}, {"--dataset": args.dataset, "--consensus": args.consensus})
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     if not cases:
         raise ApoError(f"{args.dataset}: no case to analyse")

@@ -26,14 +26,14 @@ from collections import Counter
 from pathlib import Path
 
 from apo.constants import MSCXRT_CLASSES, MSCXRT_FINDINGS
-from apo.data import ImageResolver
+from apo.data import ImageResolver, image_rules
 from apo.errors import ApoError, DataError
-from apo.io.jobs import run_resumable
+from apo.io.jobs import check_outputs, claim, fingerprint, run_resumable
 from apo.io.mimic import ID_RULE, is_mimic_id, mimic_image_path, previous_image
 from apo.io.records import Rejects, not_utf8, write_rejects
 from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 from apo.model import generation  # generation.generate looked up per call: tests stand in for it
-from apo.model.generation import add_model_arguments, model_from_args
+from apo.model.generation import add_model_arguments, add_overwrite_argument, model_from_args, model_identity
 
 LABEL_QUALITIES = ("one_expert", "multiple_experts", "disagreement")
 
@@ -97,7 +97,7 @@ def _decoded_lines(data: bytes, bad_utf8: dict):
             yield raw.decode("utf-8", "replace")
 
 
-def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[dict]]:
+def read_pairs(csv_path, image_root, skip_bad=False, image_rules=None) -> tuple[list[dict], list[dict]]:
     """-> (items, rejects). One item per labelled (row, finding): {case_id, finding, label, images [prev, cur],
     row}. A bad row raises DataError(csv, line, reason) unless skip_bad (then it goes to rejects). Ids must be plain
     MIMIC ids (no path separators or wildcards), so an image path never leaves --image-root; images are checked up
@@ -198,7 +198,7 @@ def read_pairs(csv_path, image_root, skip_bad=False) -> tuple[list[dict], list[d
             continue
         seen.update(it["case_id"] for it in new)
         rows.append((line, row, new))
-    check = ImageResolver(root, allow_absolute=False, verify="full")
+    check = ImageResolver(root, allow_absolute=False, verify="full", rules=image_rules)
     check.check_all(p for _, _, new in rows for p in new[0]["images"])
     items = []
     for line, row, new in rows:
@@ -270,6 +270,7 @@ def add_arguments(parser) -> None:
         help="keep only questions whose <finding>_label_quality is one of these (the CSV must have the columns)",
     )
     parser.add_argument("--limit", type=int, default=None, help="first N questions only (a smoke test)")
+    add_overwrite_argument(parser)
 
 
 def select_quality(items: list[dict], qualities, csv_path) -> list[dict]:
@@ -281,12 +282,26 @@ def select_quality(items: list[dict], qualities, csv_path) -> list[dict]:
     return [it for it in items if it.get("label_quality") in qualities]
 
 
+def run_identity(args) -> dict:
+    return {
+        "command": "eval-mscxrt",
+        "csv": fingerprint(args.csv),
+        "image_root": str(Path(args.image_root).resolve()),
+        "prompt": PROMPT,
+        **model_identity(args),
+    }
+
+
 def run(args) -> int:
     out = Path(args.out)
-    items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad)
+    check_outputs({"--out": out / "mscxrt_predictions.jsonl"}, {"--csv": args.csv})
+    claim(out / "mscxrt_predictions.jsonl", run_identity(args), args.overwrite)  # before the model loads
+    items, rejects = read_pairs(args.csv, args.image_root, args.skip_bad, image_rules(args.model))
     if rejects:
         write_rejects(rejects, out / "mscxrt_rejects.jsonl")
         print(f"{args.csv}: skipped {len(rejects)} bad row(s); reasons in {out / 'mscxrt_rejects.jsonl'}")
+    else:
+        (out / "mscxrt_rejects.jsonl").unlink(missing_ok=True)  # a stale list from an earlier run
     items = select_quality(items, getattr(args, "label_quality", None), args.csv)
     items = items[: args.limit] if args.limit else items
     if not items:
@@ -320,6 +335,7 @@ def run(args) -> int:
         process=process,
         chunk_size=args.batch_size * 4,
         desc="ms-cxr-t",
+        identity=run_identity(args),
     )
     if records is None:  # not rank 0
         return 0

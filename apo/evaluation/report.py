@@ -48,12 +48,18 @@ from apo.errors import ApoError
 from apo.evaluation import metrics as scoring  # looked up per call: tests skip METEOR by standing in for nlg_scores
 from apo.evaluation.drift import answer_stats
 from apo.evaluation.signatures import copy_rates, mine
-from apo.io.jobs import finished_records, run_resumable
+from apo.io.jobs import check_outputs, claim, fingerprint, finished_records, run_resumable
 from apo.io.mimic import mimic_report_path
 from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 from apo.model import generation  # generation.generate looked up per call: tests stand in for it
 from apo.model.chat import prompt_text
-from apo.model.generation import add_model_arguments, estimate_length, model_from_args
+from apo.model.generation import (
+    add_model_arguments,
+    add_overwrite_argument,
+    estimate_length,
+    model_from_args,
+    model_identity,
+)
 
 # ---------------------------------------------------------------- references
 
@@ -137,6 +143,7 @@ def add_arguments(parser) -> None:
         "the run naming it, or with --skip-bad is left out of generation and scoring (listed in "
         "OUT/too_long.jsonl, counted in metrics.json). Default: no limit",
     )
+    add_overwrite_argument(parser)
     g = parser.add_argument_group("sampled drift")
     g.add_argument(
         "--num-samples",
@@ -202,7 +209,7 @@ def _check_sample_settings(path: Path, args) -> None:
 def _signature_metrics(args, greedy_texts, sample_texts) -> dict | None:
     if not args.signatures_from:
         return None
-    teachers_data = load_cases(args.signatures_from, verify_images="none", check_images=False)
+    teachers_data = load_cases(args.signatures_from, verify_images="none", check_images=False, allow_absolute=True)
     phrases = mine(teachers_data)
     if not phrases:
         raise ApoError(f"--signatures-from {args.signatures_from}: no teacher answers in it")
@@ -219,6 +226,22 @@ def _signature_metrics(args, greedy_texts, sample_texts) -> dict | None:
     }
 
 
+def run_identity(args, sampled=False) -> dict:
+    """What decides predictions.jsonl (and samples.jsonl): OUT/<file>.identity.json; a rerun with another is refused."""
+    ident = {
+        "command": "eval-report",
+        "dataset": fingerprint(args.dataset),
+        "split": args.split,
+        "image_root": str(Path(args.image_root).resolve()) if args.image_root else None,
+        "prompt": args.prompt,
+        "reports_dir": str(Path(args.reports_dir).resolve()) if args.reports_dir else None,
+        **model_identity(args),
+    }
+    if sampled:
+        ident.update(num_samples=args.num_samples, temperature=args.temperature, seed=args.seed)
+    return ident
+
+
 def run(args) -> int:
     out = Path(args.out)
     if args.num_samples < 0:
@@ -227,8 +250,15 @@ def run(args) -> int:
         raise ApoError("--temperature must be > 0 with --num-samples (greedy is the temperature-0 answer)")
     if args.signatures_from and not Path(args.signatures_from).exists():
         raise ApoError(f"--signatures-from {args.signatures_from}: not found")
+    check_outputs(
+        {"--out": out / "predictions.jsonl"},
+        {"--dataset": args.dataset, "--signatures-from": args.signatures_from},
+    )
+    claim(out / "predictions.jsonl", run_identity(args), args.overwrite)  # before the model loads
     if args.num_samples:
-        _check_sample_settings(out / "samples.jsonl", args)
+        if not args.overwrite:
+            _check_sample_settings(out / "samples.jsonl", args)
+        claim(out / "samples.jsonl", run_identity(args, sampled=True), args.overwrite)
     cases = cases_from_args(args, rejects_default=str(out / "rejects.jsonl"))
     cases = cases[: args.limit] if args.limit else cases
     if not cases:
@@ -255,6 +285,7 @@ def run(args) -> int:
         process=process,
         chunk_size=args.batch_size * 4,
         desc="eval-report",
+        identity=run_identity(args),
     )
     samples = None
     if args.num_samples:
@@ -289,6 +320,7 @@ def run(args) -> int:
             process=draw,
             chunk_size=args.batch_size * 4,
             desc=f"eval-report samples (K={K})",
+            identity=run_identity(args, sampled=True),
         )
     if records is None:  # not rank 0
         return 0

@@ -89,23 +89,90 @@ def iter_records(path, split: str | None = None) -> Iterator[tuple[object, objec
         raise ApoError(f"{path}: unsupported data file (expected .jsonl, .json, .parquet or a dataset folder)")
 
 
-def _iter_dataset_folder(path: Path, split: str | None):
-    import datasets  # heavy; only dataset folders pay for it
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow")
+FOLDER_METADATA = ("dataset_info.json", "state.json", "dataset_dict.json")
+SPLIT_WORDS = ("train", "validation", "valid", "dev", "test", "eval")
 
-    if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
-        ds = datasets.load_from_disk(str(path))
-    else:
-        ds = datasets.load_dataset(str(path))
-    if isinstance(ds, datasets.DatasetDict):
-        if split is None:
-            if len(ds) != 1:
-                raise ApoError(f"{path}: dataset has splits {sorted(ds)}; choose one with --split")
-            split = next(iter(ds))
-        if split not in ds:
-            raise ApoError(f"{path}: no split {split!r} (has {sorted(ds)})")
-        ds = ds[split]
-    for i, row in enumerate(ds, 1):
-        yield f"row {i}", row
+
+def _saved_files(folder: Path) -> list[Path]:
+    """The .arrow files of one `save_to_disk` dataset (its state.json lists them), in order."""
+    state = folder / "state.json"
+    try:
+        files = [folder / f["filename"] for f in json.loads(state.read_text(encoding="utf-8"))["_data_files"]]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise DataError(state, None, f"unreadable dataset state ({e.__class__.__name__}: {e})") from None
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise DataError(folder, None, f"data files listed in state.json are missing: {missing}")
+    return files
+
+
+def _file_split(rel: Path) -> str:
+    if len(rel.parts) > 1:
+        return rel.parts[0]
+    stem = rel.name.split(".")[0].lower()
+    head = stem.split("-")[0].split("_")[0]
+    return head if head in SPLIT_WORDS else "train"
+
+
+def dataset_splits(path: Path) -> dict[str, list[Path]]:
+    """{split: data files} of a dataset folder: a `save_to_disk` folder (dataset_dict.json / state.json) or a
+    folder of JSONL/JSON/parquet/arrow shards, split by subfolder (train/...) or file-name prefix (test-0001.jsonl);
+    files with neither are "train", as `datasets.load_dataset` does."""
+    if (path / "dataset_dict.json").exists():
+        try:
+            names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+            raise DataError(path / "dataset_dict.json", None, f"unreadable ({e.__class__.__name__}: {e})") from None
+        return {str(n): None for n in names}  # resolved lazily: only the requested split's files are read
+    if (path / "state.json").exists():
+        return {"train": _saved_files(path)}
+    splits: dict[str, list[Path]] = {}
+    for f in sorted(path.rglob("*")):
+        rel = f.relative_to(path)
+        if not f.is_file() or f.suffix not in DATA_SUFFIXES or f.name in FOLDER_METADATA:
+            continue
+        if any(part.startswith(".") for part in rel.parts) or ".rejects" in f.name:
+            continue
+        splits.setdefault(_file_split(rel), []).append(f)
+    if not splits:
+        raise ApoError(f"{path}: no data files in this folder (expected {', '.join(DATA_SUFFIXES)} shards)")
+    return splits
+
+
+def _iter_dataset_folder(path: Path, split: str | None):
+    """Every record of the requested split, file by file through the same readers as single files (no schema
+    inference across shards: a value is what its own file says). Places are `shard:line` / `shard:row N`."""
+    splits = dataset_splits(path)
+    if split is None:
+        if len(splits) != 1:
+            raise ApoError(f"{path}: dataset has splits {sorted(splits)}; choose one with --split")
+        split = next(iter(splits))
+    if split not in splits:
+        raise ApoError(f"{path}: no split {split!r} (has {sorted(splits)})")
+    files = splits[split]
+    if files is None:
+        files = _saved_files(path / split)
+    for f in files:
+        rel = f.relative_to(path)
+        try:
+            if f.suffix == ".arrow":
+                import pyarrow as pa
+
+                try:
+                    with pa.memory_map(str(f)) as source:
+                        rows = pa.ipc.open_stream(source).read_all().to_pylist()
+                except Exception as e:  # pyarrow raises several types for a broken file
+                    raise DataError(f, None, f"cannot read arrow file ({e.__class__.__name__}: {e})") from None
+                for i, row in enumerate(rows, 1):
+                    yield f"{rel}:row {i}", row
+                continue
+            for place, row in iter_records(f):
+                if isinstance(row, DataError):
+                    row = DataError(path, f"{rel}:{place}", row.reason)
+                yield f"{rel}:{place}", row
+        except DataError as e:  # a whole shard that cannot be read is one bad record (skipped with --skip-bad)
+            yield str(rel), DataError(path, rel, e.reason)
 
 
 # ---------------------------------------------------------------- bad records

@@ -31,6 +31,26 @@ def swift_user_content(n_images: int, text: str) -> str:
     return "<image>" * n_images + text
 
 
+HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_rgb(im):
+    """An RGB image. 16-bit grayscale (PNG mode I;16, or I holding 0..65535) is scaled from its full 16-bit range to
+    8 bits (PIL's own convert clips every value above 255 to white); float images (mode F) and 32-bit values
+    outside 0..65535 raise ValueError (no scaling can be assumed for them)."""
+    if im.mode not in HIGH_BIT_MODES:
+        return im.convert("RGB")
+    import numpy as np
+    from PIL import Image
+
+    if im.mode == "F":
+        raise ValueError("floating-point pixels (mode F): convert the image to 8- or 16-bit first")
+    a = np.asarray(im).astype(np.int64)
+    if a.size and (a.min() < 0 or a.max() > 65535):
+        raise ValueError(f"{im.mode} pixels range {a.min()}..{a.max()}, outside 16 bits: convert to 8- or 16-bit")
+    return Image.fromarray((a // 257).astype(np.uint8), mode="L").convert("RGB")
+
+
 def load_images(paths) -> list:
     """RGB PIL images; a file that is missing or not an image raises ApoError naming it."""
     from PIL import Image, UnidentifiedImageError
@@ -39,7 +59,7 @@ def load_images(paths) -> list:
     for p in paths:
         try:
             with Image.open(p) as im:
-                images.append(im.convert("RGB"))
+                images.append(to_rgb(im))
         except (OSError, UnidentifiedImageError, ValueError) as e:
             raise ApoError(f"{p}: cannot read image ({e.__class__.__name__}: {e})") from None
     return images

@@ -56,6 +56,28 @@ def add_model_arguments(parser, required=True) -> None:
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory it may take")
 
 
+def add_overwrite_argument(parser) -> None:
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start the output again: earlier results in it are removed (default: resume, and refuse results of a "
+        "run with another model, data or settings)",
+    )
+
+
+def model_identity(args) -> dict:
+    """What of a generating command's flags decides its answers (the resumable output's identity record)."""
+    from apo.io.jobs import fingerprint
+
+    return {
+        "model": fingerprint(args.model),
+        "adapter": fingerprint(args.adapter),
+        "dtype": args.dtype,
+        "backend": getattr(args, "backend", "hf"),
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
 def model_from_args(args):
     if args.batch_size < 1 or args.max_new_tokens < 1:
         raise ApoError("--batch-size and --max-new-tokens must be at least 1")

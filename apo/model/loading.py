@@ -27,12 +27,58 @@ def check_model(model, flag: str = "--model") -> None:
         raise ApoError(f"{flag} {model}: no such folder (offline mode: HF_HUB_OFFLINE=1; pass a local model folder)")
 
 
+def _json_file(path: Path, flag, folder) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ApoError(f"{flag} {folder}: {path.name} is corrupt ({e})") from None
+    if not isinstance(value, dict):
+        raise ApoError(f"{flag} {folder}: {path.name} is corrupt (not a JSON object)")
+    return value
+
+
+def _weights_problem(folder: Path) -> str | None:
+    """A truncated safetensors file (shorter than its header says) or a folder with no weights at all."""
+    from apo.trainer.checkpoint import _safetensors_problem
+
+    weights = list(folder.glob("*.safetensors"))
+    if not weights and not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")):
+        return "no weight files (*.safetensors) there"
+    for w in weights:
+        try:
+            problem = _safetensors_problem(w)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError):
+            problem = f"{w.name}: unreadable header"
+        if problem:
+            return problem
+    return None
+
+
+def check_model_folder(model, flag: str = "--model") -> None:
+    """A local model folder must hold a readable config.json and whole weights: checked before anything loads."""
+    check_model(model, flag)
+    folder = Path(model)
+    if not folder.is_dir():
+        return  # a hub id (online)
+    cfg = folder / "config.json"
+    if not cfg.is_file():
+        raise ApoError(f"{flag} {model}: not a model folder (no config.json there)")
+    _json_file(cfg, flag, model)
+    problem = _weights_problem(folder)
+    if problem:
+        raise ApoError(f"{flag} {model}: {problem}")
+
+
 def adapter_config(adapter, flag: str = "--adapter") -> dict:
     """The adapter folder's adapter_config.json; anything else is an error naming the flag."""
     path = Path(adapter) / "adapter_config.json"
     if not path.is_file():
         raise ApoError(f"{flag} {adapter}: no adapter_config.json there (expected a PEFT/LoRA checkpoint folder)")
-    return json.loads(path.read_text(encoding="utf-8"))
+    config = _json_file(path, flag, adapter)
+    problem = _weights_problem(Path(adapter))
+    if problem:
+        raise ApoError(f"{flag} {adapter}: {problem}")
+    return config
 
 
 def pick_device(device=None) -> str:
@@ -85,16 +131,24 @@ def load_pretrained(
     partitions; the Trainer places them). `flags` name the options in error messages."""
     from transformers import AutoModelForImageTextToText
 
-    check_model(model, flags[0])
+    check_model_folder(model, flags[0])
     if adapter is not None:
         adapter_config(adapter, flags[1])
     kw = dict(dtype=resolve_dtype(dtype, device), trust_remote_code=trust_remote_code, local_files_only=is_offline())
     if attn_implementation:
         kw["attn_implementation"] = attn_implementation
-    processor = load_processor(model, trust_remote_code)
-    net = AutoModelForImageTextToText.from_pretrained(model, **kw)
+    try:
+        processor = load_processor(model, trust_remote_code)
+        net = AutoModelForImageTextToText.from_pretrained(model, **kw)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:  # a folder from_pretrained cannot read
+        first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+        raise ApoError(f"{flags[0]} {model}: cannot load the model ({e.__class__.__name__}: {first})") from None
     if adapter is not None:
-        net = merge_adapter(net, adapter)
+        try:
+            net = merge_adapter(net, adapter)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [e.__class__.__name__])[0][:300]
+            raise ApoError(f"{flags[1]} {adapter}: cannot load the adapter ({e.__class__.__name__}: {first})") from None
     if device is not None:
         net.to(device)
     return net, processor

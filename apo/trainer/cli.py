@@ -56,8 +56,29 @@ def run(args) -> int:
     for name in ("model_name_or_path", "groups_file", "output_dir"):
         if not getattr(config, name):
             raise ApoError(f"--{name} is required (in the config file or on the command line)")
-    groups = load_groups(config.groups_file, config.max_negatives, config.skip_bad, config.rejects_file)
+    from apo.data import image_rules
+    from apo.io.jobs import check_outputs
+    from apo.model.loading import adapter_config, check_model_folder
+
+    if not os.path.isfile(config.groups_file):
+        raise ApoError(f"--groups_file {config.groups_file}: file not found (write it with `apo build-pairs`)")
+    if os.path.isfile(config.output_dir):
+        raise ApoError(f"--output_dir {config.output_dir}: is a file, not a folder")
+    check_outputs(
+        {"--output_dir": os.path.join(config.output_dir, "adapter_config.json"), "--rejects_file": config.rejects_file},
+        {"--groups_file": config.groups_file},
+    )
+    groups = load_groups(
+        config.groups_file,
+        config.max_negatives,
+        config.skip_bad,
+        config.rejects_file,
+        image_rules=image_rules(config.model_name_or_path),
+    )
     resume = resume_point(config, getattr(args, "resume", False))  # before the model loads: a bad path fails fast
+    check_model_folder(config.model_name_or_path, "--model_name_or_path")  # before anything loads
+    if config.adapter_name_or_path:
+        adapter_config(config.adapter_name_or_path, "--adapter_name_or_path")
     model, processor = build_model(config)
     trainer = APOTrainer(model=model, args=config, train_dataset=groups, processing_class=processor)
     if trainer.is_world_process_zero():

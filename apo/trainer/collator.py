@@ -62,7 +62,9 @@ def _group_problem(g) -> str | None:
     return None
 
 
-def load_groups(path, max_negatives: int | None = None, skip_bad: bool = False, rejects_path=None) -> list[dict]:
+def load_groups(
+    path, max_negatives: int | None = None, skip_bad: bool = False, rejects_path=None, image_rules=None
+) -> list[dict]:
     """Read groups.jsonl (from `apo build-pairs`) or ms-swift-style rows with several rejected answers
     (`apo.trainer.swift_rows`; detected per row, a file may mix them); a malformed line raises DataError naming it,
     or with `skip_bad` is left out and listed with its reason in `rejects_path` (default: next to the file).
@@ -106,7 +108,7 @@ def load_groups(path, max_negatives: int | None = None, skip_bad: bool = False, 
             groups.append({k: g[k] for k in GROUP_FIELDS + ("messages",) if k in g})
             lines.append(lineno)
             raws.append(row)
-    check = ImageResolver(root, allow_absolute=True, verify="full")
+    check = ImageResolver(root, allow_absolute=True, verify="full", rules=image_rules)
     check.check_all(p for g in groups for p in g["images"])
     kept = []
     for g, lineno, row in zip(groups, lines, raws):
@@ -125,6 +127,10 @@ def load_groups(path, max_negatives: int | None = None, skip_bad: bool = False, 
             len(kept),
             rejects_path,
         )
+    elif rejects_path is not None:
+        Path(rejects_path).unlink(missing_ok=True)  # no stale list from an earlier run
+    else:
+        Path(f"{path}.rejects.jsonl").unlink(missing_ok=True)
     if not kept:
         raise DataError(path, None, "no groups")
     return kept

@@ -159,6 +159,15 @@ class APOConfig(TrainingArguments):
             raise ApoError("--logps_chunk_size must be >= 1")
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ApoError(f"--torch_dtype: unknown {self.torch_dtype!r}")
+        for name, low in (("lora_r", 1), ("lora_alpha", 1), ("max_length", 16)):
+            if getattr(self, name) < low:
+                raise ApoError(f"--{name} must be >= {low}, not {getattr(self, name)}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ApoError(f"--lora_dropout must be in [0, 1), not {self.lora_dropout}")
+        if self.learning_rate < 0:
+            raise ApoError(f"--learning_rate must be >= 0, not {self.learning_rate}")
+        if self.sft_weight < 0:
+            raise ApoError(f"--sft_weight must be >= 0, not {self.sft_weight}")
 
     @property
     def dtype(self):
@@ -168,29 +177,131 @@ class APOConfig(TrainingArguments):
         return getattr(torch, name)
 
 
-def parse_config(config_file: str | None = None, argv: list[str] | None = None) -> APOConfig:
-    """YAML/JSON file values become defaults; `argv` (HF-style `--key value`) overrides them."""
+def _expected(tp) -> tuple[tuple, str, tuple | None]:
+    """(accepted Python types, what to call them, allowed values or None) of a config field's annotation."""
+    import enum
+    import types
+    import typing
+
+    args = typing.get_args(tp)
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 1:
+            acc, what, choices = _expected(inner[0])
+            return acc + (type(None),), what + " or null", choices
+        return (object,), "", None
+    if origin is typing.Literal:
+        return (str,), "one of " + ", ".join(map(str, args)), args
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return (str,), "one of " + ", ".join(str(m.value) for m in tp), tuple(m.value for m in tp)
+    if tp is bool:
+        return (bool,), "true or false", None
+    if tp is int:
+        return (int,), "an integer", None
+    if tp is float:
+        return (int, float), "a number", None
+    if tp is str:
+        return (str,), "a string", None
+    return (object,), "", None
+
+
+def check_value(name: str, value, where: str) -> None:
+    """A config-file value of the right type for its field, or ApoError `FILE: key NAME: expected ..., got ...`."""
+    import typing
+
+    hints = typing.get_type_hints(APOConfig)
+    if name not in hints:
+        return
+    acc, what, choices = _expected(hints[name])
+    ok = isinstance(value, acc) and not (isinstance(value, bool) and bool not in acc)
+    if ok and choices is not None and value is not None and value not in choices:
+        ok = False
+    if not ok:
+        raise ApoError(f"{where}: key {name}: expected {what}, got {value!r} ({type(value).__name__})")
+
+
+def _read_values(path) -> dict:
     import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ApoError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ApoError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    if path.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ApoError(f"{path}:{e.lineno}: invalid JSON ({e.msg} at column {e.colno})") from None
+    else:
+        import yaml
+
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ApoError(f"{where}: YAML syntax error ({problem})") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ApoError(f"{path}: a config file must be a mapping of key: value, got {type(values).__name__}")
+    return values
+
+
+def parse_config(config_file: str | None = None, argv: list[str] | None = None) -> APOConfig:
+    """YAML/JSON file values become defaults; `argv` (HF-style `--key value`) overrides them. Every mistake is one
+    ApoError line naming the file (and line) or the flag, the key and what was expected."""
+    import difflib
     from pathlib import Path
 
     parser = HfArgumentParser(APOConfig)
+
+    def fail(message):  # argparse would print 100 lines of usage and exit
+        raise ApoError(f"command line: {message} (see `apo train --help-config`)")
+
+    parser.error = fail
+    known = {f.name for f in fields(APOConfig) if f.init}
+    where = "command line"
     if config_file:
         path = Path(config_file)
+        where = str(path)
         if not path.is_file():
             raise ApoError(f"{path}: config file not found")
-        if path.suffix == ".json":
-            values = json.loads(path.read_text(encoding="utf-8"))
-        else:
-            import yaml
-
-            values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        known = {f.name for f in fields(APOConfig) if f.init}
-        unknown = sorted(set(values) - known)
+        values = _read_values(path)
+        unknown = sorted(str(k) for k in values if k not in known)
         if unknown:
-            raise ApoError(f"{path}: unknown keys {unknown} (see `apo train --help-config`)")
+            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            raise ApoError(
+                f"{path}: unknown keys {unknown}"
+                + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                + " (see `apo train --help-config`)"
+            )
+        for k, v in values.items():
+            check_value(k, v, str(path))
         for a in parser._actions:  # a file value satisfies a required flag too
             if a.dest in values:
                 a.required = False
         parser.set_defaults(**values)
-    (config,) = parser.parse_args_into_dataclasses(args=list(argv or []), look_for_args_file=False)
+    argv = list(argv or [])
+    for a in argv:
+        if a.startswith("--"):
+            name = a[2:].split("=", 1)[0].replace("-", "_")
+            if name not in known and name not in ("help",):
+                hint = difflib.get_close_matches(name, known, n=1)
+                raise ApoError(
+                    f"command line: unknown option {a.split('=', 1)[0]}"
+                    + (f" (did you mean --{hint[0]}?)" if hint else "")
+                    + " (see `apo train --help-config`)"
+                )
+    try:
+        (config,) = parser.parse_args_into_dataclasses(args=argv, look_for_args_file=False)
+    except ApoError:
+        raise
+    except (ValueError, TypeError, KeyError) as e:  # TrainingArguments.__post_init__ checks
+        first = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise ApoError(f"{where}: {first}") from None
     return config
