@@ -115,9 +115,14 @@ def identity_path(out) -> Path:
     return out.with_name(out.name + ".identity.json")
 
 
+FIRST = ("command", "strategy", "model", "adapter", "dataset", "csv", "teachers", "split", "prompt")
+
+
 def _differences(have: dict, want: dict, prefix="") -> list[str]:
+    """What differs, the keys that decide most first (a model change before the settings that came with it)."""
     out = []
-    for k in sorted(set(have) | set(want)):
+    keys = set(have) | set(want)
+    for k in [k for k in FIRST if k in keys] + sorted(keys - set(FIRST)):
         a, b = have.get(k), want.get(k)
         if isinstance(a, dict) and isinstance(b, dict):
             out += _differences(a, b, f"{prefix}{k}.")
