@@ -40,23 +40,65 @@ def world(tmp_path_factory):
 
 
 def consensus_vote(w, tmp, *extra, data=None):
-    return ["consensus", "--strategy", "vote", "--dataset", data or w["data"], "--image-root", w["root"],
-            "--out", tmp / "cons.jsonl", *extra]  # fmt: skip
+    return [
+        "consensus",
+        "--strategy",
+        "vote",
+        "--dataset",
+        data or w["data"],
+        "--image-root",
+        w["root"],
+        "--out",
+        tmp / "cons.jsonl",
+        *extra,
+    ]
 
 
 def consensus_model(w, tmp, *extra, data=None):
-    return ["consensus", "--strategy", "model", "--model", w["model_a"], "--dataset", data or w["data"],
-            "--image-root", w["root"], "--out", tmp / "cons.jsonl", *extra]  # fmt: skip
+    return [
+        "consensus",
+        "--strategy",
+        "model",
+        "--model",
+        w["model_a"],
+        "--dataset",
+        data or w["data"],
+        "--image-root",
+        w["root"],
+        "--out",
+        tmp / "cons.jsonl",
+        *extra,
+    ]
 
 
 def report(w, tmp, *extra, data=None):
-    return ["eval-report", "--model", w["model_a"], "--dataset", data or w["data"], "--image-root", w["root"],
-            "--out", tmp / "ev", *extra]  # fmt: skip
+    return [
+        "eval-report",
+        "--model",
+        w["model_a"],
+        "--dataset",
+        data or w["data"],
+        "--image-root",
+        w["root"],
+        "--out",
+        tmp / "ev",
+        *extra,
+    ]
 
 
 def mscxrt(w, tmp, *extra, data=None):
-    return ["eval-mscxrt", "--model", w["model_a"], "--csv", data or w["csv"], "--image-root", w["root"],
-            "--out", tmp / "ms", *extra]  # fmt: skip
+    return [
+        "eval-mscxrt",
+        "--model",
+        w["model_a"],
+        "--csv",
+        data or w["csv"],
+        "--image-root",
+        w["root"],
+        "--out",
+        tmp / "ms",
+        *extra,
+    ]
 
 
 def _replace(argv, flag, value):
@@ -74,8 +116,12 @@ OUTPUT = {
     "eval-report": lambda tmp: tmp / "ev" / "predictions.jsonl",
     "eval-mscxrt": lambda tmp: tmp / "ms" / "mscxrt_predictions.jsonl",
 }
-BASE = {"consensus-vote": consensus_vote, "consensus-model": consensus_model, "eval-report": report,
-        "eval-mscxrt": mscxrt}  # fmt: skip
+BASE = {
+    "consensus-vote": consensus_vote,
+    "consensus-model": consensus_model,
+    "eval-report": report,
+    "eval-mscxrt": mscxrt,
+}
 
 # (command, what changes, how the argv changes, the key the error must name)
 CHANGES = [
@@ -146,10 +192,16 @@ def test_rerun_with_other_inputs_is_refused(world, tmp_path, capsys, monkeypatch
 
 def _fake_model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False):
     return [
-        {"case_id": c.case_id, "strategy": "model", "text": "Left pleural effusion.", "teachers": c.teachers,
-         "prompt_tokens": 1, "truncated": {}}
+        {
+            "case_id": c.case_id,
+            "strategy": "model",
+            "text": "Left pleural effusion.",
+            "teachers": c.teachers,
+            "prompt_tokens": 1,
+            "truncated": {},
+        }
         for c in cases
-    ]  # fmt: skip
+    ]
 
 
 @pytest.mark.parametrize("command", sorted(BASE))
@@ -257,24 +309,57 @@ def _same_as_input(w, tmp, command):
         cons.write_bytes(w["consensus"].read_bytes())
         return ["build-pairs", *common, "--consensus", cons, "--out", cons], "--out"
     if command == "build-pairs-dpo-out-data":
-        return ["build-pairs", *common, "--consensus", w["consensus"], "--out", tmp / "g.jsonl",
-                "--dpo-out", data], "--dpo-out"  # fmt: skip
+        return [
+            "build-pairs",
+            *common,
+            "--consensus",
+            w["consensus"],
+            "--out",
+            tmp / "g.jsonl",
+            "--dpo-out",
+            data,
+        ], "--dpo-out"
     if command == "build-pairs-dpo-out-out":
-        return ["build-pairs", *common, "--consensus", w["consensus"], "--out", tmp / "g.jsonl",
-                "--dpo-out", tmp / "g.jsonl"], "--dpo-out"  # fmt: skip
+        return [
+            "build-pairs",
+            *common,
+            "--consensus",
+            w["consensus"],
+            "--out",
+            tmp / "g.jsonl",
+            "--dpo-out",
+            tmp / "g.jsonl",
+        ], "--dpo-out"
     if command == "eval-report":
         ev = tmp / "ev"
         ev.mkdir()
         pred = ev / "predictions.jsonl"
         pred.write_bytes(w["data"].read_bytes())
-        return ["eval-report", "--model", w["model_a"], "--dataset", pred, "--image-root", w["root"],
-                "--out", ev], "--out"  # fmt: skip
+        return [
+            "eval-report",
+            "--model",
+            w["model_a"],
+            "--dataset",
+            pred,
+            "--image-root",
+            w["root"],
+            "--out",
+            ev,
+        ], "--out"
     if command == "eval-report-signatures":
         ev = tmp / "ev"
         ev.mkdir()
         (ev / "predictions.jsonl").write_bytes(w["data"].read_bytes())
-        return ["eval-report", "--model", w["model_a"], *common, "--out", ev, "--signatures-from",
-                ev / "predictions.jsonl"], "--out"  # fmt: skip
+        return [
+            "eval-report",
+            "--model",
+            w["model_a"],
+            *common,
+            "--out",
+            ev,
+            "--signatures-from",
+            ev / "predictions.jsonl",
+        ], "--out"
     if command == "eval-mscxrt":
         ms = tmp / "ms"
         ms.mkdir()
@@ -292,14 +377,36 @@ def _same_as_input(w, tmp, command):
         (d / "drift.json").write_bytes(w["consensus"].read_bytes())
         return ["drift", *common, "--consensus", d / "drift.json", "--out", d], "--out"
     if command == "train-rejects-file":
-        return ["train", "--config", DEMO, "--model_name_or_path", w["model_a"], "--groups_file", w["groups"],
-                "--output_dir", tmp / "apo", "--rejects_file", w["groups"]], "--rejects_file"  # fmt: skip
+        return [
+            "train",
+            "--config",
+            DEMO,
+            "--model_name_or_path",
+            w["model_a"],
+            "--groups_file",
+            w["groups"],
+            "--output_dir",
+            tmp / "apo",
+            "--rejects_file",
+            w["groups"],
+        ], "--rejects_file"
     raise KeyError(command)
 
 
-SAME = ["prepare-sft", "consensus", "build-pairs-out-data", "build-pairs-out-consensus", "build-pairs-dpo-out-data",
-        "build-pairs-dpo-out-out", "eval-report", "eval-report-signatures", "eval-mscxrt", "drift",
-        "drift-consensus", "train-rejects-file"]  # fmt: skip
+SAME = [
+    "prepare-sft",
+    "consensus",
+    "build-pairs-out-data",
+    "build-pairs-out-consensus",
+    "build-pairs-dpo-out-data",
+    "build-pairs-dpo-out-out",
+    "eval-report",
+    "eval-report-signatures",
+    "eval-mscxrt",
+    "drift",
+    "drift-consensus",
+    "train-rejects-file",
+]
 
 
 @pytest.mark.parametrize("case", SAME)
@@ -318,19 +425,53 @@ def _with_out(w, tmp, command, out):
         "prepare-sft": ["prepare-sft", *common, "--out", out],
         "consensus": ["consensus", "--strategy", "vote", *common, "--out", out],
         "build-pairs": ["build-pairs", *common, "--consensus", w["consensus"], "--out", out],
-        "build-pairs-dpo": ["build-pairs", *common, "--consensus", w["consensus"], "--out", tmp / "g.jsonl",
-                            "--dpo-out", out],  # fmt: skip
+        "build-pairs-dpo": [
+            "build-pairs",
+            *common,
+            "--consensus",
+            w["consensus"],
+            "--out",
+            tmp / "g.jsonl",
+            "--dpo-out",
+            out,
+        ],
         "eval-report": ["eval-report", "--model", w["model_a"], *common, "--out", out],
-        "eval-mscxrt": ["eval-mscxrt", "--model", w["model_a"], "--csv", w["csv"], "--image-root", w["root"],
-                        "--out", out],  # fmt: skip
+        "eval-mscxrt": [
+            "eval-mscxrt",
+            "--model",
+            w["model_a"],
+            "--csv",
+            w["csv"],
+            "--image-root",
+            w["root"],
+            "--out",
+            out,
+        ],
         "drift": ["drift", *common, "--out", out],
-        "train": ["train", "--config", DEMO, "--model_name_or_path", w["model_a"], "--groups_file", w["groups"],
-                  "--output_dir", out],  # fmt: skip
+        "train": [
+            "train",
+            "--config",
+            DEMO,
+            "--model_name_or_path",
+            w["model_a"],
+            "--groups_file",
+            w["groups"],
+            "--output_dir",
+            out,
+        ],
     }[command]
 
 
-UNWRITABLE_COMMANDS = ["prepare-sft", "consensus", "build-pairs", "build-pairs-dpo", "eval-report", "eval-mscxrt",
-                       "drift", "train"]  # fmt: skip
+UNWRITABLE_COMMANDS = [
+    "prepare-sft",
+    "consensus",
+    "build-pairs",
+    "build-pairs-dpo",
+    "eval-report",
+    "eval-mscxrt",
+    "drift",
+    "train",
+]
 
 
 @pytest.mark.parametrize("where", ["proc", "under_a_file"])
@@ -351,8 +492,17 @@ def test_unwritable_output_is_found_before_any_work(world, tmp_path, capsys, mon
 def test_train_output_dir_that_is_a_file(world, tmp_path, capsys):
     f = tmp_path / "out"
     f.write_text("x")
-    argv = ["train", "--config", DEMO, "--model_name_or_path", world["model_a"], "--groups_file", world["groups"],
-            "--output_dir", f]  # fmt: skip
+    argv = [
+        "train",
+        "--config",
+        DEMO,
+        "--model_name_or_path",
+        world["model_a"],
+        "--groups_file",
+        world["groups"],
+        "--output_dir",
+        f,
+    ]
     one_line(*run(capsys, argv), "train", r"--output_dir .*: is a file, not a folder")
 
 
@@ -381,20 +531,43 @@ def test_clean_rerun_removes_stale_rejects(world, tmp_path, capsys, monkeypatch,
         data.write_bytes(world["data"].read_bytes() + _bad_line())
     common = ["--dataset", data, "--image-root", world["root"], "--skip-bad"]
     argv, rejects = {
-        "prepare-sft": (["prepare-sft", *common, "--out", tmp_path / "sft.jsonl"],
-                        tmp_path / "sft.jsonl.rejects.jsonl"),
-        "consensus": (["consensus", "--strategy", "vote", *common, "--out", tmp_path / "c2.jsonl"],
-                      tmp_path / "c2.jsonl.rejects.jsonl"),
-        "build-pairs": (["build-pairs", *common, "--consensus", cons, "--out", tmp_path / "g.jsonl"],
-                        tmp_path / "g.jsonl.rejects.jsonl"),
-        "build-pairs-consensus": (["build-pairs", *common, "--consensus", cons, "--out", tmp_path / "g.jsonl"],
-                                  tmp_path / "g.jsonl.consensus_rejects.jsonl"),
+        "prepare-sft": (
+            ["prepare-sft", *common, "--out", tmp_path / "sft.jsonl"],
+            tmp_path / "sft.jsonl.rejects.jsonl",
+        ),
+        "consensus": (
+            ["consensus", "--strategy", "vote", *common, "--out", tmp_path / "c2.jsonl"],
+            tmp_path / "c2.jsonl.rejects.jsonl",
+        ),
+        "build-pairs": (
+            ["build-pairs", *common, "--consensus", cons, "--out", tmp_path / "g.jsonl"],
+            tmp_path / "g.jsonl.rejects.jsonl",
+        ),
+        "build-pairs-consensus": (
+            ["build-pairs", *common, "--consensus", cons, "--out", tmp_path / "g.jsonl"],
+            tmp_path / "g.jsonl.consensus_rejects.jsonl",
+        ),
         "drift": (["drift", *common, "--out", tmp_path / "d"], tmp_path / "d" / "rejects.jsonl"),
-        "eval-report": (["eval-report", "--model", world["model_a"], *common, "--out", tmp_path / "ev"],
-                        tmp_path / "ev" / "rejects.jsonl"),
-        "eval-mscxrt": (["eval-mscxrt", "--model", world["model_a"], "--csv", csv, "--image-root", world["root"],
-                         "--skip-bad", "--out", tmp_path / "ms"], tmp_path / "ms" / "mscxrt_rejects.jsonl"),
-    }[command]  # fmt: skip
+        "eval-report": (
+            ["eval-report", "--model", world["model_a"], *common, "--out", tmp_path / "ev"],
+            tmp_path / "ev" / "rejects.jsonl",
+        ),
+        "eval-mscxrt": (
+            [
+                "eval-mscxrt",
+                "--model",
+                world["model_a"],
+                "--csv",
+                csv,
+                "--image-root",
+                world["root"],
+                "--skip-bad",
+                "--out",
+                tmp_path / "ms",
+            ],
+            tmp_path / "ms" / "mscxrt_rejects.jsonl",
+        ),
+    }[command]
     ok(*run(capsys, argv))
     assert rejects.is_file()
     data.write_bytes(world["data"].read_bytes())
