@@ -395,7 +395,10 @@ class ImageResolver:
                     im.draft("L", (max(1, w // 8), max(1, h // 8)))  # JPEG: decode at 1/8 scale, still reads every byte
                     im.load()
                     if im.mode in HIGH_BIT_MODES:
-                        to_rgb(im)  # 16-bit is scaled; what cannot be scaled is refused here, not mid-run
+                        try:
+                            to_rgb(im)  # 16-bit is scaled; what cannot be scaled is refused here, not mid-run
+                        except ValueError as e:
+                            return f"image has {e}: {path}"
                 else:
                     im.verify()
         except Exception as e:  # PIL raises many types for broken files

@@ -187,6 +187,14 @@ def _expected(tp) -> tuple[tuple, str, tuple | None]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
+        enums = [a for a in inner if isinstance(a, type) and issubclass(a, enum.Enum)]
+        if enums:  # TrainingArguments' `IntervalStrategy | str`: the enum's values are what it takes
+            acc, what, choices = _expected(enums[0])
+            return (
+                (acc + (type(None),), what + " or null", choices + (None,))
+                if type(None) in args
+                else (acc, what, choices)
+            )
         if len(inner) == 1:
             acc, what, choices = _expected(inner[0])
             return acc + (type(None),), what + " or null", choices
