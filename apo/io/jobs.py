@@ -95,6 +95,17 @@ def _lock(path: Path, shared: bool = False) -> None:
     _HELD[key] = fh
 
 
+def release(out) -> None:
+    """Drop this process's locks on `out` and its shard files (run_resumable, when its job is done)."""
+    out = Path(out)
+    for key in [k for k in _HELD if Path(k).name.startswith(out.name + ".") and Path(k).parent == out.parent.resolve()]:
+        fh = _HELD.pop(key)
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        finally:
+            fh.close()
+
+
 def release_all() -> None:
     """Drop every output lock this process holds (the CLI calls it when a command ends)."""
     while _HELD:
@@ -250,6 +261,7 @@ def run_resumable(
             bar.update(len(chunk))
     bar.close()
     if rank != 0:
+        release(out)
         return None
     if world > 1:  # wait (file system only: no process group, no NCCL timeout) until every case is in some file;
         # if a rank dies, torchrun stops the others and a rerun picks up from the shard files
@@ -264,6 +276,7 @@ def run_resumable(
     records = merged.finalize(order)
     for p in _shard_files(out):
         p.unlink()
+    release(out)
     return {str(r[merged.key]): r for r in records}
 
 
