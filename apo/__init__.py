@@ -13,7 +13,8 @@ Around them:
                decoding (KV cache, attention for generation), attention (kernel wrapping), packing (the packed
                training step), logps (sequence log-probs)
   io/          records (reading JSONL/JSON/parquet/dataset folders, line numbers, rejects), resumable (append-only
-               result files), jobs (sharding over ranks, a lock per output), mimic (MIMIC ids and paths)
+               result files), jobs (sharding over ranks, a lock and an identity record per output, outputs
+               checked before work), mimic (MIMIC ids and paths)
   evaluation/  labeler, metrics, report (`apo eval-report`), mscxrt (`apo eval-mscxrt`), drift (`apo drift`),
                tables (`apo tables`)
   world/       the embedded demo world: synth/ (the synthetic CXR-MAX-format benchmark, `apo synth`), tiny (the tiny
