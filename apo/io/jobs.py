@@ -14,8 +14,8 @@ reused from another run, and OUT itself stays byte-identical between an uninterr
 
 One writer per output: the process writing a file holds `fcntl.flock` on `FILE.lock` (OUT.lock with one process;
 with several, each rank its shard's lock, and a shared lock on OUT.lock so a single-process run cannot start beside
-them). A second process stops at once naming the holder's pid and host. Lock files stay (removing a lock file
-while others may open it is a race); they are empty of meaning once no process holds them.
+them). A second process stops at once naming the holder's pid and host. OUT.lock stays (removing a lock file
+while others may open it is a race; it means nothing once no process holds it); shard locks go with their shards.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def _shard_path(out: Path, rank: int, world: int) -> Path:
 
 
 def _shard_files(out: Path) -> list[Path]:
-    return sorted(p for p in out.parent.glob(out.name + ".rank*-of-*") if not p.name.endswith(".tmp"))
+    return sorted(p for p in out.parent.glob(out.name + ".rank*-of-*") if not p.name.endswith((".tmp", ".lock")))
 
 
 def finished_records(out, skip=None) -> dict[str, dict]:
@@ -276,6 +276,7 @@ def run_resumable(
     records = merged.finalize(order)
     for p in _shard_files(out):
         p.unlink()
+        lock_path(p).unlink(missing_ok=True)  # its rank has finished: no one takes this lock again
     release(out)
     return {str(r[merged.key]): r for r in records}
 

@@ -37,12 +37,12 @@ def _json_file(path: Path, flag, folder) -> dict:
     return value
 
 
-def _weights_problem(folder: Path) -> str | None:
-    """A truncated safetensors file (shorter than its header says) or a folder with no weights at all."""
+def _weights_problem(folder: Path, required: bool = True) -> str | None:
+    """A truncated safetensors file (shorter than its header says) or, if `required`, a folder with no weights."""
     from apo.trainer.checkpoint import _safetensors_problem
 
     weights = list(folder.glob("*.safetensors"))
-    if not weights and not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")):
+    if required and not weights and not list(folder.glob("*.bin")) and not list(folder.glob("*.pt")):
         return "no weight files (*.safetensors) there"
     for w in weights:
         try:
@@ -75,7 +75,7 @@ def adapter_config(adapter, flag: str = "--adapter") -> dict:
     if not path.is_file():
         raise ApoError(f"{flag} {adapter}: no adapter_config.json there (expected a PEFT/LoRA checkpoint folder)")
     config = _json_file(path, flag, adapter)
-    problem = _weights_problem(Path(adapter))
+    problem = _weights_problem(Path(adapter), required=False)  # PEFT itself says what a weightless adapter lacks
     if problem:
         raise ApoError(f"{flag} {adapter}: {problem}")
     return config

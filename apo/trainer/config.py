@@ -159,7 +159,7 @@ class APOConfig(TrainingArguments):
             raise ApoError("--logps_chunk_size must be >= 1")
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ApoError(f"--torch_dtype: unknown {self.torch_dtype!r}")
-        for name, low in (("lora_r", 1), ("lora_alpha", 1), ("max_length", 16)):
+        for name, low in (("lora_r", 1), ("lora_alpha", 1), ("max_length", 1)):
             if getattr(self, name) < low:
                 raise ApoError(f"--{name} must be >= {low}, not {getattr(self, name)}")
         if not 0 <= self.lora_dropout < 1:

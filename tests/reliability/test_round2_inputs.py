@@ -63,7 +63,7 @@ CONFIG_FILES = {  # name -> (file name, content, what the one line must say)
     "lora_dropout_range": ("c.yaml", "lora_dropout: 1.5\n", r"--lora_dropout must be in \[0, 1\)"),
     "learning_rate_negative": ("c.yaml", "learning_rate: -0.001\n", r"--learning_rate must be >= 0"),
     "beta_zero": ("c.yaml", "beta: 0\n", r"--beta must be > 0"),
-    "max_length_zero": ("c.yaml", "max_length: 0\n", r"--max_length must be >= 16"),
+    "max_length_zero": ("c.yaml", "max_length: 0\n", r"--max_length must be >= 1"),
     "max_negatives_zero": ("c.yaml", "max_negatives: 0\n", r"--max_negatives must be >= 1"),
     "sft_weight_negative": ("c.yaml", "sft_weight: -1\n", r"--sft_weight must be >= 0"),
     "torch_dtype_unknown": ("c.yaml", "torch_dtype: float8\n", r"torch_dtype"),
