@@ -262,6 +262,8 @@ def run_resumable(
     bar.close()
     if rank != 0:
         release(out)
+        if not target.exists():  # nothing of ours to merge (all done before we started): leave no lock file behind
+            lock_path(target).unlink(missing_ok=True)
         return None
     if world > 1:  # wait (file system only: no process group, no NCCL timeout) until every case is in some file;
         # if a rank dies, torchrun stops the others and a rerun picks up from the shard files
@@ -276,7 +278,8 @@ def run_resumable(
     records = merged.finalize(order)
     for p in _shard_files(out):
         p.unlink()
-        lock_path(p).unlink(missing_ok=True)  # its rank has finished: no one takes this lock again
+    for p in out.parent.glob(out.name + ".rank*-of-*.lock"):  # every rank has finished: none takes these again
+        p.unlink(missing_ok=True)
     release(out)
     return {str(r[merged.key]): r for r in records}
 
