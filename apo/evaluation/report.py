@@ -53,7 +53,7 @@ from apo.io.mimic import mimic_report_path
 from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 from apo.model import generation  # generation.generate looked up per call: tests stand in for it
 from apo.model.chat import prompt_text
-from apo.model.generation import add_model_arguments, estimate_length, model_from_args
+from apo.model.generation import add_model_arguments, estimate_length, model_from_args, pixels_from_args
 
 # ---------------------------------------------------------------- references
 
@@ -303,6 +303,7 @@ def run(args) -> int:
         "nlg": scoring.nlg_scores(gts, hyps),
         "clinical": scoring.clinical_efficacy(gts, hyps),
         "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases]),
+        "pixel_budget": pixels_from_args(args),
     }
     greedy_texts = [records[c.case_id]["prediction"] for c in cases]
     sample_lists = {c.case_id: samples[c.case_id]["samples"] for c in cases} if samples is not None else None

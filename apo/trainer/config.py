@@ -78,6 +78,17 @@ class APOConfig(TrainingArguments):
             "is never cut; the response is truncated to fit."
         },
     )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pixel budget: largest image area after resizing (default $MAX_PIXELS or 401,408 = 512 x 28 x 28; "
+            "the same in every stage: a pi_st trained with another budget is refused)."
+        },
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Pixel budget: smallest image area after resizing (default $MIN_PIXELS or 3,136)."},
+    )
     max_negatives: int | None = field(
         default=None, metadata={"help": "Keep at most this many teacher negatives per group (the first ones)."}
     )
@@ -149,6 +160,13 @@ class APOConfig(TrainingArguments):
                 )
             }
         super().__post_init__()
+        from apo.model.loading import env_budget
+
+        lo, hi = env_budget()
+        self.min_pixels = lo if self.min_pixels is None else self.min_pixels
+        self.max_pixels = hi if self.max_pixels is None else self.max_pixels
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ApoError(f"need 0 < --min_pixels ({self.min_pixels}) <= --max_pixels ({self.max_pixels})")
         if self.loss not in ("apo", "dpo"):
             raise ApoError(f"--loss must be apo or dpo, not {self.loss!r}")
         if self.beta <= 0:
@@ -159,6 +177,10 @@ class APOConfig(TrainingArguments):
             raise ApoError("--logps_chunk_size must be >= 1")
         if self.torch_dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise ApoError(f"--torch_dtype: unknown {self.torch_dtype!r}")
+
+    @property
+    def pixels(self) -> dict:
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
 
     @property
     def dtype(self):
