@@ -224,7 +224,25 @@ def test_mimic_size_through_every_stage(exact_dir, mimic_dir, tmp_path):
     log = r.stdout + r.stderr
     assert r.returncode == 0, log[-4000:]
     assert f"0 of {n_rows}" in log  # the launcher's audit: no row over 2304
-    assert "num_rows" not in log or f"num_rows: {n_rows}" in log  # ms-swift's dataset kept every row
+    # the audit counts what ms-swift encodes: the row it prints as [INPUT_IDS] (after its shuffle) has one of the
+    # audit's lengths
+    import re
+
+    from transformers import AutoProcessor
+
+    from apo.audit import Lengths
+    from apo.model.loading import apply_pixel_budget
+
+    swift_ids = re.search(r"\[INPUT_IDS\] \[([^\]]*)\]", log).group(1).split(",")
+    proc = AutoProcessor.from_pretrained(exact_dir)
+    apply_pixel_budget(proc)
+    L, lengths = Lengths(proc), set()
+    for line in sft_rows.read_text().splitlines():
+        row = json.loads(line)
+        prompt, image = L.prompt(row["images"], row["messages"][0]["content"].replace("<image>", ""))
+        assert image == 480
+        lengths.add(prompt + L.answer(row["messages"][1]["content"]) + 1)
+    assert len(swift_ids) in lengths and max(lengths) <= 2304
     assert json.loads((out / "pixel_budget.json").read_text()) == {"max_pixels": 401408, "min_pixels": 3136}
 
     cons = tmp_path / "consensus.jsonl"
