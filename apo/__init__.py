@@ -8,17 +8,18 @@ The stages of the paper (arXiv 2510.04142), one module each, dependencies pointi
   loss         the Plackett-Luce APO loss (and DPO for the ablation), pure functions
   trainer/     stage 3 (`apo train`): APOConfig (config), groups -> batches (collator), APOTrainer (trainer),
                complete-checkpoint records (checkpoint), the command (cli)
+  audit        the pre-flight (`apo audit`): per-stage lengths under the pixel budget, rows lost, memory per GPU
 Around them:
-  model/       loading (base + adapter, dtype, device, offline rule), chat (the one prompt format), generation,
-               decoding (KV cache, attention for generation), attention (kernel wrapping), packing (the packed
-               training step), logps (sequence log-probs)
+  model/       loading (base + adapter, dtype, device, offline rule, the one pixel budget), chat (the one prompt
+               format), generation, decoding (KV cache, attention for generation), attention (kernel wrapping),
+               packing (the packed training step), logps (sequence log-probs)
   io/          records (reading JSONL/JSON/parquet/dataset folders, line numbers, rejects), resumable (append-only
                result files), jobs (sharding over ranks, a lock and an identity record per output, outputs
                checked before work), mimic (MIMIC ids and paths)
   evaluation/  labeler, metrics, report (`apo eval-report`), mscxrt (`apo eval-mscxrt`), drift (`apo drift`),
                tables (`apo tables`)
   world/       the embedded demo world: synth/ (the synthetic CXR-MAX-format benchmark, `apo synth`), tiny (the tiny
-               Qwen2.5-VL models, `apo tiny-model`)
+               Qwen2.5-VL models, `apo tiny-model`), qwen_vocab (Qwen2.5-VL's exact tokenizer, built offline)
   cli          the `apo` console script; constants, errors (ApoError, DataError: one line `file:record: reason`)
 
 The public API, for one's own training code (imported on first use, so `import apo` does not import torch):

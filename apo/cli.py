@@ -31,6 +31,10 @@ COMMANDS = {
         "apo.evaluation.drift",
         "teacher-drift analysis: agreement, side errors, hallucination, refusal, divergence",
     ),
+    "audit": (
+        "apo.audit",
+        "pre-flight: per-stage lengths under the pixel budget, rows each stage would lose, memory per GPU (no weights)",
+    ),
     "tables": ("apo.evaluation.tables", "the paper's tables (markdown + LaTeX) and training-curve plots from results"),
 }
 

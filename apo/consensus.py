@@ -38,6 +38,7 @@ from apo.model.generation import (
     estimate_length,
     model_from_args,
     model_identity,
+    pixels_from_args,
 )
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,9 @@ def fit_trajectories(processor, image_paths, question, texts, max_length, max_ne
     raise ApoError(f"could not fit the trajectories into --max-length {max_length}")
 
 
-def model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False) -> list[dict]:
+def model_records(
+    model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False, pixels=None
+) -> list[dict]:
     """One record per case. A case whose image(s) and question alone do not fit --max-length stops the run naming
     it, or with skip_bad gets an empty text and a "skipped" reason (build-pairs drops it: empty_positive)."""
     fits, skipped = [], {}
@@ -195,6 +198,7 @@ def model_records(model, processor, cases, max_length, max_new_tokens, batch_siz
             "teachers": c.teachers,
             "prompt_tokens": n,
             "truncated": {t.teacher: k for t, k in zip(c.trajectories, cut) if k},
+            **({"pixel_budget": pixels} if pixels else {}),
         }
         for (c, _, cut, n), text in zip(fits, texts)
     }
@@ -364,7 +368,14 @@ def run(args) -> int:
 
         def process(chunk):
             return model_records(
-                model, processor, chunk, args.max_length, args.max_new_tokens, args.batch_size, args.skip_bad
+                model,
+                processor,
+                chunk,
+                args.max_length,
+                args.max_new_tokens,
+                args.batch_size,
+                args.skip_bad,
+                pixels_from_args(args),
             )
 
         chunk_size = args.batch_size * 4  # a crash loses at most this many answers

@@ -3,6 +3,7 @@
     python benchmarks/bench_apo.py --quick                      # CPU, tiny model, N=7: < 2 min
     python benchmarks/bench_apo.py --steps 20 --methods apo,plain,swift,trl
     python benchmarks/bench_apo.py --device cuda --model-config 7b --methods apo,plain,pairs   # GPU, random 7B
+    python benchmarks/bench_apo.py --shape mimic --quick        # CPU, the real job's shapes: ~6 min
 
 The same G groups {t+, t_1..t_N} are trained by
   apo    APOTrainer, packed path (apo.model.packing): one row per group, image + prompt once, ref = adapter off;
@@ -103,8 +104,9 @@ H100_BF16_DENSE = 989e12
 # ------------------------------------------------------------------------------------------------ data
 
 
-def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, scale: float = 2.5, seed: int = 0) -> dict:
-    """groups.jsonl (apo build-pairs format) and the same preferences as pairwise rows (ms-swift DPO format)."""
+def make_data(out: Path, n_groups: int, n_neg: int, image_size, scale: float = 2.5, seed: int = 0) -> dict:
+    """groups.jsonl (apo build-pairs format) and the same preferences as pairwise rows (ms-swift DPO format).
+    image_size: a side in pixels, or (width, height)."""
     import numpy as np
     from PIL import Image
 
@@ -115,7 +117,9 @@ def make_data(out: Path, n_groups: int, n_neg: int, image_size: int, scale: floa
     groups, pairs = [], []
     for i in range(n_groups):
         img = out / "images" / f"cxr{i}.png"
-        yy, xx = np.mgrid[0:image_size, 0:image_size] / image_size
+        w, h = (image_size, image_size) if isinstance(image_size, int) else image_size
+        yy, xx = np.mgrid[0:h, 0:w] / h
+        xx = xx * h / w
         lung = lambda cx: 120 * np.exp(-((xx - cx) ** 2 + (yy - 0.5) ** 2) * 12)  # two dark lung fields
         lungs = 200 - lung(0.3) - lung(0.7)
         px = np.clip(lungs + rng.normal(0, 12, lungs.shape), 0, 255).astype(np.uint8)
@@ -792,11 +796,94 @@ def flops_per_group(spec, tok) -> dict:
     return {"required": required, "6N": conventional, "decoder_params": N}
 
 
+def _decoder_flops(t: dict, T: float, labels: float, A: float) -> tuple[float, float]:
+    """(forward, backward through activations) matmul FLOPs of one row of T tokens, the lm-head at `labels`
+    positions, A allowed (query, key) pairs (flops_per_group's per-row terms)."""
+    H, L, I, V = t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"], t["vocab_size"]
+    kvd = t["num_key_value_heads"] * H // t["num_attention_heads"]
+    N = L * (2 * H * H + 2 * H * kvd + 3 * H * I)
+    return 2 * N * T + 2 * H * V * labels + 4 * L * H * A, 2 * N * T + 2 * H * V * labels + 8 * L * H * A
+
+
+def _vision_flops(v: dict, image_tokens: float) -> float:
+    Hv, Iv, D, patches = v["hidden_size"], v["intermediate_size"], v["depth"], 4 * image_tokens
+    full = sum(1 for i in range(D) if i % 8 == 7 or i == D - 1)
+    merger = (16 * Hv * Hv + 4 * Hv * v["out_hidden_size"]) / 4
+    return 2 * patches * (1176 * Hv + D * (4 * Hv * Hv + 3 * Hv * Iv) + merger) + 4 * Hv * patches * (
+        full * patches + (D - full) * 64
+    )
+
+
+def ideal_flops(dims: dict, P: float, image_tokens: float, C: float, n: int) -> dict:
+    """Model FLOPs per group {t+, N negatives}, counted analytically (matmuls; no recompute): prompt P tokens (image
+    included), every answer C tokens. A row costs policy forward + backward (activation grads; the base is frozen)
+    + reference forward, the lm-head at answer tokens only.
+      pairwise DPO: 2N full rows (P + C), each with its own image encoding in the policy and the reference pass;
+      APO (packed): one row P + (1+N) C, image and prompt once, the image encoded once.
+    `full_logits`: DPO as ms-swift / TRL run it, the lm-head over every position of each row."""
+    t, v = dims["text"], dims["vision"]
+
+    def row(T, labels, A):
+        f, b = _decoder_flops(t, T, labels, A)
+        return 2 * f + b  # policy fwd + bwd, reference fwd
+
+    vis = _vision_flops(v, image_tokens)
+    apo = row(P + (1 + n) * C, (1 + n) * C, P * P / 2 + (1 + n) * (C * P + C * C / 2)) + vis
+    dpo = 2 * n * (row(P + C, C, (P + C) ** 2 / 2) + 2 * vis)
+    dpo_full = 2 * n * (row(P + C, P + C, (P + C) ** 2 / 2) + 2 * vis)
+    return {
+        "apo": apo,
+        "dpo": dpo,
+        "dpo_full_logits": dpo_full,
+        "ratio": dpo / apo,
+        "ratio_full_logits": dpo_full / apo,
+    }
+
+
+def tiny_dims() -> dict:
+    from apo.world.tiny import TEXT, VISION
+
+    return {
+        "text": dict({k: TEXT[k] for k in ("hidden_size", "intermediate_size", "num_hidden_layers")},
+                     num_attention_heads=TEXT["num_attention_heads"], num_key_value_heads=TEXT["num_key_value_heads"],
+                     vocab_size=152064),
+        "vision": dict({k: VISION[k] for k in ("depth", "hidden_size", "intermediate_size")},
+                       out_hidden_size=TEXT["hidden_size"]),
+    }  # fmt: skip
+
+
+def prepare_mimic(a, work: Path) -> str:
+    """--shape mimic: apo.world.tiny's model with Qwen2.5-VL's exact tokenizer (vocabulary 151,665, embedding
+    152,064) and the default pixel budget saved into its processor (ms-swift reads the same as MAX_PIXELS)."""
+    from transformers import AutoProcessor
+
+    from apo.model.loading import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, apply_pixel_budget
+    from apo.world.tiny import build_tiny_model
+
+    src = build_tiny_model(work / "tiny_exact", seed=0, tokenizer="qwen2.5-vl")
+    proc = AutoProcessor.from_pretrained(src)
+    apply_pixel_budget(proc, DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    proc.save_pretrained(src)
+    os.environ["MAX_PIXELS"], os.environ["MIN_PIXELS"] = str(DEFAULT_MAX_PIXELS), str(DEFAULT_MIN_PIXELS)
+    return src
+
+
+MIMIC = dict(image_size=(2544, 3056), response_scale=8.0, max_length=4096, dpo_batch=2, n_negatives=7)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--quick", action="store_true", help="CPU smoke run: apo + swift, few steps (< 2 min)")
+    ap.add_argument(
+        "--shape",
+        choices=["default", "mimic"],
+        default="default",
+        help="mimic: the real job's shapes on a CPU-sized model: Qwen2.5-VL's exact vocabulary (the tiny model with "
+        "--tokenizer qwen2.5-vl), 2,544 x 3,056 images under the default pixel budget (480 image tokens), "
+        "~300-word answers, N = 7, max length 4,096, ms-swift DPO at the DPO launcher's 2 pairs per step",
+    )
     ap.add_argument(
         "--methods",
         default=None,
@@ -854,18 +941,28 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.worker:
         return run_worker(a.worker, a.spec)
+    if a.shape == "mimic":
+        if a.model_config != "tiny" or a.model_dir:
+            ap.error("--shape mimic builds its own model (the tiny one with the exact tokenizer)")
+        a.max_length, a.response_scale, a.n_negatives = MIMIC["max_length"], MIMIC["response_scale"], 7
+        a.dpo_batch = a.dpo_batch or MIMIC["dpo_batch"]
 
     lockstep = a.lockstep == "on" or (a.lockstep == "auto" and a.device == "cpu")
     if a.quick:  # 24 measured steps per method in 6 rounds: ~75 s of wall time with the start-ups overlapping
         a.steps, a.warmup = (24 if lockstep else min(a.steps, 8)), 2
         a.rounds = a.rounds or 6
         a.methods = a.methods or "apo,swift"
+        if a.shape == "mimic":  # ~10 s (APO) and ~13 s (ms-swift DPO) per step on one CPU thread: ~6 min in all
+            a.steps, a.rounds = 12, 4
     if lockstep and (a.repeat or 1) > 1:
         ap.error("--repeat is for --lockstep off (in lockstep the rounds are the repeats)")
     methods = (a.methods or ("apo,plain,pairs" if a.device == "cuda" else "apo,plain,swift,trl")).split(",")
     work = Path(a.work or tempfile.mkdtemp(prefix="bench_apo_"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, in_worker = prepare_model_dir(a, work, methods)
+    if a.shape == "mimic":
+        model_dir, in_worker = prepare_mimic(a, work), False
+    else:
+        model_dir, in_worker = prepare_model_dir(a, work, methods)
     a.warmup = max(a.warmup, 1)  # the first step's gap has no previous step end
     a.repeat = a.repeat or 1
     plan = schedule(a.warmup, a.steps, (a.rounds or 4) if lockstep else 1)
@@ -893,8 +990,13 @@ def main(argv=None):
         "profile": a.profile,
         "lockstep": lockstep,
         **plan,
+        "shape": a.shape,
         "data": make_data(
-            work / "data", n_groups, a.n_negatives, a.image_size if a.model_config != "tiny" else 112, a.response_scale
+            work / "data",
+            n_groups,
+            a.n_negatives,
+            MIMIC["image_size"] if a.shape == "mimic" else (a.image_size if a.model_config != "tiny" else 112),
+            a.response_scale,
         ),
     }
     spec_path = str(work / "spec.json")
@@ -1012,6 +1114,23 @@ def summarise(a, spec, tok, results) -> dict:
                 out[f"abs_peak_mem_ratio_vs_{key}"] = round(apo["abs_peak_mb"] / ok[m]["abs_peak_mb"], 3)
     if flops:
         out["flops_per_group"] = {k: float(f"{v:.4g}") for k, v in flops.items()}
+    out["shape"] = spec.get("shape", "default")
+    if out["shape"] == "mimic":  # the FLOP-derived ratio at the measured model's and at Qwen2.5-VL-7B's dimensions
+        P, img, C = tok["prompt_tokens"], tok["image_tokens"], tok["mean_response_tokens"]
+        measured = ideal_flops(tiny_dims(), P, img, C, spec["n_neg"])
+        at_7b = ideal_flops(SIZES["7b"], P, img, C, spec["n_neg"])
+        out["ideal_flop_ratio"] = round(measured["ratio"], 3)
+        out["ideal_flop_ratio_full_logits"] = round(measured["ratio_full_logits"], 3)
+        out["ideal_flop_ratio_7b"] = round(at_7b["ratio"], 3)
+        out["ideal_flop_ratio_7b_full_logits"] = round(at_7b["ratio_full_logits"], 3)
+        out["flops_per_group_7b"] = {k: float(f"{at_7b[k]:.4g}") for k in ("apo", "dpo", "dpo_full_logits")}
+        out["dpo_pairs_per_step"] = spec["dpo_batch"]
+        # the last line keeps the headline keys together
+        out = {
+            **{k: out.pop(k) for k in ("speedup_vs_swift_dpo", "peak_mem_ratio_vs_swift_dpo") if k in out},
+            "ideal_flop_ratio": out.pop("ideal_flop_ratio"),
+            **out,
+        }
     return out
 
 

@@ -33,6 +33,11 @@ MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
 DEEPSPEED="${DEEPSPEED-$ROOT/configs/deepspeed/zero2.json}"   # set to "" for plain DDP
 SKIP_BAD="${SKIP_BAD:-}"               # non-empty: --skip-bad for the data stages
+# The pixel budget pi_st was trained with (scripts/SFT-Qwen2.5.sh's; its pixel_budget.json is checked).
+export MAX_PIXELS="${MAX_PIXELS:-401408}" MIN_PIXELS="${MIN_PIXELS:-3136}"
+APO_MAX_LENGTH="${APO_MAX_LENGTH:-4096}"  # configs/apo/paper.yaml's max_length, for the audit
+AUDIT="${AUDIT:-1}"                    # 0: skip the pre-flight `apo audit`
+MAX_LOSS="${MAX_LOSS:-0}"
 
 [ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
 [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && export CUDA_VISIBLE_DEVICES
@@ -45,6 +50,14 @@ launch=(torchrun --nproc_per_node "$NPROC_PER_NODE" --nnodes "$NNODES" --node_ra
 # DeepSpeed needs the torchrun environment even for one process.
 (( NPROC_PER_NODE * NNODES > 1 )) || [ -n "$DEEPSPEED" ] || launch=(python)
 
+pixel_args=(--max-pixels "$MAX_PIXELS" --min-pixels "$MIN_PIXELS")
+if [ "$AUDIT" != 0 ] && [ -d "$MODEL" ]; then
+  apo audit --model "$MODEL" "${data_args[@]}" --stages consensus,apo --consensus-max-length "$CONSENSUS_MAX_LENGTH" \
+    --max-new-tokens "$CONSENSUS_MAX_NEW_TOKENS" --apo-max-length "$APO_MAX_LENGTH" --max-loss "$MAX_LOSS" \
+    --gpus "$(( NPROC_PER_NODE * NNODES ))" --verify-images header "${pixel_args[@]}" \
+    || { echo "APO: the audit says cases would be lost (AUDIT=0 skips it)" >&2; exit 1; }
+fi
+
 # Stage 2. Resumable: a rerun skips the cases already written.
 if [ "$STRATEGY" = vote ]; then
   apo consensus --strategy vote "${data_args[@]}" --out "$CONSENSUS"
@@ -53,7 +66,7 @@ else
   [ -e "$SFT_ADAPTER" ] && adapter_args=(--adapter "$SFT_ADAPTER")
   "${launch[@]}" -m apo.cli consensus --strategy model --model "$MODEL" "${adapter_args[@]}" "${data_args[@]}" \
     --out "$CONSENSUS" --batch-size "$CONSENSUS_BATCH" --max-new-tokens "$CONSENSUS_MAX_NEW_TOKENS" \
-    --max-length "$CONSENSUS_MAX_LENGTH"
+    --max-length "$CONSENSUS_MAX_LENGTH" "${pixel_args[@]}"
 fi
 
 # Preference groups {t+, teacher negatives}, and the pairwise rows of the published DPO recipe (baseline).
@@ -61,7 +74,8 @@ apo build-pairs "${data_args[@]}" --consensus "$CONSENSUS" --negatives "$NEGATIV
 
 # Stage 3.
 # --resume: a rerun after a kill continues from the newest complete checkpoint (from scratch when there is none).
-train_args=(--config "$CONFIG" --model_name_or_path "$MODEL" --groups_file "$GROUPS_FILE" --output_dir "$OUTPUT_DIR" --resume)
+train_args=(--config "$CONFIG" --model_name_or_path "$MODEL" --groups_file "$GROUPS_FILE" --output_dir "$OUTPUT_DIR" --resume
+            --max_pixels "$MAX_PIXELS" --min_pixels "$MIN_PIXELS")
 [ -e "$SFT_ADAPTER" ] && train_args+=(--adapter_name_or_path "$SFT_ADAPTER")
 [ -n "$DEEPSPEED" ] && train_args+=(--deepspeed "$DEEPSPEED")
 "${launch[@]}" -m apo.cli train "${train_args[@]}" ${EXTRA_ARGS:-} "$@"

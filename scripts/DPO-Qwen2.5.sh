@@ -17,6 +17,8 @@ NUM_TRAIN_EPOCHS="${NUM_TRAIN_EPOCHS:-1}"
 BATCH_SIZE="${BATCH_SIZE:-2}"
 GRAD_ACC="${GRAD_ACC:-$(( 16 / NPROC_PER_NODE > 0 ? 16 / NPROC_PER_NODE : 1 ))}"
 MAX_LENGTH="${MAX_LENGTH:-4096}"
+# The pixel budget pi_st was trained with (ms-swift reads it through qwen-vl-utils); README "Real shapes".
+export MAX_PIXELS="${MAX_PIXELS:-401408}" MIN_PIXELS="${MIN_PIXELS:-3136}"
 LORA_RANK="${LORA_RANK:-8}"
 LORA_ALPHA="${LORA_ALPHA:-32}"
 TORCH_DTYPE="${TORCH_DTYPE:-bfloat16}"

@@ -32,6 +32,12 @@ DEEPSPEED="${DEEPSPEED:-}"  # e.g. zero2 (ms-swift's name) or a JSON path; empty
 SEED="${SEED:-42}"
 MODULES_TO_SAVE="${MODULES_TO_SAVE:-}"  # e.g. "embed_tokens lm_head": trained in full beside LoRA (random-init models)
 MERGE_LORA="${MERGE_LORA:-false}"  # true: also write base+adapter merged to $OUTPUT_DIR/merged (pi_st as one model)
+# The pixel budget, the same in every stage (README "Real shapes"): ms-swift reads MAX_PIXELS / MIN_PIXELS through
+# qwen-vl-utils. 401,408 = 512 x 28 x 28: a 2,544 x 3,056 MIMIC image -> 480 image tokens (unset, ~9,900: every row
+# over --max_length 2304, and ms-swift's truncation_strategy `delete` drops them all without an error).
+export MAX_PIXELS="${MAX_PIXELS:-401408}" MIN_PIXELS="${MIN_PIXELS:-3136}"
+AUDIT="${AUDIT:-1}"  # 0: skip the pre-flight `apo audit` (lengths under the budget; stops if rows would be dropped)
+MAX_LOSS="${MAX_LOSS:-0}"  # fraction of rows the audit lets ms-swift drop
 
 # A local folder stays offline; a hub id is the user's explicit request to download it.
 [ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
@@ -55,16 +61,24 @@ args=(
 # `apo tiny-model` ships an ms-swift plugin (image-token ids of its small vocabulary); a real Qwen2.5-VL has none.
 PLUGIN="$MODEL/swift_plugin.py"
 [ -f "$PLUGIN" ] && args+=(--external_plugins "$PLUGIN")
-echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (NPROC_PER_NODE=${NPROC_PER_NODE:-1}, grad-acc $GRAD_ACC)"
+if [ "$AUDIT" != 0 ] && [ -d "$MODEL" ] && [ -f "$DATASET" ]; then
+  apo audit --model "$MODEL" --dataset "$DATASET" --stages sft --sft-max-length "$MAX_LENGTH" \
+    --max-loss "$MAX_LOSS" --verify-images header \
+    || { echo "SFT: the audit says rows would be lost (AUDIT=0 skips it)" >&2; exit 1; }
+fi
+echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (pixels $MIN_PIXELS..$MAX_PIXELS) (NPROC_PER_NODE=${NPROC_PER_NODE:-1}, grad-acc $GRAD_ACC)"
 swift sft "${args[@]}" ${EXTRA_ARGS:-} "$@"
 # $OUTPUT_DIR/last -> the newest checkpoint (ms-swift's own symlink option fails when nothing was evaluated).
 last="$(ls -d "$OUTPUT_DIR"/checkpoint-* 2>/dev/null | sort -V | tail -n 1)"
 [ -n "$last" ] || { echo "SFT: no checkpoint in $OUTPUT_DIR" >&2; exit 1; }
 ln -sfn "$(basename "$last")" "$OUTPUT_DIR/last"
+# pi_st's pixel budget: later stages (consensus, train, eval) refuse another one
+printf '{"max_pixels": %d, "min_pixels": %d}\n' "$MAX_PIXELS" "$MIN_PIXELS" > "$OUTPUT_DIR/pixel_budget.json"
 echo "SFT adapter: $OUTPUT_DIR/last -> $last"
 if [ "$MERGE_LORA" = true ]; then
   swift export --adapters "$OUTPUT_DIR/last" --merge_lora true --output_dir "$OUTPUT_DIR/merged" --exist_ok true \
     --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true
   [ -f "$PLUGIN" ] && cp "$PLUGIN" "$OUTPUT_DIR/merged/"
+  cp "$OUTPUT_DIR/pixel_budget.json" "$OUTPUT_DIR/merged/"
   echo "SFT model (merged): $OUTPUT_DIR/merged"
 fi

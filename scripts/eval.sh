@@ -25,11 +25,13 @@ RESULTS_DIR="${RESULTS_DIR:-$ROOT/results}"
 BATCH_SIZE="${BATCH_SIZE:-16}"
 MAX_NEW_TOKENS="${MAX_NEW_TOKENS:-512}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-1}"
+# The pixel budget the model was trained with (checked against pixel_budget.json next to MODEL / ADAPTER).
+export MAX_PIXELS="${MAX_PIXELS:-401408}" MIN_PIXELS="${MIN_PIXELS:-3136}"
 
 [ -d "$MODEL" ] || export HF_HUB_OFFLINE=0 TRANSFORMERS_OFFLINE=0
 launch=(python)
 (( NPROC_PER_NODE > 1 )) && launch=(torchrun --nproc_per_node "$NPROC_PER_NODE")
-model_args=(--model "$MODEL" --batch-size "$BATCH_SIZE")
+model_args=(--model "$MODEL" --batch-size "$BATCH_SIZE" --max-pixels "$MAX_PIXELS" --min-pixels "$MIN_PIXELS")
 [ -n "$ADAPTER" ] && model_args+=(--adapter "$ADAPTER")
 out="$RESULTS_DIR/$NAME"
 

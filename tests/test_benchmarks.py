@@ -125,3 +125,17 @@ def test_lockstep_reports_a_worker_that_dies_and_finishes_the_others(tmp_path):
     )
     assert "exit 3" in results["swift"]["error"] and "no such model" in results["swift"]["error"]
     assert results["apo"]["rounds_s_per_group"] == [2.5, 5.5]  # steps 2,3 | (4 cold) 5,6
+
+
+def test_ideal_flop_ratio_counts_the_shared_image_and_prompt():
+    """bench_apo --shape mimic's analytic count: DPO = 2N full rows (policy fwd+bwd + reference fwd, an image each),
+    APO = one packed row; with no prompt and a free image the ratio is 2N/(N+1) on answer tokens."""
+    from benchmarks.bench_apo import SIZES, ideal_flops, tiny_dims
+
+    d = tiny_dims()
+    assert d["text"]["vocab_size"] == 152064 and d["text"]["hidden_size"] == 64
+    free = {"text": SIZES["7b"]["text"], "vision": dict(SIZES["7b"]["vision"], depth=0, hidden_size=0)}
+    r = ideal_flops(free, P=0, image_tokens=0, C=100, n=7)
+    assert abs(r["ratio"] - 14 / 8) < 0.05  # attention pairs make it a little different from 14/8
+    real = ideal_flops(SIZES["7b"], P=560, image_tokens=480, C=420, n=7)
+    assert 3 < real["ratio"] < 5 and real["ratio_full_logits"] > real["ratio"]

@@ -151,6 +151,7 @@ def test_eval_mscxrt_end_to_end(tmp_path, tiny_model_dir, capsys):
     assert result["unparsed"] == sum(r["prediction"] is None for r in recs)
     assert len((tmp_path / "a" / "unparsed.jsonl").read_text().splitlines()) == result["unparsed"]
     expect = score(read_pairs(csv_path, tmp_path / "mimic", skip_bad=True)[0], {r["case_id"]: r for r in recs})
+    assert result.pop("pixel_budget") == {"min_pixels": 3136, "max_pixels": 401408}  # recorded with the output
     assert result == expect and 0 <= result["average"] <= 1
     assert "better" in (tmp_path / "a" / "mscxrt_rejects.jsonl").read_text()
 

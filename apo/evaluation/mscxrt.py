@@ -33,7 +33,13 @@ from apo.io.mimic import ID_RULE, is_mimic_id, mimic_image_path, previous_image
 from apo.io.records import Rejects, not_utf8, write_rejects
 from apo.io.resumable import write_json_atomic, write_jsonl_atomic
 from apo.model import generation  # generation.generate looked up per call: tests stand in for it
-from apo.model.generation import add_model_arguments, add_overwrite_argument, model_from_args, model_identity
+from apo.model.generation import (
+    add_model_arguments,
+    add_overwrite_argument,
+    model_from_args,
+    model_identity,
+    pixels_from_args,
+)
 
 LABEL_QUALITIES = ("one_expert", "multiple_experts", "disagreement")
 
@@ -340,6 +346,7 @@ def run(args) -> int:
     if records is None:  # not rank 0
         return 0
     result = score(items, records)
+    result["pixel_budget"] = pixels_from_args(args)
     write_json_atomic(out / "mscxrt.json", result)
     write_jsonl_atomic(
         out / "unparsed.jsonl", [records[it["case_id"]] for it in items if records[it["case_id"]]["prediction"] is None]

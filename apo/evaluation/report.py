@@ -59,6 +59,7 @@ from apo.model.generation import (
     estimate_length,
     model_from_args,
     model_identity,
+    pixels_from_args,
 )
 
 # ---------------------------------------------------------------- references
@@ -335,6 +336,7 @@ def run(args) -> int:
         "nlg": scoring.nlg_scores(gts, hyps),
         "clinical": scoring.clinical_efficacy(gts, hyps),
         "drift": drift_metrics(cases, [records[c.case_id]["prediction"] for c in cases]),
+        "pixel_budget": pixels_from_args(args),
     }
     greedy_texts = [records[c.case_id]["prediction"] for c in cases]
     sample_lists = {c.case_id: samples[c.case_id]["samples"] for c in cases} if samples is not None else None

@@ -22,7 +22,16 @@ import sys
 
 from apo.errors import ApoError
 from apo.model.chat import load_images, prompt_text
-from apo.model.loading import adapter_config, check_model, load_model, load_processor
+from apo.model.loading import (
+    adapter_config,
+    add_pixel_arguments,
+    apply_pixel_budget,
+    budget_record,
+    check_budget,
+    check_model,
+    load_model,
+    load_processor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +63,12 @@ def add_model_arguments(parser, required=True) -> None:
     )
     g.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm: GPUs per model replica")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm: share of GPU memory it may take")
+    add_pixel_arguments(parser)
+
+
+def pixels_from_args(args) -> dict:
+    """The run's pixel budget {min_pixels, max_pixels} (--min-pixels / --max-pixels)."""
+    return budget_record(args.min_pixels, args.max_pixels)
 
 
 def add_overwrite_argument(parser) -> None:
@@ -75,6 +90,7 @@ def model_identity(args) -> dict:
         "dtype": args.dtype,
         "backend": getattr(args, "backend", "hf"),
         "max_new_tokens": args.max_new_tokens,
+        "pixel_budget": pixels_from_args(args),  # images resized otherwise give other answers
     }
 
 
@@ -90,10 +106,16 @@ def model_from_args(args):
             max_model_len=getattr(args, "max_length", None),
             tensor_parallel_size=args.tensor_parallel_size,
             gpu_memory_utilization=args.gpu_memory_utilization,
+            pixels=pixels_from_args(args),
         )
         return engine, engine.processor
     return load_model(
-        args.model, args.adapter, device=args.device, dtype=args.dtype, trust_remote_code=args.trust_remote_code
+        args.model,
+        args.adapter,
+        device=args.device,
+        dtype=args.dtype,
+        trust_remote_code=args.trust_remote_code,
+        pixels=pixels_from_args(args),
     )
 
 
@@ -121,6 +143,7 @@ class VllmEngine:
         gpu_memory_utilization=0.9,
         max_images=4,
         seed=0,
+        pixels=None,
     ):
         try:
             from vllm import LLM
@@ -159,6 +182,11 @@ class VllmEngine:
             kw.update(enable_lora=True, max_lora_rank=max(8, int(cfg.get("r", 8))))
             self.lora = LoRARequest("adapter", 1, str(adapter))
         self.processor = load_processor(model, trust_remote_code)
+        if pixels:  # the same budget for the prompts' token counts here and for vLLM's own processor
+            check_budget(pixels, model, adapter)
+            apply_pixel_budget(self.processor, **pixels)
+            ip = self.processor.image_processor
+            kw["mm_processor_kwargs"] = {"min_pixels": ip.size["shortest_edge"], "max_pixels": ip.size["longest_edge"]}
         self.llm = LLM(**kw)
 
     def answer(

@@ -107,6 +107,9 @@ def run(args) -> int:
         trainer.train(resume_from_checkpoint=resume)
     trainer.save_final()
     if trainer.is_world_process_zero():
+        from apo.model.loading import write_budget
+
+        write_budget(config.output_dir, config.pixels)  # eval and later stages check it
         print(summary(trainer.state.log_history, config.output_dir))
     return 0
 

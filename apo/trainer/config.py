@@ -78,6 +78,17 @@ class APOConfig(TrainingArguments):
             "is never cut; the response is truncated to fit."
         },
     )
+    max_pixels: int | None = field(
+        default=None,
+        metadata={
+            "help": "Pixel budget: largest image area after resizing (default $MAX_PIXELS or 401,408 = 512 x 28 x 28; "
+            "the same in every stage: a pi_st trained with another budget is refused)."
+        },
+    )
+    min_pixels: int | None = field(
+        default=None,
+        metadata={"help": "Pixel budget: smallest image area after resizing (default $MIN_PIXELS or 3,136)."},
+    )
     max_negatives: int | None = field(
         default=None, metadata={"help": "Keep at most this many teacher negatives per group (the first ones)."}
     )
@@ -149,6 +160,13 @@ class APOConfig(TrainingArguments):
                 )
             }
         super().__post_init__()
+        from apo.model.loading import env_budget
+
+        lo, hi = env_budget()
+        self.min_pixels = lo if self.min_pixels is None else self.min_pixels
+        self.max_pixels = hi if self.max_pixels is None else self.max_pixels
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ApoError(f"need 0 < --min_pixels ({self.min_pixels}) <= --max_pixels ({self.max_pixels})")
         if self.loss not in ("apo", "dpo"):
             raise ApoError(f"--loss must be apo or dpo, not {self.loss!r}")
         if self.beta <= 0:
@@ -168,6 +186,10 @@ class APOConfig(TrainingArguments):
             raise ApoError(f"--learning_rate must be >= 0, not {self.learning_rate}")
         if self.sft_weight < 0:
             raise ApoError(f"--sft_weight must be >= 0, not {self.sft_weight}")
+
+    @property
+    def pixels(self) -> dict:
+        return {"min_pixels": self.min_pixels, "max_pixels": self.max_pixels}
 
     @property
     def dtype(self):

@@ -83,6 +83,7 @@ def build_model(args):
         dtype=args.dtype,
         attn_implementation=args.attn_implementation,
         flags=FLAGS,
+        pixels=args.pixels,
     )
     model.config.use_cache = False
     if args.use_lora:
@@ -121,7 +122,7 @@ def merge_and_save(args, adapter_dir, out_dir, processor=None):
     hf_ds.unset_hf_deepspeed_config()  # one process, whole weights: no ZeRO-3 partitioning (it would wait for peers)
     try:
         model, base_processor = load_pretrained(
-            args.model_name_or_path, args.adapter_name_or_path, dtype=args.dtype, flags=FLAGS
+            args.model_name_or_path, args.adapter_name_or_path, dtype=args.dtype, flags=FLAGS, pixels=args.pixels
         )
     finally:
         hf_ds._hf_deepspeed_config_weak_ref = ds_config
@@ -288,6 +289,7 @@ class APOTrainer(Trainer):
             "adapter": args.adapter_name_or_path,
             "max_length": args.max_length,
             "dtype": str(args.dtype),
+            "pixels": args.pixels,  # another budget, other image tokens: other log-probs
         }
         self.ref_cache = RefCache(
             args.ref_cache_dir or os.path.join(args.output_dir, "ref_cache"), meta, acc.process_index, acc.num_processes

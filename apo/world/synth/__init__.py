@@ -80,7 +80,19 @@ QUESTIONS = (
     "Describe the radiographic evidence on this chest X-ray that supports the {what}.",
 )
 # Generator streams: (seed, stream, index) -> independent, order-free randomness.
-S_TRUTH, S_ANATOMY, S_STUDY, S_REPORT, S_TEACHER, S_IDS, S_PAIR, S_QUALITY = range(8)
+S_TRUTH, S_ANATOMY, S_STUDY, S_REPORT, S_TEACHER, S_IDS, S_PAIR, S_QUALITY, S_PAD = range(9)
+# Label-free reasoning sentences that lengthen a trajectory to CXR-MAX's few hundred words (`--answer-words`);
+# tests/test_real_shapes.py checks that the labeler reads nothing in them.
+REASONING = (
+    "I start by checking the technical quality of the study, the projection and the degree of inspiration.",
+    "The image is read systematically, region by region, from the top of the film to the bottom.",
+    "Both sides are compared with each other before any conclusion is drawn.",
+    "Each observation is weighed against the question that was asked about this image.",
+    "The position of the patient and any rotation are taken into account when judging sizes and contours.",
+    "I look again at the areas that are easy to overlook, behind the heart and at the bases.",
+    "The reasoning so far is summarised before the final answer is given.",
+    "Step by step, every structure on the frontal view is considered in turn.",
+)
 
 
 def _rng(*key) -> np.random.Generator:
@@ -197,9 +209,15 @@ def generate(
     test_fraction: float = 0.2,
     temporal_pairs: int | None = None,
     teachers: dict | None = None,
+    image_size: tuple[int, int] | None = None,
+    answer_words: int | None = None,
 ) -> dict:
     """Write the synthetic CXR-MAX-format benchmark to `out_dir`; returns a summary (counts, measured drift).
 
+    image_size: (width, height) of the saved images (default 224 x 224): rendered at 224 and upscaled, e.g.
+    (2544, 3056) for MIMIC-CXR-JPG's size. answer_words: lengthen every trajectory that has fewer words with
+    label-free reasoning sentences (REASONING) to about this many (CXR-MAX: a few hundred). Defaults leave the
+    output byte-identical to earlier versions.
     temporal_pairs: MS-CXR-T pairs (default: 15 * ceil(cases / 60), at least 15 = one per finding and class).
     teachers: per-teacher overrides of the drift rates, e.g. {"Grok-4": {"hallucinate": 0.8}}.
     """
@@ -227,7 +245,7 @@ def generate(
         rel = image_path(subject, study, dicom)
         anatomy = images.make_anatomy(masks[i % len(masks)], _rng(seed, S_ANATOMY, i))
         (out / rel).parent.mkdir(parents=True, exist_ok=True)
-        images.save_jpeg(images.render(anatomy, truth, _rng(seed, S_STUDY, i)), out / rel)
+        images.save_jpeg(images.resize(images.render(anatomy, truth, _rng(seed, S_STUDY, i)), image_size), out / rel)
         r = _rng(seed, S_REPORT, i)
         report, labels, stats = _report_and_labels(truth, r)
         for k in stats:
@@ -237,6 +255,8 @@ def generate(
         answers = {}
         for t, name in enumerate(TEACHERS):
             answers[name], _ = T.answer(name, truth, profiles[name], _rng(seed, S_TEACHER, i, t))
+            if answer_words:
+                answers[name] = lengthen(answers[name], answer_words, _rng(seed, S_PAD, i, t))
         split = "test" if i in test_idx else "train"
         for name in TEACHERS:
             rows[split].append(
@@ -260,7 +280,7 @@ def generate(
             for row in rs:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    pair_counts = _write_mscxrt(out, pairs, seed, ids, masks, cases)
+    pair_counts = _write_mscxrt(out, pairs, seed, ids, masks, cases, image_size)
     measured = T.measure(measured_input)
     summary = {
         "out_dir": str(out),
@@ -303,7 +323,7 @@ def generate(
     return summary
 
 
-def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: int) -> dict:
+def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: int, image_size=None) -> dict:
     """Balanced previous/current pairs: each finding x class equally often, the extent rendered smaller/equal/larger."""
     plan = [(f, c) for f in MSCXRT_FINDINGS for c in MSCXRT_CLASSES]
     plan = (plan * math.ceil(n / len(plan)))[:n]
@@ -339,7 +359,11 @@ def _write_mscxrt(out: Path, n: int, seed: int, ids: _Ids, masks: list, offset: 
             rel = image_path(subject, study, dicom)
             (out / rel).parent.mkdir(parents=True, exist_ok=True)
             images.save_jpeg(
-                images.render(anatomy, findings, _rng(seed, S_PAIR, 3 if when == "previous" else 4, int(j))), out / rel
+                images.resize(
+                    images.render(anatomy, findings, _rng(seed, S_PAIR, 3 if when == "previous" else 4, int(j))),
+                    image_size,
+                ),
+                out / rel,
             )
             row["previous_dicom_id" if when == "previous" else "dicom_id"] = dicom
             row["previous_study_id" if when == "previous" else "study_id"] = study
@@ -476,6 +500,27 @@ def _data_card(s: dict, profiles: dict, test_fraction: float) -> str:
 # CLI
 
 
+def lengthen(text: str, words: int, rng) -> str:
+    """`text` with REASONING sentences put in front until it has about `words` words (unchanged if it has)."""
+    pad = []
+    n = len(text.split())
+    while n < words:
+        sentence = REASONING[int(rng.integers(len(REASONING)))]
+        pad.append(sentence)
+        n += len(sentence.split())
+    return " ".join([*pad, text]) if pad else text
+
+
+def parse_size(value: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise ApoError(f"--image-size {value!r}: expected WIDTHxHEIGHT, e.g. 2544x3056") from None
+    if not (16 <= w <= 8192 and 16 <= h <= 8192):
+        raise ApoError(f"--image-size {value}: each side must be 16..8192 pixels")
+    return w, h
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder (new, empty, or an earlier synth output)")
     parser.add_argument("--cases", type=int, default=200, help="number of cases (7 teacher rows each)")
@@ -491,6 +536,19 @@ def add_arguments(parser) -> None:
         "--teachers",
         default=None,
         help="JSON file of drift-rate overrides {teacher: {rate: value}} (or a teachers.json)",
+    )
+    parser.add_argument(
+        "--image-size",
+        default=None,
+        help="WIDTHxHEIGHT of the saved images (default 224x224); e.g. 2544x3056 for MIMIC-CXR-JPG's size "
+        "(rendered at 224 and upscaled)",
+    )
+    parser.add_argument(
+        "--answer-words",
+        type=int,
+        default=None,
+        help="lengthen each trajectory to about this many words with label-free reasoning sentences "
+        "(CXR-MAX's are a few hundred); default: as generated (~20-60 words)",
     )
 
 
@@ -509,6 +567,8 @@ def run(args) -> int:
         test_fraction=args.test_fraction,
         temporal_pairs=args.temporal_pairs,
         teachers=overrides,
+        image_size=parse_size(args.image_size) if args.image_size else None,
+        answer_words=args.answer_words,
     )
     m = s["measured"]
     print(

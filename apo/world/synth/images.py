@@ -362,6 +362,15 @@ def _device(a: Anatomy, f: dict, heart_center) -> np.ndarray:
     return ndimage.gaussian_filter(m, 0.5) * 1.05
 
 
+def resize(arr: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """The rendered [SIZE, SIZE] image upscaled to `size` (width, height); unchanged for None or SIZE x SIZE."""
+    if size is None or tuple(size) == (SIZE, SIZE):
+        return arr
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(arr, "L").resize(tuple(size), Image.BICUBIC))
+
+
 def jpeg_roundtrip(arr: np.ndarray) -> np.ndarray:
     """The image as a reader of the saved JPEG gets it (same quality as `save_jpeg`), without touching the disk."""
     from PIL import Image
