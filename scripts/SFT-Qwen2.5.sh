@@ -61,9 +61,10 @@ args=(
 # `apo tiny-model` ships an ms-swift plugin (image-token ids of its small vocabulary); a real Qwen2.5-VL has none.
 PLUGIN="$MODEL/swift_plugin.py"
 [ -f "$PLUGIN" ] && args+=(--external_plugins "$PLUGIN")
+# ms-swift rows name their images by absolute path (prepare-sft writes them so), hence --allow-absolute-paths
 if [ "$AUDIT" != 0 ] && [ -d "$MODEL" ] && [ -f "$DATASET" ]; then
   apo audit --model "$MODEL" --dataset "$DATASET" --stages sft --sft-max-length "$MAX_LENGTH" \
-    --max-loss "$MAX_LOSS" --verify-images header \
+    --max-loss "$MAX_LOSS" --verify-images header --allow-absolute-paths \
     || { echo "SFT: the audit says rows would be lost (AUDIT=0 skips it)" >&2; exit 1; }
 fi
 echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (pixels $MIN_PIXELS..$MAX_PIXELS) (NPROC_PER_NODE=${NPROC_PER_NODE:-1}, grad-acc $GRAD_ACC)"

@@ -190,7 +190,7 @@ def test_rerun_with_other_inputs_is_refused(world, tmp_path, capsys, monkeypatch
     assert json.loads(identity_path(out).read_text())["command"] == name
 
 
-def _fake_model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False):
+def _fake_model_records(model, processor, cases, max_length, max_new_tokens, batch_size, skip_bad=False, pixels=None):
     return [
         {
             "case_id": c.case_id,
