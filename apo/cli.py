@@ -55,7 +55,11 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     command = next((a for a in argv if a in COMMANDS), None)
-    parser = build_parser(command)
+    try:
+        parser = build_parser(command)  # defaults read from the environment (MAX_PIXELS, ...) may be wrong already
+    except ApoError as e:
+        print(f"apo{' ' + command if command else ''}: error: {e}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

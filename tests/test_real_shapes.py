@@ -266,3 +266,17 @@ def test_mimic_size_through_every_stage(exact_dir, mimic_dir, tmp_path):
     assert main(train) == 0
     cfg = json.loads((tmp_path / "apo" / "pixel_budget.json").read_text())
     assert cfg == {"max_pixels": 401408, "min_pixels": 3136}
+
+
+@pytest.mark.parametrize(
+    "command, args",
+    [("audit", ["--help"]), ("consensus", ["--help"]), ("train", ["--config", "configs/apo/demo.yaml"])],
+)
+def test_a_non_numeric_pixel_budget_in_the_environment_is_one_line(command, args, monkeypatch, capsys):
+    from apo.cli import main
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])
+    monkeypatch.setenv("MAX_PIXELS", "lots")
+    assert main([command, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"apo {command}: error:") and "MAX_PIXELS='lots'" in err and "\n" not in err
