@@ -51,7 +51,7 @@ from apo.world.synth.reports import sentence_bank, severity_word
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 2  # bump when the data or the training recipe changes: a cached base is then rebuilt
+RECIPE_VERSION = 3  # bump when the data or the training recipe changes: a cached base is then rebuilt
 NS = 0x5EE1  # first key of every pretraining random stream (5 integers long; synth's keys have at most 4)
 T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER = range(4)
 
@@ -225,34 +225,55 @@ def draw_masks() -> int:
 # ---------------------------------------------------------------------------------------------------- training
 
 
-def _batch(processor, examples, answer_offset: int):
-    """Inputs and labels (answer tokens + <|im_end|> only) for a list of examples, right-padded."""
-    import torch
+def _encode(processor, examples, answer_offset: int):
+    """Token ids and labels (answer tokens + <|im_end|> only) of each example, computed once: every image is a fixed
+    number of <|image_pad|> tokens at this pixel budget, so the pixels need not be processed again at each step."""
     from PIL import Image
 
     from apo.model.chat import assistant_message, user_message
 
-    texts, images = [], []
+    tok = processor.tokenizer
+    pad = "<|image_pad|>"
+    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    newline = tok.encode("\n", add_special_tokens=False)
     for ex in examples:
-        messages = user_message(len(ex["images"]), ex["prompt"]) + [assistant_message(ex["answer"])]
-        texts.append(processor.apply_chat_template(messages, tokenize=False))
-        images += [Image.fromarray(im).convert("RGB") for im in ex["images"]]
-    processor.tokenizer.padding_side = "right"
-    batch = processor(text=texts, images=images, return_tensors="pt", padding=True)
-    ids = batch["input_ids"]
-    im_start = processor.tokenizer.convert_tokens_to_ids("<|im_start|>")
+        pixels = processor.image_processor(
+            images=[Image.fromarray(im).convert("RGB") for im in ex["images"]], return_tensors="pt"
+        )
+        n_tokens = int(pixels["image_grid_thw"][0].prod()) // 4  # 2x2 merge
+        text = processor.apply_chat_template(
+            user_message(len(ex["images"]), ex["prompt"]) + [assistant_message(ex["answer"])], tokenize=False
+        )
+        ids = tok.encode(text.replace(pad, pad * n_tokens), add_special_tokens=False)
+        first = max(i for i, t in enumerate(ids) if t == im_start) + answer_offset  # after "<|im_start|>assistant\n"
+        labels = [-100] * first + ids[first:]
+        if len(newline) == 1 and labels[-1] == newline[0]:  # learn the end marker, not the newline after it
+            labels[-1] = -100
+        image_pad = tok.convert_tokens_to_ids(pad)
+        ex["ids"], ex["labels"], ex["mm"] = ids, labels, [int(t == image_pad) for t in ids]
+        ex["pixel_values"], ex["grid"] = pixels["pixel_values"], pixels["image_grid_thw"]
+
+
+def _batch(examples, pad_id: int):
+    """A right-padded batch of encoded examples."""
+    import torch
+
+    width = max(len(ex["ids"]) for ex in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     labels = torch.full_like(ids, -100)
-    for row in range(ids.shape[0]):
-        starts = (ids[row] == im_start).nonzero().flatten()
-        first = int(starts[-1]) + answer_offset  # the answer begins after "<|im_start|>assistant\n"
-        keep = batch["attention_mask"][row].bool()
-        labels[row, first:][keep[first:]] = ids[row, first:][keep[first:]]
-    # the template ends every turn with "<|im_end|>\n": learn the end marker, not the newline after it
-    newline = processor.tokenizer.encode("\n", add_special_tokens=False)
-    if len(newline) == 1:
-        labels[labels == newline[0]] = -100
-    batch["labels"] = labels
-    return batch
+    mask, mm = torch.zeros_like(ids), torch.zeros_like(ids)
+    for row, ex in enumerate(examples):
+        n = len(ex["ids"])
+        ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(ex["ids"]), torch.tensor(ex["labels"]), 1
+        mm[row, :n] = torch.tensor(ex["mm"])
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "mm_token_type_ids": mm,  # marks the image tokens: without it the model falls back to 1-D text positions
+        "labels": labels,
+        "pixel_values": torch.cat([ex["pixel_values"] for ex in examples]),
+        "image_grid_thw": torch.cat([ex["grid"] for ex in examples]),
+    }
 
 
 PROBE_CLASSES = (
@@ -317,15 +338,40 @@ class VisionProbe:
         return loss
 
 
-def identity(seed: int, steps: int, batch_size: int) -> dict:
+DEFAULTS = dict(
+    vision_steps=500,  # phase 1: the vision tower and the probe only (cheap: no language model)
+    vision_batch=64,
+    vision_lr=4e-3,
+    steps=400,  # phase 2: everything, language-model loss + probe loss
+    batch_size=32,
+    lr=2e-3,
+    n_describe=6000,  # distinct images drawn for the describe task
+    n_compare=1500,  # distinct previous/current pairs
+    compare_repeats=2,  # phase 2 draws each pair this many times per epoch (a one-word answer is a small signal)
+)
+
+
+def answer_loss(model, batch):
+    """Cross-entropy of the answer tokens, averaged within each example and then over examples: a one-word compare
+    answer weighs as much as a 30-token description (a token-level mean would give it a 60th of the signal)."""
+    import torch.nn.functional as F
+
+    labels = batch.pop("labels")
+    logits = model(**batch).logits[:, :-1].float()
+    target = labels[:, 1:]
+    token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=-100, reduction="none")
+    counted = (target != -100).sum(1).clamp(min=1)
+    return (token.sum(1) / counted).mean()
+
+
+def identity(seed: int, **recipe) -> dict:
     from apo.world import tiny
 
     return {
         "kind": "apo-pretrained-base",
         "recipe_version": RECIPE_VERSION,
         "seed": seed,
-        "steps": steps,
-        "batch_size": batch_size,
+        **{k: recipe.get(k, v) for k, v in DEFAULTS.items()},
         "text": tiny.BASE_TEXT,
         "vision": tiny.BASE_VISION,
         "image_pixels": tiny.BASE_IMAGE_PIXELS,
@@ -340,18 +386,43 @@ def cached(out_dir, ident: dict) -> bool:
         return False
 
 
-def pretrain(
-    out_dir,
-    seed: int = 0,
-    steps: int = 600,
-    batch_size: int = 32,
-    lr: float = 2e-3,
-    compare_share: float = 0.3,
-    workers: int = 2,
-    progress: bool = True,
-) -> dict:
+def _optimizer(params_decay, params_rest, lr: float, steps: int):
+    import torch
+
+    opt = torch.optim.AdamW(
+        [{"params": params_decay, "weight_decay": 0.01}, {"params": params_rest, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+    )
+    warmup = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
+    )
+    return opt, sched
+
+
+def _split(named) -> tuple[list, list]:
+    """(matrices that decay, the rest): embeddings, norms and biases are not decayed."""
+    named = list(named)
+    decay = [p for n, p in named if p.ndim >= 2 and "embed" not in n]
+    rest = [p for n, p in named if not (p.ndim >= 2 and "embed" not in n)]
+    return decay, rest
+
+
+def _order(seed: int, phase: int, n: int, needed: int) -> np.ndarray:
+    """Indices of `needed` draws from `n` examples: whole shuffled epochs, a function of the seed."""
+    epochs = math.ceil(needed / n) + 1
+    return np.concatenate([_rng(seed, T_ORDER, phase, e).permutation(n) for e in range(epochs)])[:needed]
+
+
+def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **recipe) -> dict:
     """Train the seeing base and write it to `out_dir` (model, processor, generation config, pretraining.json).
-    Returns the pretraining record. A folder that already holds a base with the same identity is reused as is."""
+    `recipe` overrides DEFAULTS. Returns the pretraining record. A folder that already holds a base with the same
+    identity is reused as is.
+
+    Phase 1 trains the vision tower through the probe alone (the language model is not run): it is where the tower
+    learns to see, at a fraction of a full step's cost. Phase 2 trains everything on the answers (with the probe
+    still on), where the language model learns to read the image tokens and to write the two tasks' answers."""
     import torch
     from tqdm import tqdm
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -359,66 +430,87 @@ def pretrain(
     from apo.io.resumable import write_json_atomic
     from apo.world import tiny
 
+    unknown = sorted(set(recipe) - set(DEFAULTS))
+    if unknown:
+        raise ApoError(f"pretraining recipe: unknown settings {unknown} (known: {', '.join(DEFAULTS)})")
+    r = {**DEFAULTS, **recipe}
+    if (
+        min(r[k] for k in ("steps", "batch_size", "vision_batch", "n_describe", "n_compare", "compare_repeats")) < 1
+        or r["vision_steps"] < 0
+    ):
+        raise ApoError(f"pretraining recipe: steps, batch sizes and example counts must be positive ({r})")
     out = Path(out_dir)
-    ident = identity(seed, steps, batch_size)
+    ident = identity(seed, **r)
     if cached(out, ident):
         log.info("pretrained base with the same identity found in %s: reused", out)
         return json.loads((out / "pretraining.json").read_text(encoding="utf-8"))
     if out.exists() and any(out.iterdir()) and not (out / "pretraining.json").exists():
         raise ApoError(f"{out} is not empty and holds no pretrained base (pretraining.json); choose a new folder")
     t0 = time.time()
-    n_examples = steps * batch_size
-    n_compare = int(round(compare_share * n_examples / 2))  # each drawn example is seen about twice
-    n_describe = n_examples // 2 - n_compare
-    examples = make_examples(seed, n_describe, n_compare, workers=workers, progress=progress)
-    t_data = time.time() - t0
-
+    examples = make_examples(seed, r["n_describe"], r["n_compare"], workers=workers, progress=progress)
     tokenizer = tiny.build_tokenizer()
     processor = tiny.build_processor(tokenizer, pixels=tiny.BASE_IMAGE_PIXELS)
-    config = tiny.build_config(tokenizer, text=tiny.BASE_TEXT, vision=tiny.BASE_VISION)
     answer_offset = 1 + len(tokenizer.encode("assistant\n", add_special_tokens=False))
+    _encode(processor, examples, answer_offset)
+    images = []  # (patch rows, grid, truth) of every image, for phase 1
+    for ex in examples:
+        offset = 0
+        for k, truth in enumerate(ex["image_truths"]):
+            n = int(ex["grid"][k].prod())
+            images.append((ex["pixel_values"][offset : offset + n], ex["grid"][k : k + 1], truth))
+            offset += n
+    t_data = time.time() - t0
+
+    config = tiny.build_config(tokenizer, text=tiny.BASE_TEXT, vision=tiny.BASE_VISION)
+    tokens_per_image = tiny.BASE_IMAGE_PIXELS // (28 * 28)  # 14-px patches, 2x2 merged
+    curves = {"vision_probe": [], "lm": [], "probe": []}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
         model.train()
-        tokens_per_image = tiny.BASE_IMAGE_PIXELS // (28 * 28)  # 14-px patches, 2x2 merged
         probe = VisionProbe(model, tokens_per_image)
-        decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-        rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-        opt = torch.optim.AdamW(
-            [
-                {"params": decay + [probe.head.weight], "weight_decay": 0.01},
-                {"params": rest + [probe.head.bias], "weight_decay": 0.0},
-            ],
-            lr=lr,
-            betas=(0.9, 0.98),
-        )
-        warmup = max(1, steps // 20)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps)))
-        )
-        order = np.concatenate(
-            [
-                _rng(seed, T_ORDER, e, 0).permutation(len(examples))
-                for e in range(math.ceil(n_examples / len(examples)) + 1)
-            ]
-        )
-        curve, probe_curve = [], []
-        bar = tqdm(range(steps), desc="pretraining the base", file=sys.stderr, disable=not progress, dynamic_ncols=True)
+        visual = model.model.visual
+
+        # phase 1: the vision tower learns to see
+        decay, rest = _split(list(visual.named_parameters()) + [("head.weight", probe.head.weight)])
+        opt, sched = _optimizer(decay, rest + [probe.head.bias], r["vision_lr"], r["vision_steps"])
+        order = _order(seed, 1, len(images), r["vision_steps"] * r["vision_batch"])
+        params = list(visual.parameters()) + list(probe.head.parameters())
+        bar = tqdm(range(r["vision_steps"]), desc="pretraining 1/2: vision", file=sys.stderr, disable=not progress)
         for step in bar:
-            idx = order[step * batch_size : (step + 1) * batch_size]
-            chosen = [examples[i] for i in idx]
-            batch = _batch(processor, chosen, answer_offset)
-            lm_loss = model(**batch).loss
-            probe_loss = probe.loss([t for ex in chosen for t in ex["image_truths"]])
-            (lm_loss + probe_loss).backward()
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(probe.head.parameters()), 1.0)
+            chosen = [images[i] for i in order[step * r["vision_batch"] : (step + 1) * r["vision_batch"]]]
+            visual(torch.cat([c[0] for c in chosen]), grid_thw=torch.cat([c[1] for c in chosen]))
+            loss = probe.loss([c[2] for c in chosen])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            curve.append(round(float(lm_loss), 4))
-            probe_curve.append(round(float(probe_loss), 4))
-            bar.set_postfix(lm=f"{np.mean(curve[-20:]):.3f}", probe=f"{np.mean(probe_curve[-20:]):.3f}")
+            curves["vision_probe"].append(round(loss.item(), 4))
+            bar.set_postfix(probe=f"{np.mean(curves['vision_probe'][-20:]):.3f}")
+        bar.close()
+
+        # phase 2: the language model learns to read the image and answer
+        decay, rest = _split(list(model.named_parameters()) + [("head.weight", probe.head.weight)])
+        opt, sched = _optimizer(decay, rest + [probe.head.bias], r["lr"], r["steps"])
+        pool = [
+            i for i, ex in enumerate(examples) for _ in range(r["compare_repeats"] if ex["task"] == "compare" else 1)
+        ]
+        order = [pool[i] for i in _order(seed, 2, len(pool), r["steps"] * r["batch_size"])]
+        params = list(model.parameters()) + list(probe.head.parameters())
+        bar = tqdm(range(r["steps"]), desc="pretraining 2/2: answers", file=sys.stderr, disable=not progress)
+        for step in bar:
+            chosen = [examples[i] for i in order[step * r["batch_size"] : (step + 1) * r["batch_size"]]]
+            lm_loss = answer_loss(model, _batch(chosen, tokenizer.pad_token_id))
+            probe_loss = probe.loss([t for ex in chosen for t in ex["image_truths"]])
+            (lm_loss + probe_loss).backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            curves["lm"].append(round(lm_loss.item(), 4))
+            curves["probe"].append(round(probe_loss.item(), 4))
+            bar.set_postfix(lm=f"{np.mean(curves['lm'][-20:]):.3f}", probe=f"{np.mean(curves['probe'][-20:]):.3f}")
         bar.close()
     model.eval()
     model.generation_config = tiny.generation_config(tokenizer)
@@ -428,21 +520,19 @@ def pretrain(
     (out / "swift_plugin.py").write_text(tiny.SWIFT_PLUGIN.format(pixels=tiny.BASE_IMAGE_PIXELS), encoding="utf-8")
     record = {
         "identity": ident,
-        "examples": {"describe": n_describe, "compare": n_compare},
         "parameters": sum(p.numel() for p in model.parameters()),
-        "loss_first_20": float(np.mean(curve[:20])),
-        "loss_last_20": float(np.mean(curve[-20:])),
-        "loss_curve": curve[::10],
-        "probe_loss_curve": probe_curve[::10],
+        "loss_first_20": float(np.mean(curves["lm"][:20])),
+        "loss_last_20": float(np.mean(curves["lm"][-20:])),
+        "curves_every_10": {k: v[::10] for k, v in curves.items()},
         "seconds": {"data": round(t_data, 1), "total": round(time.time() - t0, 1)},
-        "weights_sha256": _weights_digest(out),
+        "weights_sha256": weights_digest(out),
     }
     write_json_atomic(out / "pretraining.json", record)  # written last: its presence marks a finished base
     log.info("pretrained base (%d parameters) written to %s in %.0f s", record["parameters"], out, time.time() - t0)
     return record
 
 
-def _weights_digest(folder: Path) -> str:
+def weights_digest(folder: Path) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.glob("*.safetensors")):
         h.update(p.read_bytes())

@@ -292,6 +292,12 @@ def build_tiny_model(out_dir, seed: int = 0, tokenizer: str = "small") -> str:
     return str(out)
 
 
+def _default_recipe() -> dict:  # imported when asked: apo.world.pretrain pulls in the synthetic world
+    from apo.world.pretrain import DEFAULTS
+
+    return DEFAULTS
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="output folder for model + processor")
     parser.add_argument("--seed", type=int, default=0, help="weights (and pretraining data) are a function of the seed")
@@ -311,8 +317,9 @@ def add_arguments(parser) -> None:
         "package's qwen.tiktoken) and its preprocessor settings (3,136..12,845,056 pixels; set a budget with "
         "--max-pixels in each stage)",
     )
-    parser.add_argument("--steps", type=int, default=None, help="pretraining steps (default: apo.world.pretrain's)")
-    parser.add_argument("--batch-size", type=int, default=32, help="pretraining batch size")
+    g = parser.add_argument_group("pretraining recipe (--pretrain; defaults: apo.world.pretrain.DEFAULTS)")
+    for name, value in _default_recipe().items():
+        g.add_argument("--" + name.replace("_", "-"), type=type(value), default=None, help=f"default {value}")
     parser.add_argument("--workers", type=int, default=2, help="processes drawing the pretraining images")
 
 
@@ -323,8 +330,8 @@ def run(args) -> int:
         if args.tokenizer != "small":
             raise ApoError("--pretrain trains the small-vocabulary base; it does not take --tokenizer qwen2.5-vl")
 
-        kw = {} if args.steps is None else {"steps": args.steps}
-        rec = pretrain.pretrain(args.out, seed=args.seed, batch_size=args.batch_size, workers=args.workers, **kw)
+        recipe = {k: getattr(args, k) for k in pretrain.DEFAULTS if getattr(args, k) is not None}
+        rec = pretrain.pretrain(args.out, seed=args.seed, workers=args.workers, **recipe)
         print(
             f"pretrained base in {args.out} ({rec['parameters']:,} parameters, loss {rec['loss_first_20']:.2f} -> "
             f"{rec['loss_last_20']:.3f}, {rec['seconds']['total']:.0f} s)"

@@ -1,0 +1,99 @@
+"""The seeing base's pretraining (apo.world.pretrain) at a toy recipe: deterministic by seed, cached by identity,
+in its own style, on images no benchmark draws. Whether it sees is checked by scripts/check_base.py, not here."""
+
+import json
+
+import numpy as np
+import pytest
+
+from apo.errors import ApoError
+from apo.world import pretrain
+
+TOY = dict(vision_steps=2, vision_batch=4, steps=2, batch_size=4, n_describe=6, n_compare=3)
+
+
+def _run(out, seed=0, **kw):
+    return pretrain.pretrain(out, seed=seed, workers=1, progress=False, **{**TOY, **kw})
+
+
+def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
+    a, b, c = _run(tmp_path / "a"), _run(tmp_path / "b"), _run(tmp_path / "c", seed=1)
+    assert a["weights_sha256"] == b["weights_sha256"]
+    assert a["weights_sha256"] != c["weights_sha256"]
+    assert len(a["curves_every_10"]["vision_probe"]) == 1 and a["loss_last_20"] > 0
+
+
+def test_a_finished_base_is_reused_and_a_changed_recipe_is_not(tmp_path):
+    first = _run(tmp_path / "a")
+    (tmp_path / "a" / "marker").write_text("kept")
+    assert _run(tmp_path / "a") == first  # reused: same record, folder untouched
+    assert (tmp_path / "a" / "marker").exists()
+    again = _run(tmp_path / "a", steps=3)
+    assert again["identity"]["steps"] == 3 and json.loads((tmp_path / "a" / "pretraining.json").read_text()) == again
+
+
+def test_foreign_folder_and_unknown_settings_are_refused(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "notes.txt").write_text("mine")
+    with pytest.raises(ApoError, match="holds no pretrained base"):
+        _run(tmp_path / "x")
+    with pytest.raises(ApoError, match="unknown settings"):
+        _run(tmp_path / "y", step=3)
+    with pytest.raises(ApoError, match="must be positive"):
+        _run(tmp_path / "z", steps=0)
+
+
+def test_examples_are_deterministic_in_the_base_style_and_off_the_benchmark_streams():
+    a = pretrain.make_examples(3, 4, 2, workers=1, progress=False)
+    b = pretrain.make_examples(3, 4, 2, workers=2, progress=False)
+    assert [e["answer"] for e in a] == [e["answer"] for e in b]
+    assert all(np.array_equal(x, y) for ea, eb in zip(a, b) for x, y in zip(ea["images"], eb["images"]))
+    describe = [e for e in a if e["task"] == "describe"]
+    assert all(e["answer"] == pretrain.describe(e["truth"]) for e in describe)
+    compare = [e for e in a if e["task"] == "compare"]
+    assert all(e["answer"] in pretrain.ANSWER.values() and len(e["images"]) == 2 for e in compare)
+    # streams keyed by 5 integers starting with NS; `apo synth` keys have at most 4
+    assert pretrain._rng(0, 0, 0, 0).random() != np.random.default_rng([0, 0, 0, 0]).random()
+
+
+def test_describe_style_names_side_severity_and_negatives():
+    text = pretrain.describe(
+        {"Pleural Effusion": {"side": "right", "severity": 0.9}, "Cardiomegaly": {"severity": 0.4}}
+    )
+    assert text.startswith("Large right pleural effusion.") and "cardiomegaly" in text
+    assert "No pneumothorax, consolidation or pulmonary edema." in text and "Normal heart size" not in text
+    assert pretrain.describe({}).startswith("No acute cardiopulmonary abnormality.")
+
+
+def test_encoded_labels_cover_the_answer_and_end_marker_only():
+    ex = pretrain.make_examples(0, 1, 0, workers=1, progress=False)
+    from apo.world import tiny
+
+    tok = tiny.build_tokenizer()
+    proc = tiny.build_processor(tok, pixels=tiny.BASE_IMAGE_PIXELS)
+    pretrain._encode(proc, ex, 1 + len(tok.encode("assistant\n", add_special_tokens=False)))
+    learned = [t for t in ex[0]["labels"] if t != -100]
+    assert tok.decode(learned) == ex[0]["answer"] + "<|im_end|>"
+    n_pad = ex[0]["ids"].count(tok.convert_tokens_to_ids("<|image_pad|>"))
+    assert n_pad == tiny.BASE_IMAGE_PIXELS // (28 * 28) == int(ex[0]["grid"].prod()) // 4
+
+
+def test_training_batches_carry_the_processors_positions(tmp_path):
+    """The hand-built batch equals what the processor gives generation (ids, image-token marks, pixels): a batch
+    without mm_token_type_ids trains on 1-D positions the model never sees when it answers."""
+    import torch
+    from PIL import Image
+
+    from apo.model.chat import assistant_message, user_message
+    from apo.world import tiny
+
+    tok = tiny.build_tokenizer()
+    proc = tiny.build_processor(tok, pixels=tiny.BASE_IMAGE_PIXELS)
+    ex = pretrain.make_examples(0, 1, 1, workers=1, progress=False)
+    pretrain._encode(proc, ex, 1 + len(tok.encode("assistant\n", add_special_tokens=False)))
+    for e in ex:
+        text = proc.apply_chat_template(user_message(len(e["images"]), e["prompt"]) + [assistant_message(e["answer"])])
+        want = proc(text=[text], images=[Image.fromarray(im).convert("RGB") for im in e["images"]], return_tensors="pt")
+        got = pretrain._batch([e], tok.pad_token_id)
+        for key in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
+            assert torch.equal(got[key], want[key]), key
