@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import tempfile
+from pathlib import Path
 
 TARGETS = {"finding_f1": 0.85, "side_accuracy": 0.90, "mscxrt_average": 0.60}
 
@@ -23,7 +24,23 @@ def main() -> int:
     ap.add_argument("--pairs", type=int, default=150)
     ap.add_argument("--targets", action="store_true", help="exit 1 unless the seeing targets hold")
     ap.add_argument("--out", default=None, help="also write the scores to this JSON file")
+    ap.add_argument(
+        "--reuse", action="store_true", help="if --out already holds scores of these weights and settings, print them"
+    )
     args = ap.parse_args()
+    from apo.world.pretrain import weights_digest
+
+    key = {
+        "weights_sha256": weights_digest(Path(args.model)),
+        "adapter": args.adapter,
+        "seed": args.seed,
+        "images": args.images,
+        "pairs": args.pairs,
+    }
+    previous = _read(args.out) if args.reuse and args.out else None
+    if previous and previous.get("scored") == key:
+        print(json.dumps(previous, indent=2))
+        return _verdict(previous) if args.targets else 0
 
     from apo.model.generation import load_model
     from apo.world.seeing import evaluate
@@ -31,17 +48,27 @@ def main() -> int:
     model, processor = load_model(args.model, adapter=args.adapter, device="cpu", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
         scores = evaluate(model, processor, tmp, seed=args.seed, n_images=args.images, n_pairs=args.pairs)
+    scores["scored"] = key
     text = json.dumps(scores, indent=2)
     print(text)
     if args.out:
         with open(args.out, "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
-    if args.targets:
-        missed = [f"{k} {scores[k]} < {v}" for k, v in TARGETS.items() if scores[k] is None or scores[k] < v]
-        for m in missed:
-            print(f"check_base: target missed: {m}", file=sys.stderr)
-        return 1 if missed else 0
-    return 0
+    return _verdict(scores) if args.targets else 0
+
+
+def _verdict(scores: dict) -> int:
+    missed = [f"{k} {scores[k]} < {v}" for k, v in TARGETS.items() if scores[k] is None or scores[k] < v]
+    for m in missed:
+        print(f"check_base: target missed: {m}", file=sys.stderr)
+    return 1 if missed else 0
+
+
+def _read(path):
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
 
 
 if __name__ == "__main__":
