@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole APO pipeline on the embedded default, on CPU, in a few minutes:
-#   synthetic CXR-MAX -> tiny Qwen2.5-VL -> SFT (ms-swift) -> consensus -> groups -> APO, and the ms-swift DPO
-#   baseline -> evaluation of base / SFT / DPO / APO -> teacher drift -> tables and plots in results/.
+# The whole APO pipeline on the embedded default, on CPU, in about a quarter of an hour:
+#   synthetic CXR-MAX -> a tiny Qwen2.5-VL base that sees (pretrained here, cached in runs/cache) -> SFT (ms-swift)
+#   -> consensus -> groups -> APO, and the ms-swift DPO baseline -> evaluation of base / SFT / DPO / APO (greedy and
+#   sampled) -> teacher drift -> tables, plots and results/summary.json.
 # Nothing is downloaded. Sizes are environment variables (CASES, SFT_STEPS, APO_STEPS, ...).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -10,6 +11,7 @@ source "$ROOT/scripts/env.sh"
 cd "$ROOT"
 
 RUN="${RUN_DIR:-$ROOT/runs/demo}"
+CACHE="${CACHE_DIR:-$ROOT/runs/cache}"  # the pretrained base: a second demo run reuses it
 RESULTS="${RESULTS_DIR:-$ROOT/results}"
 CASES="${CASES:-160}"
 SEED="${SEED:-0}"
@@ -21,7 +23,8 @@ export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 t0=$SECONDS
 step() { printf '\n== [%4ss] %s\n' "$((SECONDS - t0))" "$*"; }
 # only what the demo writes: results/ also holds the seeded experiment (results/experiment, tracked)
-rm -rf "$RUN" "$RESULTS"/{base,sft,dpo,apo,drift} "$RESULTS"/tables.{md,tex} "$RESULTS"/curves_*.png
+rm -rf "$RUN" "$RESULTS"/{base,sft,dpo,apo,drift} "$RESULTS"/tables.{md,tex} "$RESULTS"/curves_*.png \
+  "$RESULTS"/{summary,base_seeing}.json
 mkdir -p "$RUN" "$RESULTS"
 
 step "synthetic CXR-MAX benchmark ($CASES cases, 7 drifting teachers)"
@@ -29,14 +32,20 @@ apo synth --out "$RUN/data" --cases "$CASES" --seed "$SEED"
 TRAIN="$RUN/data/cxrmax_train.jsonl"
 TEST="$RUN/data/cxrmax_test.jsonl"
 
-step "tiny Qwen2.5-VL (random weights, local tokenizer)"
-apo tiny-model --out "$RUN/base" --seed "$SEED"
+step "the base that sees: a tiny Qwen2.5-VL pretrained to describe and compare chest X-rays (neutral style)"
+BASE="$CACHE/base-seed$SEED"
+apo tiny-model --pretrain --out "$BASE" --seed "$SEED"
+# held-out images of another seed, scored against their ground truth (finding F1, side accuracy, MS-CXR-T Top-1)
+python scripts/check_base.py --model "$BASE" --out "$BASE/seeing.json" --reuse \
+  | python -c "import json,sys; s=json.load(sys.stdin); print('  base sees:', {k: round(s[k], 3) for k in ('finding_f1', 'side_accuracy', 'mscxrt_average')})"
+cp "$BASE/seeing.json" "$RESULTS/base_seeing.json"
 
 step "stage 1, learn: SFT on every teacher's trajectory (ms-swift, LoRA)"
 apo prepare-sft --dataset "$TRAIN" --out "$RUN/sft.jsonl"
-# The tiny model is random: LoRA alone cannot give it a vocabulary, so its embeddings and output head train in full
-# (MODULES_TO_SAVE); with a real Qwen2.5-VL the launcher's defaults are the paper's LoRA-only recipe.
-MODEL="$RUN/base" DATASET="$RUN/sft.jsonl" OUTPUT_DIR="$RUN/sft" TORCH_DTYPE=float32 BATCH_SIZE=8 GRAD_ACC=1 \
+# The tiny base has only ever written its own neutral sentences: LoRA alone cannot give it the teachers' words, so its
+# embeddings and output head train in full (MODULES_TO_SAVE); with a real Qwen2.5-VL the launcher's defaults are the
+# paper's LoRA-only recipe.
+MODEL="$BASE" DATASET="$RUN/sft.jsonl" OUTPUT_DIR="$RUN/sft" TORCH_DTYPE=float32 BATCH_SIZE=8 GRAD_ACC=1 \
   LEARNING_RATE=5e-3 LORA_RANK=32 LORA_ALPHA=64 MODULES_TO_SAVE="embed_tokens lm_head" MAX_STEPS="$SFT_STEPS" \
   SAVE_STEPS="$SFT_STEPS" LOGGING_STEPS=10 MAX_LENGTH=1024 WARMUP_RATIO=0.05 GRADIENT_CHECKPOINTING=false \
   DATALOADER_WORKERS=0 REPORT_TO=none MERGE_LORA=true SEED="$SEED" bash scripts/SFT-Qwen2.5.sh 2>&1 \
@@ -54,7 +63,7 @@ MODEL="$SFT_MODEL" DATASET="$RUN/apo/dpo_pairs.jsonl" OUTPUT_DIR="$RUN/dpo" NPRO
   bash scripts/DPO-Qwen2.5.sh 2>&1 | grep -vE "^\s*$|it/s\]|s/it\]" | tail -n 8
 
 step "evaluation: report generation (greedy + sampled drift, teacher signatures) + MS-CXR-T for base, SFT, DPO, APO"
-declare -A MODELS=([base]="$RUN/base" [sft]="$SFT_MODEL" [dpo]="$SFT_MODEL" [apo]="$SFT_MODEL")
+declare -A MODELS=([base]="$BASE" [sft]="$SFT_MODEL" [dpo]="$SFT_MODEL" [apo]="$SFT_MODEL")
 declare -A ADAPTERS=([base]="" [sft]="" [dpo]="$RUN/dpo/last" [apo]="$RUN/apo/model")
 for name in base sft dpo apo; do
   adapter=()
@@ -74,5 +83,8 @@ apo drift --dataset "$TRAIN" --consensus "$RUN/apo/consensus.jsonl" --out "$RESU
 
 step "tables"
 apo tables --results "$RESULTS" --out "$RESULTS" --print ablation
+
+python scripts/demo_summary.py --results "$RESULTS" --seconds "$((SECONDS - t0))" > /dev/null
+echo "  results/summary.json written"
 
 step "done in $((SECONDS - t0)) s: data, models and logs in $RUN; tables and plots in $RESULTS"

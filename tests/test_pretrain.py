@@ -51,7 +51,10 @@ def test_examples_are_deterministic_in_the_base_style_and_off_the_benchmark_stre
     describe = [e for e in a if e["task"] == "describe"]
     assert all(e["answer"] == pretrain.describe(e["truth"]) for e in describe)
     compare = [e for e in a if e["task"] == "compare"]
-    assert all(e["answer"] in pretrain.ANSWER.values() and len(e["images"]) == 2 for e in compare)
+    from apo.evaluation.mscxrt import parse_progression
+
+    assert all(parse_progression(e["answer"]) == e["cls"] and len(e["images"]) == 2 for e in compare)
+    assert pretrain.compare_answer(0.3, 0.85, "worsening") == "Small to large: worsening."
     # streams keyed by 5 integers starting with NS; `apo synth` keys have at most 4
     assert pretrain._rng(0, 0, 0, 0).random() != np.random.default_rng([0, 0, 0, 0]).random()
 

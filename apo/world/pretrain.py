@@ -8,8 +8,8 @@ included, on two instruction tasks in a neutral style that is none of the seven 
 
   describe  one image -> its findings with side and severity, then pertinent negatives
             ("Moderate right pleural effusion. Mild cardiomegaly. No pneumothorax, consolidation or pulmonary edema.")
-  compare   a previous and a current image of one subject -> "Improving." / "Stable." / "Worsening." for the finding
-            the question names (MS-CXR-T's five findings)
+  compare   a previous and a current image of one subject -> the named finding's size on each, then improving /
+            stable / worsening ("Small to large: worsening."; MS-CXR-T's five findings)
 
 It never sees a teacher's text, a CXR-MAX-style question or a benchmark image: images are drawn by the benchmark's
 renderer (`apo.world.synth.images`) from random streams keyed by 5-integer lists that `apo synth` (keys of at most 4
@@ -51,7 +51,7 @@ from apo.world.synth.reports import sentence_bank, severity_word
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 3  # bump when the data or the training recipe changes: a cached base is then rebuilt
+RECIPE_VERSION = 4  # bump when the data or the training recipe changes: a cached base is then rebuilt
 NS = 0x5EE1  # first key of every pretraining random stream (5 integers long; synth's keys have at most 4)
 T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER = range(4)
 
@@ -67,7 +67,15 @@ COMPARE_PROMPTS = (
     "Compare the second chest X-ray with the first, earlier one. How has the {finding} changed: improving, stable "
     "or worsening? One word.",
 )
-ANSWER = {"improving": "Improving.", "stable": "Stable.", "worsening": "Worsening."}
+
+
+def compare_answer(previous: float, current: float, cls: str) -> str:
+    """The base's comparison: the finding's size on each study, then the verdict ("Small to large: worsening.").
+    Naming each study's size first is how the answer gets to the verdict: each size word is read off one image, and
+    the verdict then follows from the two words (a bare one-word verdict left the language model at chance)."""
+    return f"{severity_word(previous).capitalize()} to {severity_word(current)}: {cls}."
+
+
 NEGATABLE = (
     ("Pleural Effusion", "pleural effusion"),
     ("Pneumothorax", "pneumothorax"),
@@ -174,12 +182,13 @@ def _compare_example(seed: int, i: int, masks: list) -> dict:
     finding = MSCXRT_FINDINGS[int(r.integers(len(MSCXRT_FINDINGS)))]
     cls = MSCXRT_CLASSES[int(r.integers(len(MSCXRT_CLASSES)))]
     (previous, current), truths = compare_pair(_rng(seed, T_COMPARE, i, 1), masks, i + 7919, finding, cls)
+    obs = MSCXRT_OBS[finding]
     template = COMPARE_PROMPTS[int(r.integers(len(COMPARE_PROMPTS)))]
     return {
         "task": "compare",
         "images": [previous, current],
         "prompt": template.format(finding=finding_name(finding)),
-        "answer": ANSWER[cls],
+        "answer": compare_answer(truths[0][obs]["severity"], truths[1][obs]["severity"], cls),
         "finding": finding,
         "cls": cls,
         "image_truths": truths,

@@ -117,7 +117,7 @@ def evaluate(
         model,
         processor,
         [([a, b], MSCXRT_PROMPT.format(finding=finding_name(f))) for a, b, f, _ in pairs],
-        max_new_tokens=8,
+        max_new_tokens=16,  # as apo eval-mscxrt
         batch_size=batch_size,
         desc="compare",
     )
