@@ -17,11 +17,12 @@ integers) never uses, so no pretraining image, finding placement or noise patter
 come from the same 516 masks torchxrayvision ships, as real pretraining corpora share anatomy with test sets.
 Consolidation and pneumonia are drawn alike, so the base calls both "airspace opacity" (what the pixels show).
 
-How it learns to see in minutes on a CPU: beside the language-model loss on the answers, a linear probe on the
-vision tower's output (the 16 merged image tokens of each image, flattened) predicts each drawn finding's presence,
-side and extent. That dense signal trains the vision tower far faster than the answer tokens alone (with the LM loss
-only, 200 steps learned the answers' wording and next to nothing of the image). The probe is discarded: the saved
-model is a plain `Qwen2_5_VLForConditionalGeneration`.
+How it learns to see in minutes on a CPU: a linear probe on the vision tower's output (the 16 merged image tokens of
+each image, flattened) predicts each drawn finding's presence, side and extent. Phase 1 trains the tower through the
+probe alone (no language model: cheap steps, a dense signal); phase 2 trains everything on the answers, probe still
+on. With the LM loss only, 200 steps learned the answers' wording and next to nothing of the image. The probe is
+discarded: the saved model is a plain `Qwen2_5_VLForConditionalGeneration`. What it scores on held-out images, and
+what it does not do yet (compare two studies): docs/seeing_base.md.
 
 Everything is a function of the seed (data, initialisation, batch order); torch runs single-process with a fixed
 thread count, so the same seed on the same machine writes the same weights. The result is cached: a folder holding
