@@ -21,29 +21,15 @@ import logging
 from pathlib import Path
 
 from apo.errors import ApoError
+from apo.world.qwen_vocab import ADDED_TOKENS
 from apo.world.synth import QUESTIONS
 from apo.world.synth import teachers as T
 from apo.world.synth.reports import TEMPLATES, iu_reports
 
 log = logging.getLogger(__name__)
 
-# Qwen2.5-VL's added tokens, in the real model's order (ids follow the learned vocabulary).
-SPECIAL_TOKENS = (
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|object_ref_start|>",
-    "<|object_ref_end|>",
-    "<|box_start|>",
-    "<|box_end|>",
-    "<|quad_start|>",
-    "<|quad_end|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+# Qwen2.5-VL's added tokens up to the vision ones, in the real model's order (ids follow the learned vocabulary).
+SPECIAL_TOKENS = ADDED_TOKENS[: ADDED_TOKENS.index("<|video_pad|>") + 1]
 # Qwen/Qwen2.5-VL-7B-Instruct chat_template.json, verbatim.
 CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
