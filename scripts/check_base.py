@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 TARGETS = {"finding_f1": 0.85, "side_accuracy": 0.90, "mscxrt_average": 0.60}
+SCORING_VERSION = 2  # 2: descriptions also scored for the size words (grade_accuracy)
 
 
 def main() -> int:
@@ -31,6 +32,7 @@ def main() -> int:
     from apo.world.pretrain import weights_digest
 
     key = {
+        "scoring": SCORING_VERSION,  # scores of an older scoring are recomputed, not reused
         "weights_sha256": weights_digest(Path(args.model)),
         "adapter": args.adapter,
         "seed": args.seed,

@@ -55,7 +55,9 @@ def main() -> int:
     results = Path(args.results)
     seeing = _read(results / "base_seeing.json") or {}
     summary = {
-        "base_seeing": {k: seeing.get(k) for k in ("finding_f1", "side_accuracy", "mscxrt_average", "n_images")},
+        "base_seeing": {
+            k: seeing.get(k) for k in ("finding_f1", "side_accuracy", "mscxrt_average", "grade_accuracy", "n_images")
+        },
         "students": {name: s for name in STUDENTS if (s := student(results / name)) is not None},
         "seconds": round(args.seconds),
     }

@@ -100,3 +100,21 @@ def test_training_batches_carry_the_processors_positions(tmp_path):
         got = pretrain._batch([e], tok.pad_token_id)
         for key in ("input_ids", "mm_token_type_ids", "pixel_values", "image_grid_thw"):
             assert torch.equal(got[key], want[key]), key
+
+
+def test_grade_accuracy_reads_the_base_style_size_words_against_the_truth():
+    """check_base's grade score: a description's own words round-trip to accuracy 1; a wrong size word counts as
+    wrong; a negated or unreported finding is not scored."""
+    from apo.world import seeing
+
+    truths = [
+        {"Pleural Effusion": {"side": "left", "severity": 0.9}, "Cardiomegaly": {"severity": 0.3}},
+        {"Pneumothorax": {"side": "right", "severity": 0.6}, "Edema": {"severity": 0.85}},
+    ]
+    exact = seeing.score_descriptions(truths, [pretrain.describe(t) for t in truths])
+    assert exact["grade_accuracy"] == 1.0 and exact["graded_reported"] == 4
+    wrong = seeing.score_descriptions(truths[:1], ["Small left pleural effusion. Mild cardiomegaly."])
+    assert wrong["grade_accuracy"] == 0.5 and wrong["grade_majority"] == 0.5
+    assert seeing.stated_grade("Mild cardiomegaly. No pleural effusion.", "Pleural Effusion") is None
+    unreported = seeing.score_descriptions(truths[:1], ["No acute cardiopulmonary abnormality."])
+    assert unreported["grade_accuracy"] is None and unreported["graded_reported"] == 0

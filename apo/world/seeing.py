@@ -6,11 +6,15 @@
 Image classes, not report labels: consolidation and pneumonia are drawn alike, so a mention of either, or of an
 airspace opacity, counts as the one "airspace" class; Lung Opacity's other children are their own classes.
 Side accuracy: over the true lateral findings an answer reports, the share whose stated side is the true one (a
-reported finding with no side counts as wrong). Used by `scripts/check_base.py` and by the demo's summary.
+reported finding with no side counts as wrong). Grade accuracy: over the true graded findings (effusion,
+pneumothorax, cardiomegaly, edema) an answer reports with a size word, the share whose word is the true grade
+(comparing two studies by their sizes needs it); grade_majority is what always naming the commonest grade scores.
+Used by `scripts/check_base.py` and by the demo's summary.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +26,17 @@ from apo.evaluation.mscxrt import finding_name, parse_progression
 from apo.world.pretrain import DESCRIBE_PROMPTS, compare_pair, draw_masks
 from apo.world.synth import _sample_truth
 from apo.world.synth import images as draw
+from apo.world.synth.reports import MENTIONS, severity_word, split_sentences
 
 HELD_OUT = 0x7E57  # second key of every held-out stream; pretraining streams use (seed, task < 4, ...)
 CLASSES = ("Pleural Effusion", "Cardiomegaly", "Pneumothorax", "Atelectasis", "Airspace", "Edema", "Support Devices")
 AIRSPACE = ("Consolidation", "Pneumonia", "Lung Opacity")
 LATERAL = ("Pleural Effusion", "Pneumothorax", "Atelectasis", "Airspace")
+GRADED = ("Pleural Effusion", "Pneumothorax", "Cardiomegaly", "Edema")
+# the base's size words and the grade each names (cardiomegaly and edema say mild / marked / severe)
+GRADE_WORDS = {"small": "small", "mild": "small", "moderate": "moderate", "large": "large", "marked": "large"}
+GRADE_WORDS["severe"] = "large"
+_GRADE = re.compile(r"\b(" + "|".join(GRADE_WORDS) + r")\b")
 
 
 def _rng(seed, *key):
@@ -55,8 +65,18 @@ def truth_classes(truth: dict) -> dict:
     return out
 
 
+def stated_grade(text: str, obs: str) -> str | None:
+    """The grade (small / moderate / large) of the first size word in the first sentence naming `obs`, if any."""
+    for sentence in split_sentences(text.lower()):
+        if re.search(MENTIONS[obs], sentence) and not sentence.startswith("no "):
+            word = _GRADE.search(sentence)
+            return GRADE_WORDS[word.group(1)] if word else None
+    return None
+
+
 def score_descriptions(truths: list[dict], texts: list[str]) -> dict:
-    tp = fp = fn = side_n = side_ok = 0
+    tp = fp = fn = side_n = side_ok = grade_n = grade_ok = 0
+    true_grades = []  # of the graded findings scored, for the always-the-commonest-grade reference
     for truth, text in zip(truths, texts):
         want = truth_classes(truth)
         said = _classes({"labels": label(text), "sides": laterality(text)})
@@ -66,11 +86,20 @@ def score_descriptions(truths: list[dict], texts: list[str]) -> dict:
         for c in set(want) & set(said) & set(LATERAL):
             side_n += 1
             side_ok += said[c] == want[c]
+        for obs in GRADED:
+            stated = stated_grade(text, obs) if obs in truth and obs in said else None
+            if stated:
+                true_grades.append(severity_word(float(truth[obs].get("severity", 0.5))))
+                grade_n += 1
+                grade_ok += stated == true_grades[-1]
     return {
         "finding_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
         "side_accuracy": side_ok / side_n if side_n else None,
         "n_images": len(texts),
         "lateral_reported": side_n,
+        "grade_accuracy": grade_ok / grade_n if grade_n else None,
+        "graded_reported": grade_n,
+        "grade_majority": max(map(true_grades.count, set(true_grades))) / grade_n if grade_n else None,
     }
 
 
