@@ -5,7 +5,9 @@
 
 Per seed S (everything is a function of S: data, tiny model, every trainer), under OUT/seedS/:
   data/      apo synth                          the benchmark: 7 drifting teachers, ground-truth labels and sides
-  base/      apo tiny-model                     random tiny Qwen2.5-VL
+  base/      apo tiny-model                     random tiny Qwen2.5-VL (--base random, the default so far)
+             or one shared base that sees       --base pretrained: `apo tiny-model --pretrain --seed
+                                                --base-seed` in OUT/base-pretrained, built once, used by every seed
   sft/       scripts/SFT-Qwen2.5.sh             stage 1 on every teacher trajectory -> sft/merged = pi_st
   apo/       scripts/APO-Qwen2.5.sh             vote consensus -> groups + pairwise rows -> apo train (PL loss)
   dpo/       scripts/DPO-Qwen2.5.sh             ms-swift DPO on the pairwise rows of the same groups
@@ -70,6 +72,15 @@ def parse_args(argv=None):
         default=2,
         help="seeds run side by side; every process is single-threaded, so results do not depend on it",
     )
+    p.add_argument(
+        "--base",
+        choices=["random", "pretrained"],
+        default="random",
+        help="random: each seed's own random tiny model (the runs in results/experiment); pretrained: one shared\n"
+        "base that sees (apo tiny-model --pretrain), the student issue 13 asks the experiment to start from",
+    )
+    p.add_argument("--base-seed", type=int, default=0, help="seed of the shared pretrained base")
+    p.add_argument("--base-dir", default=None, help="the shared pretrained base's folder (default OUT/base-pretrained)")
     g = p.add_argument_group("data")
     g.add_argument("--cases", type=int, default=240)
     g.add_argument("--test-fraction", type=float, default=0.25)
@@ -182,7 +193,14 @@ class Seed:
             [data],
             ["apo", "synth", "--out", data, "--cases", a.cases, "--seed", s, "--test-fraction", a.test_fraction],
         )
-        self.stage("tiny", [base], ["apo", "tiny-model", "--out", base, "--seed", s])
+        if a.base == "pretrained":
+            # one base for every seed, built once by main(); this stage only checks it is there, and its key carries
+            # the weights' digest, so a changed base redoes everything downstream
+            base = shared_base(a)
+            check = ["test", "-f", base / "pretraining.json"]
+            self.stage("tiny", [], check, env={"BASE_WEIGHTS_SHA256": base_digest(base)})
+        else:
+            self.stage("tiny", [base], ["apo", "tiny-model", "--out", base, "--seed", s])
         self.stage(
             "prepare_sft",
             [d / "sft.jsonl"],
@@ -417,6 +435,27 @@ class Seed:
         return out
 
 
+def shared_base(args) -> Path:
+    return Path(args.base_dir or Path(args.out) / "base-pretrained").resolve()
+
+
+def base_digest(folder: Path) -> str:
+    sys.path.insert(0, str(ROOT))
+    from apo.world.pretrain import weights_digest
+
+    return weights_digest(folder)
+
+
+def build_shared_base(args) -> None:
+    """Pretrain (or reuse: the pretraining is cached by its identity) the base every seed starts from."""
+    folder = shared_base(args)
+    say(f"shared base: apo tiny-model --pretrain --seed {args.base_seed} -> {folder}")
+    env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
+    cmd = ["apo", "tiny-model", "--pretrain", "--out", str(folder), "--seed", str(args.base_seed)]
+    if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
+        raise SystemExit(f"shared base: `{' '.join(cmd)}` failed")
+
+
 def first_sentence(text: str) -> str:
     return text.strip().split(".")[0].strip()
 
@@ -533,7 +572,7 @@ def fmt(m, sd=None, signed=False):
     return s if sd is None else s + (f" ± {sd:.1f}" if abs(m) >= 10 else f" ± {sd:.3f}")
 
 
-def main_table(agg, arms) -> str:
+def main_table(agg, arms, base: str = "random") -> str:
     head = (
         "| student | "
         + " | ".join(f"{lab} {'↑' if b > 0 else '↓' if b < 0 else ''}".strip() for _, lab, b in METRICS)
@@ -541,7 +580,7 @@ def main_table(agg, arms) -> str:
     )
     lines = [head, "|---|" + "---:|" * len(METRICS)]
     names = {
-        "base": "base (random, reference)",
+        "base": f"base ({'shared, pretrained' if base == 'pretrained' else 'random'}, reference)",
         "sft": "SFT",
         "dpo": "SFT + DPO (ms-swift)",
         "apo": "SFT + APO",
@@ -623,12 +662,11 @@ def write_report(args, per_seed, agg, wall_s, out: Path):
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "jobs")}
     md = f"""# Seeded experiment: SFT vs SFT + DPO vs SFT + APO on the synthetic benchmark
 
-Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {
-        len(per_seed)
-    }); each seed draws its own data, tiny model and
-training order. Test split: {
-        per_seed[0]["arms"].get("sft", {}).get("n", "?")
-    } cases per seed, greedy decoding, scored by
+Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {len(per_seed)}); each seed draws its own data, {
+        "training order, and starts from one shared pretrained base"
+        if args.base == "pretrained"
+        else "tiny model and training order"
+    }. Test split: {per_seed[0]["arms"].get("sft", {}).get("n", "?")} cases per seed, greedy decoding, scored by
 `apo eval-report` (labeler vs the ground-truth labels; side accuracy only over findings whose side the answer states).
 
 ```
@@ -638,7 +676,7 @@ training order. Test split: {
 
 ## Result
 
-{main_table(agg, arms)}
+{main_table(agg, arms, args.base)}
 
 *modal opener*: share of answers that begin with the most frequent first sentence of the training answers
 ({
@@ -712,6 +750,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     seeds = [Seed(args, s) for s in args.seeds]
+    if args.base == "pretrained" and not args.report_only:
+        build_shared_base(args)
     if args.report_only:
         per_seed = [s.collect() for s in seeds]
         for s in per_seed:
@@ -748,7 +788,7 @@ def main(argv=None) -> int:
     }
     (out / "experiment.json").write_text(json.dumps(result, indent=1, sort_keys=True), encoding="utf-8")
     write_report(args, per_seed, agg, wall, out)
-    print(main_table(agg, [a for a in args.arms if a in agg["arms"]]))
+    print(main_table(agg, [a for a in args.arms if a in agg["arms"]], args.base))
     print()
     print(paired_table(agg))
     say(f"wrote {out / 'EXPERIMENT.md'} and {out / 'experiment.json'} ({wall:.0f} s)")
