@@ -113,6 +113,25 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- running stages
 
 
+def run_env(extra=None):
+    """The environment every command runs in: offline, single-threaded, the project's venv first."""
+    env = dict(os.environ)
+    env.update(
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        MODELSCOPE_OFFLINE="1",
+        USE_HF="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+        OMP_NUM_THREADS="1",
+        MKL_NUM_THREADS="1",
+        PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}",
+    )
+    env.update({k: str(v) for k, v in (extra or {}).items()})
+    return env
+
+
 class Seed:
     """One seed's run folder, its stages (each cached by a fingerprint of its settings) and their wall times."""
 
@@ -124,23 +143,6 @@ class Seed:
         self.keys: dict[str, str] = {}
         self.times: dict[str, float] = {}
         self.ran: list[str] = []
-
-    def env(self, extra=None):
-        env = dict(os.environ)
-        env.update(
-            HF_HUB_OFFLINE="1",
-            TRANSFORMERS_OFFLINE="1",
-            HF_DATASETS_OFFLINE="1",
-            MODELSCOPE_OFFLINE="1",
-            USE_HF="1",
-            TOKENIZERS_PARALLELISM="false",
-            PYTHONUNBUFFERED="1",
-            OMP_NUM_THREADS="1",
-            MKL_NUM_THREADS="1",
-            PATH=f"{ROOT / '.venv' / 'bin'}:{env.get('PATH', '')}",
-        )
-        env.update({k: str(v) for k, v in (extra or {}).items()})
-        return env
 
     def stage(self, name: str, outputs: list[Path], cmd: list[str], env=None, after=()):
         """Run `cmd` unless a finished run with the same settings (and the same upstream stages) is recorded."""
@@ -170,7 +172,7 @@ class Seed:
             fh.write("$ " + " ".join(map(str, cmd)) + "\n" + "".join(f"  {k}={v}\n" for k, v in (env or {}).items()))
             fh.flush()
             rc = subprocess.run(
-                [str(c) for c in cmd], cwd=ROOT, env=self.env(env), stdout=fh, stderr=subprocess.STDOUT
+                [str(c) for c in cmd], cwd=ROOT, env=run_env(env), stdout=fh, stderr=subprocess.STDOUT
             ).returncode
         seconds = round(time.time() - t0, 1)
         if rc != 0:
@@ -450,8 +452,10 @@ def build_shared_base(args) -> None:
     """Pretrain (or reuse: the pretraining is cached by its identity) the base every seed starts from."""
     folder = shared_base(args)
     say(f"shared base: apo tiny-model --pretrain --seed {args.base_seed} -> {folder}")
-    env = dict(os.environ, PATH=f"{ROOT / '.venv' / 'bin'}:{os.environ.get('PATH', '')}", HF_HUB_OFFLINE="1")
     cmd = ["apo", "tiny-model", "--pretrain", "--out", str(folder), "--seed", str(args.base_seed)]
+    # the stages' environment, but torch's own thread count as when the demo builds a base (threads change the bits)
+    env = {k: v for k, v in run_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") or k in os.environ}
+    env.update({k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ})
     if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
         raise SystemExit(f"shared base: `{' '.join(cmd)}` failed")
 

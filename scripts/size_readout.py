@@ -64,7 +64,7 @@ def main() -> int:
                         pooled.append(t.mean(0).numpy())
                         extent.append(float(truth[obs]["severity"]))
                         finding.append(obs)
-    finding, extent = np.array(finding), np.array(extent)
+    finding, extent, flat, pooled = map(np.array, (finding, extent, flat, pooled))
     out = {"model": args.model, "seed": args.seed, "ridge": args.ridge, "findings": {}}
     for obs in SIZED:
         m = finding == obs
@@ -72,15 +72,14 @@ def main() -> int:
         truth_grades = [severity_word(v) for v in y[len(y) // 2 :]]
         row = {
             "images": int(m.sum()),
-            "commonest_grade": max(map(truth_grades.count, set(truth_grades))) / len(truth_grades),
+            "commonest_grade": round(max(map(truth_grades.count, set(truth_grades))) / len(truth_grades), 3),
         }
-        for name, x in (("flat", np.array(flat)[m]), ("mean_pooled", np.array(pooled)[m])):
+        for name, x in (("flat", flat[m]), ("mean_pooled", pooled[m])):
             r2, pred = readout(x, y, args.ridge)
             row[f"r2_{name}"] = round(r2, 3)
             row[f"grade_accuracy_{name}"] = round(
                 float(np.mean([severity_word(p) == g for p, g in zip(pred, truth_grades)])), 3
             )
-        row["commonest_grade"] = round(row["commonest_grade"], 3)
         out["findings"][obs] = row
     print(json.dumps(out, indent=2))
     return 0

@@ -244,7 +244,7 @@ def _encode(processor, examples, answer_offset: int):
 
     tok = processor.tokenizer
     pad = "<|image_pad|>"
-    im_start = tok.convert_tokens_to_ids("<|im_start|>")
+    im_start, image_pad = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids(pad)
     newline = tok.encode("\n", add_special_tokens=False)
     for ex in examples:
         pixels = processor.image_processor(
@@ -259,7 +259,6 @@ def _encode(processor, examples, answer_offset: int):
         labels = [-100] * first + ids[first:]
         if len(newline) == 1 and labels[-1] == newline[0]:  # learn the end marker, not the newline after it
             labels[-1] = -100
-        image_pad = tok.convert_tokens_to_ids(pad)
         ex["ids"], ex["labels"], ex["mm"] = ids, labels, [int(t == image_pad) for t in ids]
         ex["pixel_values"], ex["grid"] = pixels["pixel_values"], pixels["image_grid_thw"]
 

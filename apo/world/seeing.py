@@ -15,6 +15,7 @@ Used by `scripts/check_base.py` and by the demo's summary.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,14 @@ AIRSPACE = ("Consolidation", "Pneumonia", "Lung Opacity")
 LATERAL = ("Pleural Effusion", "Pneumothorax", "Atelectasis", "Airspace")
 GRADED = ("Pleural Effusion", "Pneumothorax", "Cardiomegaly", "Edema")
 # the base's size words and the grade each names (cardiomegaly and edema say mild / marked / severe)
-GRADE_WORDS = {"small": "small", "mild": "small", "moderate": "moderate", "large": "large", "marked": "large"}
-GRADE_WORDS["severe"] = "large"
+GRADE_WORDS = {
+    "small": "small",
+    "mild": "small",
+    "moderate": "moderate",
+    "large": "large",
+    "marked": "large",
+    "severe": "large",
+}
 _GRADE = re.compile(r"\b(" + "|".join(GRADE_WORDS) + r")\b")
 
 
@@ -75,8 +82,8 @@ def stated_grade(text: str, obs: str) -> str | None:
 
 
 def score_descriptions(truths: list[dict], texts: list[str]) -> dict:
-    tp = fp = fn = side_n = side_ok = grade_n = grade_ok = 0
-    true_grades = []  # of the graded findings scored, for the always-the-commonest-grade reference
+    tp = fp = fn = side_n = side_ok = 0
+    graded = []  # (stated grade, true grade) of every true graded finding reported with a size word
     for truth, text in zip(truths, texts):
         want = truth_classes(truth)
         said = _classes({"labels": label(text), "sides": laterality(text)})
@@ -89,17 +96,15 @@ def score_descriptions(truths: list[dict], texts: list[str]) -> dict:
         for obs in GRADED:
             stated = stated_grade(text, obs) if obs in truth and obs in said else None
             if stated:
-                true_grades.append(severity_word(float(truth[obs].get("severity", 0.5))))
-                grade_n += 1
-                grade_ok += stated == true_grades[-1]
+                graded.append((stated, severity_word(float(truth[obs].get("severity", 0.5)))))
     return {
         "finding_f1": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
         "side_accuracy": side_ok / side_n if side_n else None,
         "n_images": len(texts),
         "lateral_reported": side_n,
-        "grade_accuracy": grade_ok / grade_n if grade_n else None,
-        "graded_reported": grade_n,
-        "grade_majority": max(map(true_grades.count, set(true_grades))) / grade_n if grade_n else None,
+        "grade_accuracy": sum(s == t for s, t in graded) / len(graded) if graded else None,
+        "graded_reported": len(graded),
+        "grade_majority": max(Counter(t for _, t in graded).values()) / len(graded) if graded else None,
     }
 
 
