@@ -1,7 +1,10 @@
 """The seeded experiment (issue 4, item 8): SFT vs SFT + pairwise DPO (ms-swift, the published recipe) vs SFT + APO
 (our trainer) on the synthetic CXR-MAX benchmark, with the same preference budget, over several seeds.
 
-    .venv/bin/python scripts/experiment.py --seeds 0 1 2 --out results/experiment
+    .venv/bin/python scripts/experiment.py --seeds 0 1 2 --out results/experiment      # random tiny students
+    .venv/bin/python scripts/experiment.py --config configs/experiment/pretrained.json  # issue 13: the base that sees
+
+A config file holds settings frozen before the evaluation seeds run (chosen on a development seed); flags still win.
 
 Per seed S (everything is a function of S: data, tiny model, every trainer), under OUT/seedS/:
   data/      apo synth                          the benchmark: 7 drifting teachers, ground-truth labels and sides
@@ -19,7 +22,9 @@ Budget: one epoch over the same preference data and the same number of optimizer
 groups) per step, so both see every comparison once, in ~the same number of steps, with the same LR schedule, LoRA,
 beta and seed. Stages are resumable: a stage whose settings (and upstream settings) are unchanged is reused; a
 changed one is redone together with everything downstream. OUT/experiment.json and OUT/EXPERIMENT.md aggregate
-mean +- std over seeds; OUT/reading.md, if present, is copied into EXPERIMENT.md as the written reading.
+mean +- std over seeds and the paired differences (APO - SFT, APO - DPO, DPO - SFT, ...) pooled over all test cases
+with 95 % bootstrap intervals over seeds and cases (apo.evaluation.paired), greedy and, with --num-samples K, over K
+sampled answers per case; OUT/reading.md, if present, is copied into EXPERIMENT.md as the written reading.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 ARMS = ("base", "sft", "dpo", "apo", "pairwise")
+PAIRS = (("apo", "sft"), ("apo", "dpo"), ("dpo", "sft"), ("apo", "pairwise"), ("sft", "base"))
 # (key in metrics.json, label, better direction) of the table; drift-sensitive first.
 METRICS = (
     ("drift.f1", "labeler F1", +1),
@@ -56,6 +62,12 @@ METRICS = (
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--config",
+        default=None,
+        help="JSON file of frozen settings ({option dest: value}, e.g. configs/experiment/pretrained.json); it\n"
+        "replaces the defaults below, flags given on the command line still win",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--out", default=str(ROOT / "results" / "experiment"))
     p.add_argument(
@@ -105,9 +117,52 @@ def parse_args(argv=None):
     g.add_argument("--pref-lora", type=int, nargs=2, default=[8, 32], metavar=("R", "ALPHA"))
     g = p.add_argument_group("evaluation")
     g.add_argument("--max-new-tokens", type=int, default=160)
+    g.add_argument(
+        "--num-samples",
+        type=int,
+        default=0,
+        help="sampled answers per test case besides the greedy one (seeded by the seed; 0 = greedy only)",
+    )
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of --num-samples")
+    g.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples of the paired intervals")
     g.add_argument("--eval-limit", type=int, default=None, help="first N test cases only")
     g.add_argument("--report-only", action="store_true", help="aggregate what is there; run nothing")
+    first, _ = p.parse_known_args(argv)
+    if first.config:
+        p.set_defaults(**load_config(p, first.config))
     return p.parse_args(argv)
+
+
+def load_config(parser, path) -> dict:
+    """The settings of a config file, checked against the parser: an unknown key or a value of the wrong type stops
+    the run with one line naming the file and the key."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        parser.error(f"--config {path}: {e}")
+    if not isinstance(cfg, dict):
+        parser.error(f"--config {path}: expected a JSON object of settings")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    out = {}
+    for key, value in cfg.items():
+        if key.startswith("_"):  # "_comment" and the like
+            continue
+        if key not in actions:
+            parser.error(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(actions))})")
+        act = actions[key]
+        values = value if isinstance(value, list) else [value]
+        if act.nargs is None and isinstance(value, list):
+            parser.error(f"--config {path}: {key}: expected one value, got a list")
+        try:
+            conv = [act.type(v) if act.type else v for v in values]
+        except (TypeError, ValueError):
+            parser.error(f"--config {path}: {key}: {value!r} is not a valid {act.type.__name__}")
+        if act.choices is not None and any(v not in act.choices for v in conv):
+            parser.error(f"--config {path}: {key}: {value!r} not among {list(act.choices)}")
+        out[key] = conv if isinstance(value, list) else conv[0]
+        if key in ("out", "base_dir"):  # a committed config names folders of the repository
+            out[key] = str(ROOT / out[key])
+    return out
 
 
 # ---------------------------------------------------------------- running stages
@@ -372,6 +427,8 @@ class Seed:
             ]
             cmd += ["--adapter", adapter] if adapter else []
             cmd += ["--limit", a.eval_limit] if a.eval_limit else []
+            if a.num_samples:  # absent when 0: the greedy-only stages keep their keys (and resume)
+                cmd += ["--num-samples", a.num_samples, "--temperature", a.temperature, "--seed", s]
             self.stage(f"eval_{arm}", [d / "eval" / arm], cmd, after=[{"base": "tiny", "sft": "sft"}.get(arm, arm)])
         # The teachers and the vote consensus scored on the same test split (what "inheriting drift" is measured
         # against).
@@ -409,6 +466,7 @@ class Seed:
                 out["arms"][arm]["diag.modal_opener"] = (
                     (sum(first_sentence(p) == opener for p in preds) / len(preds)) if preds and opener else None
                 )
+        out["case_counts"] = case_counts_of(d)
         f = d / "teachers" / "drift.json"
         if f.is_file():
             for name, st in json.loads(f.read_text())["per_teacher"].items():
@@ -435,6 +493,39 @@ class Seed:
             "dpo_steps": out["curves"]["dpo"].get("steps"),
         }
         return out
+
+
+def case_counts_of(seed_dir: Path) -> dict:
+    """{arm: {"greedy": {case_id: counts}, "sampled": {case_id: counts} (K samples pooled)}} of every evaluated arm:
+    what the paired bootstrap resamples (apo.evaluation.paired)."""
+    sys.path.insert(0, str(ROOT))
+    from apo.data import load_cases
+    from apo.evaluation.paired import case_counts
+
+    test = seed_dir / "data" / "cxrmax_test.jsonl"
+    if not test.is_file():
+        return {}
+    cases = {c.case_id: c for c in load_cases(test)}
+    out = {}
+    for arm in ARMS:
+        folder = seed_dir / "eval" / arm
+        if not (folder / "metrics.json").is_file():
+            continue
+        out[arm] = {}
+        for mode, file, field in (
+            ("greedy", "predictions.jsonl", "prediction"),
+            ("sampled", "samples.jsonl", "samples"),
+        ):
+            f = folder / file
+            if not f.is_file():
+                continue
+            rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            out[arm][mode] = {
+                r["case_id"]: case_counts(cases[r["case_id"]], [r[field]] if mode == "greedy" else r[field])
+                for r in rows
+                if r["case_id"] in cases
+            }
+    return out
 
 
 def shared_base(args) -> Path:
@@ -484,7 +575,7 @@ def modal_opener(train: Path):
 def flat(m: dict, prefix="") -> dict:
     out = {}
     for k, v in m.items():
-        if isinstance(v, dict) and k not in ("per_observation", "label_distribution"):
+        if isinstance(v, dict) and k not in ("per_observation", "label_distribution", "counts"):
             out.update(flat(v, f"{prefix}{k}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[f"{prefix}{k}"] = v
@@ -538,7 +629,32 @@ def mean_std(xs):
     return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
 
 
-def aggregate(per_seed: list[dict], arms) -> dict:
+def bootstrap_pairs(per_seed: list[dict], arms, n_boot: int) -> dict:
+    """{"greedy"|"sampled": {"apo-sft": {rate: {diff, low, high, better_share, ...}}}}: paired differences with 95 %
+    bootstrap intervals over seeds and cases (apo.evaluation.paired), on the cases both arms answered in every seed."""
+    sys.path.insert(0, str(ROOT))
+    from apo.evaluation.paired import paired_bootstrap
+
+    out = {}
+    for mode in ("greedy", "sampled"):
+        for a, b in PAIRS:
+            if a not in arms or b not in arms:
+                continue
+            xs, ys = [], []
+            for s in per_seed:
+                ca = s.get("case_counts", {}).get(a, {}).get(mode)
+                cb = s.get("case_counts", {}).get(b, {}).get(mode)
+                if not ca or not cb:
+                    continue
+                ids = sorted(set(ca) & set(cb))
+                xs.append([ca[i] for i in ids])
+                ys.append([cb[i] for i in ids])
+            if xs and all(xs):
+                out.setdefault(mode, {})[f"{a}-{b}"] = paired_bootstrap(xs, ys, n_boot=n_boot, seed=0)
+    return out
+
+
+def aggregate(per_seed: list[dict], arms, n_boot: int = 2000) -> dict:
     agg = {"arms": {}, "paired": {}, "teachers": {}}
     for arm in arms:
         rows = [s["arms"].get(arm) for s in per_seed if s["arms"].get(arm)]
@@ -546,7 +662,7 @@ def aggregate(per_seed: list[dict], arms) -> dict:
             key: dict(zip(("mean", "std"), mean_std([r.get(key) for r in rows])), values=[r.get(key) for r in rows])
             for key, _, _ in METRICS + (("drift.side_n", "", 0),)
         }
-    for a, b in (("apo", "sft"), ("apo", "dpo"), ("dpo", "sft"), ("apo", "pairwise")):
+    for a, b in PAIRS:
         if a not in arms or b not in arms:
             continue
         agg["paired"][f"{a}-{b}"] = {}
@@ -562,6 +678,7 @@ def aggregate(per_seed: list[dict], arms) -> dict:
             m, sd = mean_std(diffs)
             wins = sum((x * better) > 0 for x in diffs) if better else None
             agg["paired"][f"{a}-{b}"][key] = {"mean": m, "std": sd, "diffs": diffs, "wins": wins, "n": len(diffs)}
+    agg["bootstrap"] = bootstrap_pairs(per_seed, arms, n_boot)
     names = sorted({t for s in per_seed for t in s["teachers"]})
     for t in names:
         rows = [s["teachers"][t] for s in per_seed if t in s["teachers"]]
@@ -608,6 +725,36 @@ def paired_table(agg) -> str:
             cells.append(cell)
         lines.append(f"| {pair.replace('-', ' − ').upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def bootstrap_table(agg, mode: str) -> str:
+    """Paired differences pooled over every case of every seed, with 95 % bootstrap intervals over seeds and cases."""
+    sys.path.insert(0, str(ROOT))
+    from apo.evaluation.paired import RATES
+
+    rows = agg.get("bootstrap", {}).get(mode)
+    if not rows:
+        return f"({mode}: no per-case answers to resample)"
+    arrows = {+1: "↑", -1: "↓"}
+    lines = [
+        "| difference | " + " | ".join(f"{r} {arrows[RATES[r][1]]}" for r in RATES) + " |",
+        "|---|" + "---:|" * len(RATES),
+    ]
+    for pair, row in rows.items():
+        cells = []
+        for r in RATES:
+            x = row.get(r)
+            if x is None:
+                cells.append("–")
+                continue
+            star = "**" if x["low"] > 0 or x["high"] < 0 else ""  # the interval excludes 0
+            cells.append(f"{star}{x['diff']:+.3f}{star} [{x['low']:+.3f}, {x['high']:+.3f}]")
+        lines.append(f"| {pair.replace('-', ' − ').upper()} | " + " | ".join(cells) + " |")
+    n = next((x for row in rows.values() for x in row.values() if x), {})
+    return "\n".join(lines) + (
+        f"\n\n{n.get('n_seeds', '?')} seeds, {n.get('n_cases', '?')} test cases in all; "
+        "bold: the 95 % interval excludes 0."
+    )
 
 
 def teacher_table(agg) -> str:
@@ -658,12 +805,18 @@ def invocations(out: Path) -> str:
     )
 
 
+def rerun_command(args) -> str:
+    if args.config:
+        return f".venv/bin/python scripts/experiment.py --config {Path(args.config).resolve().relative_to(ROOT)}"
+    return f".venv/bin/python scripts/experiment.py --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
+
+
 def write_report(args, per_seed, agg, wall_s, out: Path):
     arms = [a for a in args.arms if a in agg["arms"]]
     b0 = per_seed[0]["budget"]
     t = {k: round(sum(s["timings_s"].get(k, 0) for s in per_seed), 1) for k in per_seed[0]["timings_s"]}
     reading = out / "reading.md"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "jobs")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "jobs", "config")}
     md = f"""# Seeded experiment: SFT vs SFT + DPO vs SFT + APO on the synthetic benchmark
 
 Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {len(per_seed)}); each seed draws its own data, {
@@ -674,9 +827,10 @@ Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {len(per_se
 `apo eval-report` (labeler vs the ground-truth labels; side accuracy only over findings whose side the answer states).
 
 ```
-.venv/bin/python scripts/experiment.py --seeds {" ".join(map(str, args.seeds))} --out {args.out}
+{rerun_command(args)}
 ```
-(defaults: `--arms {" ".join(args.arms)} --jobs 2` and the settings below; rerunning reuses every finished stage.)
+({"the frozen config" if args.config else "defaults: `--arms " + " ".join(args.arms) + " --jobs 2`"} and the
+settings below; rerunning reuses every finished stage.)
 
 ## Result
 
@@ -699,6 +853,17 @@ Paired differences (same seed, same data, same π_st), mean ± std over seeds; (
 
 {paired_table(agg)}
 
+### Paired differences with 95 % bootstrap intervals (over seeds, then cases within each seed)
+
+Rates pooled over all test cases of all seeds (a ratio of sums, as each metric is defined); each bootstrap draw
+resamples the seeds, then the cases of each drawn seed, and scores both students on the same draw. Greedy answers:
+
+{bootstrap_table(agg, "greedy")}
+
+Sampled answers ({args.num_samples} per case at temperature {args.temperature}, pooled per case):
+
+{bootstrap_table(agg, "sampled")}
+
 The teachers (and the vote consensus, APO's t⁺) scored the same way on the same test splits, mean over seeds:
 
 {teacher_table(agg)}
@@ -706,15 +871,21 @@ The teachers (and the vote consensus, APO's t⁺) scored the same way on the sam
 ## Budget (the same for APO and DPO)
 
 One epoch over the same preference data, in the same number of optimizer steps. `apo build-pairs` writes, from one
-vote consensus, the groups {{t⁺, teacher negatives}} (APO) and one pairwise row per (t⁺, negative) (DPO); seed 0 has
-{b0["groups"]} groups and {b0["comparisons"]} comparisons. APO takes {b0["groups_per_step"]} groups per step
+vote consensus, the groups {{t⁺, teacher negatives}} (APO) and one pairwise row per (t⁺, negative) (DPO); seed {
+        per_seed[0]["seed"]
+    } has {b0["groups"]} groups and {b0["comparisons"]} comparisons. APO takes {b0["groups_per_step"]} groups per step
 ({b0["apo_steps"]} steps), ms-swift DPO {b0["pairs_per_step"]} pairs per step ({b0["dpo_steps"]} steps): both see every
 (t⁺, τᵘ) comparison exactly once, with the same LR schedule, LoRA, β, NLL weight and seed. Why this budget: it is the
 paper's (1 epoch of the preference data) and it isolates the objective: Plackett-Luce over the group vs independent
 pairs on identical comparisons. It does not equalise compute: DPO re-encodes t⁺ once per pair (2 sequences per
 comparison), APO once per group (1 + ~1/N); wall times are below.
 
-## Settings (tuned on seed 0 only, then frozen for every seed)
+## Settings ({
+        f"frozen in `{Path(args.config).resolve().relative_to(ROOT)}` before the evaluation seeds ran; chosen on the "
+        "development seed 0, which is not among them (the file's comment says what was chosen where)"
+        if args.config
+        else "tuned on seed 0 only, then frozen for every seed"
+    })
 
 ```
 {json.dumps(settings, indent=1)}
@@ -782,19 +953,22 @@ def main(argv=None) -> int:
                 )
                 + "\n"
             )
-    agg = aggregate(per_seed, args.arms)
+    agg = aggregate(per_seed, args.arms, args.bootstrap)
     result = {
         "command": " ".join(["scripts/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("report_only",)},
         "wall_seconds": round(wall, 1),
         "aggregate": agg,
-        "per_seed": per_seed,
+        "per_seed": [{k: v for k, v in s.items() if k != "case_counts"} for s in per_seed],
     }
     (out / "experiment.json").write_text(json.dumps(result, indent=1, sort_keys=True), encoding="utf-8")
     write_report(args, per_seed, agg, wall, out)
     print(main_table(agg, [a for a in args.arms if a in agg["arms"]], args.base))
     print()
     print(paired_table(agg))
+    for mode in ("greedy", "sampled"):
+        if agg.get("bootstrap", {}).get(mode):
+            print(f"\n{mode}, paired differences with 95 % bootstrap intervals:\n{bootstrap_table(agg, mode)}")
     say(f"wrote {out / 'EXPERIMENT.md'} and {out / 'experiment.json'} ({wall:.0f} s)")
     return 0
 

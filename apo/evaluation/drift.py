@@ -161,6 +161,21 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
         "consensus_exact": _ratio(cons[3], cons_n),
         "per_observation": per_obs,
         "label_distribution": {o: {str(k): v for k, v in d.items()} for o, d in dist.items()},
+        # the sums behind the rates: pooled over any subset of cases they give that subset's rates (the bootstrap)
+        "counts": {
+            "answers": n,
+            "refused": refused,
+            "labelled": labelled,
+            "tp": tp,
+            "fp": fp,
+            "fn": fn,
+            "hallucinated": halluc,
+            "true_findings": pos_truth,
+            "omitted": omitted,
+            "hedged": hedged,
+            "side_n": side_n,
+            "side_errors": side_err,
+        },
     }
     return out
 

@@ -1,0 +1,124 @@
+"""The paired bootstrap of the experiment (apo.evaluation.paired) and the experiment's frozen config."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from apo.data import Case
+from apo.evaluation.drift import answer_stats
+from apo.evaluation.paired import COUNTS, case_counts, paired_bootstrap, rates
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _case(i, labels, sides=None):
+    return Case(
+        case_id=f"c{i}",
+        images=[],
+        prompt="Describe the image.",
+        trajectories=[],
+        labels=labels,
+        meta={"sides": sides or {}},
+    )
+
+
+CASES = [
+    _case(0, {"Pleural Effusion": 1}, {"Pleural Effusion": "left"}),
+    _case(1, {"Cardiomegaly": 1}),
+    _case(2, {"No Finding": 1}),
+]
+TEXTS = ["There is a small left pleural effusion.", "The heart is enlarged.", "The lungs are clear."]
+
+
+def test_case_counts_pool_to_answer_stats():
+    """Summing the per-case counts gives exactly the rates answer_stats computes on all cases at once."""
+    per_case = np.array([case_counts(c, [t]) for c, t in zip(CASES, TEXTS)])
+    whole = answer_stats(CASES, TEXTS)
+    pooled = rates(per_case)
+    assert pooled["f1"] == pytest.approx(whole["f1"])
+    assert pooled["hallucination"] == pytest.approx(whole["hallucination_rate"])
+    assert pooled["omission"] == pytest.approx(whole["omission_rate"])
+    assert pooled["side_accuracy"] == pytest.approx(1 - whole["side_error_rate"])
+    # K sampled answers of one case pool into one row
+    two = case_counts(CASES[0], ["There is a small right pleural effusion.", TEXTS[0]])
+    assert two[COUNTS.index("answers")] == 2 and two[COUNTS.index("side_errors")] == 1
+
+
+def _arm(rng, p, seeds=4, n=150):
+    out = []
+    for _ in range(seeds):
+        c = np.zeros((n, len(COUNTS)))
+        c[:, COUNTS.index("answers")] = c[:, COUNTS.index("labelled")] = 1
+        tp = rng.binomial(2, p, n)
+        c[:, COUNTS.index("tp")], c[:, COUNTS.index("fn")] = tp, 2 - tp
+        c[:, COUNTS.index("true_findings")], c[:, COUNTS.index("omitted")] = 2, 2 - tp
+        out.append(c)
+    return out
+
+
+def test_bootstrap_separates_a_real_difference_and_not_noise():
+    rng = np.random.default_rng(0)
+    good, bad, same = _arm(rng, 0.8), _arm(rng, 0.6), _arm(rng, 0.6)
+    real = paired_bootstrap(good, bad, n_boot=500)
+    assert real["f1"]["low"] > 0 and real["f1"]["better_share"] == 1.0
+    assert real["omission"]["high"] < 0  # lower omission is better: a - b < 0
+    null = paired_bootstrap(same, bad, n_boot=500)
+    assert null["f1"]["low"] < 0 < null["f1"]["high"]
+    assert real["side_accuracy"] is None  # no lateral finding: not measurable, not 0
+    # the pairing: a student compared with itself differs by exactly 0 in every draw
+    self_diff = paired_bootstrap(bad, bad, n_boot=200)["f1"]
+    assert self_diff["low"] == self_diff["high"] == 0.0
+    # reproducible for a seed
+    assert paired_bootstrap(good, bad, n_boot=300, seed=3) == paired_bootstrap(good, bad, n_boot=300, seed=3)
+
+
+def test_bootstrap_refuses_unpaired_input():
+    rng = np.random.default_rng(0)
+    a = _arm(rng, 0.5, seeds=2)
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_bootstrap(a, a[:1])
+    with pytest.raises(ValueError, match="same seeds"):
+        paired_bootstrap(a, [a[0], a[1][:-1]])
+
+
+def _experiment():
+    spec = importlib.util.spec_from_file_location("experiment", ROOT / "scripts" / "experiment.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_frozen_config_sets_defaults_and_flags_win():
+    exp = _experiment()
+    cfg = ROOT / "configs" / "experiment" / "pretrained.json"
+    frozen = json.loads(cfg.read_text())
+    args = exp.parse_args(["--config", str(cfg)])
+    assert args.seeds == frozen["seeds"] and args.base == "pretrained" and args.sft_lr == frozen["sft_lr"]
+    assert Path(args.out) == ROOT / frozen["out"]  # a config's folders are the repository's
+    assert 0 not in args.seeds  # the development seed is not an evaluation seed
+    args = exp.parse_args(["--config", str(cfg), "--seeds", "7", "--sft-lr", "0.1"])
+    assert args.seeds == [7] and args.sft_lr == 0.1 and args.cases == frozen["cases"]
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ({"sft_steeps": 3}, "unknown setting 'sft_steeps'"),
+        ({"sft_steps": "many"}, "sft_steps: 'many' is not a valid int"),
+        ({"base": "imagenet"}, "base: 'imagenet' not among"),
+        ({"beta": [0.1, 0.2]}, "beta: expected one value"),
+        ([1, 2], "expected a JSON object"),
+    ],
+)
+def test_bad_config_is_one_line(tmp_path, capsys, content, message):
+    exp = _experiment()
+    f = tmp_path / "bad.json"
+    f.write_text(json.dumps(content))
+    with pytest.raises(SystemExit) as e:
+        exp.parse_args(["--config", str(f)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert str(f) in err and message in err
