@@ -105,6 +105,12 @@ def parse_args(argv=None):
     g.add_argument("--negatives", choices=["all", "conflicting"], default="all")
     g.add_argument("--pref-lr", type=float, default=2e-3, help="APO and DPO learning rate (cosine, 5%% warmup)")
     g.add_argument("--dpo-lr", type=float, default=None, help="DPO's own learning rate (default: --pref-lr)")
+    g.add_argument(
+        "--pairwise-lr",
+        type=float,
+        default=None,
+        help="the pairwise arm's own learning rate (default: --pref-lr, APO's)",
+    )
     g.add_argument("--beta", type=float, default=0.5)
     g.add_argument(
         "--sft-weight",
@@ -399,6 +405,8 @@ class Seed:
                     "--loss",
                     "dpo",
                     *common,
+                    # given only when it differs, so the stage key of earlier runs stays the same (last flag wins)
+                    *(["--learning_rate", a.pairwise_lr] if a.pairwise_lr is not None else []),
                 ],
                 after=["apo"],
             )
@@ -805,6 +813,15 @@ def invocations(out: Path) -> str:
     )
 
 
+def lr_note(args) -> str:
+    apo = args.pref_lr
+    dpo = args.dpo_lr if args.dpo_lr is not None else apo
+    pairwise = args.pairwise_lr if args.pairwise_lr is not None else apo
+    if apo == dpo == pairwise:
+        return f"the same, {apo:g}"
+    return f"each arm its own, chosen on the development seed (APO {apo:g}, DPO {dpo:g}, pairwise {pairwise:g})"
+
+
 def rerun_command(args) -> str:
     if args.config:
         return f".venv/bin/python scripts/experiment.py --config {Path(args.config).resolve().relative_to(ROOT)}"
@@ -875,7 +892,9 @@ vote consensus, the groups {{t⁺, teacher negatives}} (APO) and one pairwise ro
         per_seed[0]["seed"]
     } has {b0["groups"]} groups and {b0["comparisons"]} comparisons. APO takes {b0["groups_per_step"]} groups per step
 ({b0["apo_steps"]} steps), ms-swift DPO {b0["pairs_per_step"]} pairs per step ({b0["dpo_steps"]} steps): both see every
-(t⁺, τᵘ) comparison exactly once, with the same LR schedule, LoRA, β, NLL weight and seed. Why this budget: it is the
+(t⁺, τᵘ) comparison exactly once, with the same LR schedule, LoRA, β, NLL weight and seed; learning rates: {
+        lr_note(args)
+    }. Why this budget: it is the
 paper's (1 epoch of the preference data) and it isolates the objective: Plackett-Luce over the group vs independent
 pairs on identical comparisons. It does not equalise compute: DPO re-encodes t⁺ once per pair (2 sequences per
 comparison), APO once per group (1 + ~1/N); wall times are below.
