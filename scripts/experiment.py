@@ -148,27 +148,48 @@ def load_config(parser, path) -> dict:
         parser.error(f"--config {path}: {e}")
     if not isinstance(cfg, dict):
         parser.error(f"--config {path}: expected a JSON object of settings")
-    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config", "report_only")}
     out = {}
     for key, value in cfg.items():
         if key.startswith("_"):  # "_comment" and the like
             continue
         if key not in actions:
             parser.error(f"--config {path}: unknown setting {key!r} (known: {', '.join(sorted(actions))})")
-        act = actions[key]
-        values = value if isinstance(value, list) else [value]
-        if act.nargs is None and isinstance(value, list):
-            parser.error(f"--config {path}: {key}: expected one value, got a list")
-        try:
-            conv = [act.type(v) if act.type else v for v in values]
-        except (TypeError, ValueError):
-            parser.error(f"--config {path}: {key}: {value!r} is not a valid {act.type.__name__}")
-        if act.choices is not None and any(v not in act.choices for v in conv):
-            parser.error(f"--config {path}: {key}: {value!r} not among {list(act.choices)}")
-        out[key] = conv if isinstance(value, list) else conv[0]
-        if key in ("out", "base_dir"):  # a committed config names folders of the repository
-            out[key] = str(ROOT / out[key])
+        out[key] = _config_value(parser, path, key, value, actions[key])
     return out
+
+
+def _config_value(parser, path, key, value, act):
+    """One config value as argparse would have parsed it from the command line, or one error line."""
+
+    def bad(why):
+        parser.error(f"--config {path}: {key}: {value!r} {why}")
+
+    many = act.nargs not in (None, "?")
+    if many and not isinstance(value, list):
+        value = [value]  # "seeds": 3 means [3]
+    if not many and isinstance(value, list):
+        bad("is a list; expected one value")
+    values = value if many else [value]
+    if isinstance(act.nargs, int) and len(values) != act.nargs:
+        bad(f"has {len(values)} values; expected {act.nargs}")
+    if act.nargs == "+" and not values:
+        bad("is empty")
+    conv = []
+    for v in values:
+        if isinstance(v, bool) or v is None:  # JSON true/null are never a number, a path or a choice
+            bad("is not a valid value")
+        if act.type is int and not (isinstance(v, int) or (isinstance(v, str) and v.strip().lstrip("-").isdigit())):
+            bad("is not a valid int")
+        try:
+            conv.append(act.type(v) if act.type else v)
+        except (TypeError, ValueError):
+            bad(f"is not a valid {act.type.__name__}")
+    if act.choices is not None and any(v not in act.choices for v in conv):
+        bad(f"not among {list(act.choices)}")
+    if key in ("out", "base_dir"):  # a committed config names folders of the repository
+        conv = [str(ROOT / v) for v in conv]
+    return conv if many else conv[0]
 
 
 # ---------------------------------------------------------------- running stages
@@ -745,11 +766,12 @@ def bootstrap_table(agg, mode: str) -> str:
         return f"({mode}: no per-case answers to resample)"
     arrows = {+1: "↑", -1: "↓"}
     lines = [
-        "| difference | " + " | ".join(f"{r} {arrows[RATES[r][1]]}" for r in RATES) + " |",
-        "|---|" + "---:|" * len(RATES),
+        "| difference | seeds / cases | " + " | ".join(f"{r} {arrows[RATES[r][1]]}" for r in RATES) + " |",
+        "|---|---:|" + "---:|" * len(RATES),
     ]
     for pair, row in rows.items():
-        cells = []
+        n = next((x for x in row.values() if x), {})
+        cells = [f"{n.get('n_seeds', '?')} / {n.get('n_cases', '?')}"]
         for r in RATES:
             x = row.get(r)
             if x is None:
@@ -758,10 +780,10 @@ def bootstrap_table(agg, mode: str) -> str:
             star = "**" if x["low"] > 0 or x["high"] < 0 else ""  # the interval excludes 0
             cells.append(f"{star}{x['diff']:+.3f}{star} [{x['low']:+.3f}, {x['high']:+.3f}]")
         lines.append(f"| {pair.replace('-', ' − ').upper()} | " + " | ".join(cells) + " |")
-    n = next((x for row in rows.values() for x in row.values() if x), {})
     return "\n".join(lines) + (
-        f"\n\n{n.get('n_seeds', '?')} seeds, {n.get('n_cases', '?')} test cases in all; "
-        "bold: the 95 % interval excludes 0."
+        "\n\nBold: the 95 % interval excludes 0 (one interval per cell, no correction for the many cells: read a"
+        " pattern across rates and modes, not a single bold number). Resampling seeds and then cases is the"
+        " conservative choice: the seed level already carries case noise."
     )
 
 
@@ -822,10 +844,24 @@ def lr_note(args) -> str:
     return f"each arm its own, chosen on the development seed (APO {apo:g}, DPO {dpo:g}, pairwise {pairwise:g})"
 
 
+def shown(path) -> str:
+    """A path as the report prints it: relative to the repository when inside it."""
+    p = Path(path).resolve()
+    return str(p.relative_to(ROOT)) if p.is_relative_to(ROOT) else str(p)
+
+
 def rerun_command(args) -> str:
-    if args.config:
-        return f".venv/bin/python scripts/experiment.py --config {Path(args.config).resolve().relative_to(ROOT)}"
+    """The command that reruns this experiment: the invocation's own flags (a config's overrides included)."""
+    if args.argv is not None:
+        argv = [a for a in args.argv if a != "--report-only"]
+        return " ".join([".venv/bin/python scripts/experiment.py", *argv])
     return f".venv/bin/python scripts/experiment.py --seeds {' '.join(map(str, args.seeds))} --out {args.out}"
+
+
+def frozen_claim(args) -> bool:
+    """True when the run is exactly its config (no overrides) and the development seed 0 is not among its seeds."""
+    plain = args.argv is not None and [a for a in args.argv if a != "--report-only"] == ["--config", args.config]
+    return bool(args.config) and plain and 0 not in args.seeds
 
 
 def write_report(args, per_seed, agg, wall_s, out: Path):
@@ -833,7 +869,7 @@ def write_report(args, per_seed, agg, wall_s, out: Path):
     b0 = per_seed[0]["budget"]
     t = {k: round(sum(s["timings_s"].get(k, 0) for s in per_seed), 1) for k in per_seed[0]["timings_s"]}
     reading = out / "reading.md"
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "jobs", "config")}
+    settings = {k: v for k, v in vars(args).items() if k not in ("out", "report_only", "jobs", "config", "argv")}
     md = f"""# Seeded experiment: SFT vs SFT + DPO vs SFT + APO on the synthetic benchmark
 
 Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {len(per_seed)}); each seed draws its own data, {
@@ -846,7 +882,7 @@ Mean ± sample std over seeds {", ".join(map(str, args.seeds))} (n = {len(per_se
 ```
 {rerun_command(args)}
 ```
-({"the frozen config" if args.config else "defaults: `--arms " + " ".join(args.arms) + " --jobs 2`"} and the
+({"the config file" if args.config else "defaults: `--arms " + " ".join(args.arms) + " --jobs 2`"} and the
 settings below; rerunning reuses every finished stage.)
 
 ## Result
@@ -877,10 +913,14 @@ resamples the seeds, then the cases of each drawn seed, and scores both students
 
 {bootstrap_table(agg, "greedy")}
 
-Sampled answers ({args.num_samples} per case at temperature {args.temperature}, pooled per case):
-
-{bootstrap_table(agg, "sampled")}
-
+{
+        f"Sampled answers ({args.num_samples} per case at temperature {args.temperature}, pooled per case):"
+        + chr(10) * 2
+        + bootstrap_table(agg, "sampled")
+        + chr(10)
+        if agg.get("bootstrap", {}).get("sampled")
+        else ""
+    }
 The teachers (and the vote consensus, APO's t⁺) scored the same way on the same test splits, mean over seeds:
 
 {teacher_table(agg)}
@@ -900,8 +940,10 @@ pairs on identical comparisons. It does not equalise compute: DPO re-encodes t�
 comparison), APO once per group (1 + ~1/N); wall times are below.
 
 ## Settings ({
-        f"frozen in `{Path(args.config).resolve().relative_to(ROOT)}` before the evaluation seeds ran; chosen on the "
+        f"frozen in `{shown(args.config)}` before the evaluation seeds ran; chosen on the "
         "development seed 0, which is not among them (the file's comment says what was chosen where)"
+        if frozen_claim(args)
+        else f"from `{shown(args.config)}` with the overrides in the command above"
         if args.config
         else "tuned on seed 0 only, then frozen for every seed"
     })
@@ -940,6 +982,7 @@ Stage times summed over seeds (s): {json.dumps(t)}.
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # the report's rerun command
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()

@@ -103,13 +103,36 @@ def test_frozen_config_sets_defaults_and_flags_win():
     assert args.seeds == [7] and args.sft_lr == 0.1 and args.cases == frozen["cases"]
 
 
+def test_report_says_what_ran(tmp_path):
+    """The rerun command keeps a config's overrides; the 'frozen before the evaluation seeds' claim is made only for
+    the config as committed, without the development seed."""
+    exp = _experiment()
+    cfg = "configs/experiment/pretrained.json"
+    for argv, frozen in (([], True), (["--seeds", "0", "1"], False), (["--sft-lr", "0.1"], False)):
+        args = exp.parse_args(["--config", cfg, *argv])
+        args.argv = ["--config", cfg, *argv]
+        assert exp.frozen_claim(args) is frozen
+        assert exp.rerun_command(args).endswith(" ".join(["--config", cfg, *argv]))
+    single = tmp_path / "one.json"
+    single.write_text(json.dumps({"seeds": 3}))  # a scalar where a list is expected is a list of one
+    args = exp.parse_args(["--config", str(single)])
+    assert args.seeds == [3]
+    assert exp.shown(single) == str(single.resolve())  # a config outside the repository is printed as it is
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
         ({"sft_steeps": 3}, "unknown setting 'sft_steeps'"),
         ({"sft_steps": "many"}, "sft_steps: 'many' is not a valid int"),
         ({"base": "imagenet"}, "base: 'imagenet' not among"),
-        ({"beta": [0.1, 0.2]}, "beta: expected one value"),
+        ({"beta": [0.1, 0.2]}, "beta: [0.1, 0.2] is a list; expected one value"),
+        ({"sft_lora": [32]}, "sft_lora: [32] has 1 values; expected 2"),
+        ({"seeds": []}, "seeds: [] is empty"),
+        ({"sft_steps": 600.9}, "sft_steps: 600.9 is not a valid int"),
+        ({"cases": True}, "cases: True is not a valid value"),
+        ({"base_dir": None}, "base_dir: None is not a valid value"),
+        ({"report_only": True}, "unknown setting 'report_only'"),
         ([1, 2], "expected a JSON object"),
     ],
 )
