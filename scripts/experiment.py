@@ -822,9 +822,13 @@ def per_seed_table(per_seed, arms) -> str:
     )
 
 
-def invocations(out: Path) -> str:
+def _invocation_rows(out: Path) -> list[dict]:
     f = out / "invocations.jsonl"
-    rows = [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+    return [json.loads(x) for x in f.read_text().splitlines() if x.strip()] if f.is_file() else []
+
+
+def invocations(out: Path) -> str:
+    rows = _invocation_rows(out)
     return (
         "\n".join(
             f"- {r['at']}: `{' '.join(map(str, r['argv']))}`: {r['wall_s']:.0f} s, jobs {r['jobs']}, ran "
@@ -896,7 +900,7 @@ settings below; rerunning reuses every finished stage.)
                 f"“{s['modal_opener']['sentence']}.”, {s['modal_opener']['teacher']}, "
                 f"{100 * s['modal_opener']['train_share']:.0f}% of training answers"
                 for s in per_seed
-                if s.get("modal_opener")
+                if (s.get("modal_opener") or {}).get("sentence")
             )
         )
     }):
@@ -990,6 +994,17 @@ def main(argv=None) -> int:
     if args.base == "pretrained" and not args.report_only:
         build_shared_base(args)
     if args.report_only:
+        missing = [
+            f"seed{s.seed}/eval/{arm}"
+            for s in seeds
+            for arm in args.arms
+            if not (s.dir / "eval" / arm / "metrics.json").is_file()
+        ]
+        if missing:  # never overwrite a report with a partial or empty one
+            raise SystemExit(
+                f"experiment.py: --report-only: {out} lacks {len(missing)} evaluated arm(s) ({', '.join(missing[:4])}"
+                f"{', ...' if len(missing) > 4 else ''}); run without --report-only to finish them"
+            )
         per_seed = [s.collect() for s in seeds]
         for s in per_seed:
             f = Path(args.out).resolve() / f"seed{s['seed']}" / "timings.json"
@@ -1019,7 +1034,8 @@ def main(argv=None) -> int:
     result = {
         "command": " ".join(["scripts/experiment.py", *(argv if argv is not None else sys.argv[1:])]),
         "settings": {k: v for k, v in vars(args).items() if k not in ("report_only",)},
-        "wall_seconds": round(wall, 1),
+        "wall_seconds": round(wall, 1),  # this invocation (a --report-only one costs seconds)
+        "wall_seconds_all_runs": round(sum(r["wall_s"] for r in _invocation_rows(out)), 1),
         "aggregate": agg,
         "per_seed": [{k: v for k, v in s.items() if k != "case_counts"} for s in per_seed],
     }

@@ -145,3 +145,14 @@ def test_bad_config_is_one_line(tmp_path, capsys, content, message):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert str(f) in err and message in err
+
+
+def test_report_only_never_overwrites_with_nothing(tmp_path):
+    """--report-only on a folder without the seeds' evaluations (a fresh clone: seed folders are not committed)
+    stops with one line and leaves the committed report alone."""
+    exp = _experiment()
+    (tmp_path / "EXPERIMENT.md").write_text("committed")
+    with pytest.raises(SystemExit, match=r"--report-only: .* lacks 2 evaluated arm\(s\) \(seed1/eval/sft"):
+        exp.main(["--seeds", "1", "--arms", "sft", "apo", "--out", str(tmp_path), "--report-only"])
+    assert (tmp_path / "EXPERIMENT.md").read_text() == "committed"
+    assert not (tmp_path / "experiment.json").exists()
