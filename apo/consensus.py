@@ -7,6 +7,12 @@ Strategies:
          recorded per teacher ("truncated": {teacher: tokens_cut}). A case whose image(s) and question alone leave no
          room stops the run naming the case; with --skip-bad it is recorded with an empty text and a "skipped"
          reason, and build-pairs drops it (empty_positive).
+  self-vote  pi_st answers the case's own question K times (seeded samples at --temperature; no teacher text in its
+         context) and t+ is the sample whose labels agree best with the teachers': for each sample, the mean over
+         the teachers of the fraction of the 14 observations whose labels agree, side included; ties go to the
+         earlier sample; samples that label nothing (refusals) only if every sample does. A self-distilled,
+         on-policy positive that needs no in-context reading: a baseline for `model` and a fallback for a student
+         that cannot read N trajectories. Every teacher stays a negative (t+ is none of theirs).
   vote   the medoid teacher trajectory by labeler agreement (no model): for each trajectory, the mean over the other
          teachers of the fraction of the 14 observations whose labels agree, side included (a finding put on the
          wrong side disagrees, so a side-flipping teacher is not the medoid); highest wins, ties go to the earlier
@@ -100,6 +106,57 @@ def vote_record(case, label=None) -> dict:
         "truncated": {},
         "agreement": {t.teacher: round(s, 6) for t, s in zip(case.trajectories, scores)},
     }
+
+
+def reading(text: str, label=None, side=None) -> dict:
+    """{observation: (label, side)}: what `vote` and `self_vote` compare (a finding on the wrong side disagrees)."""
+    lab, sides = (label or labeler.label)(text), (side or labeler.laterality)(text)
+    return {o: (lab.get(o), sides.get(o)) for o in OBSERVATIONS}
+
+
+def self_vote(samples: list[str], teachers: list[str], label=None, side=None) -> tuple[int, list[float]]:
+    """Index of the sample that agrees best with the teachers (mean agreement, labels and sides) and every sample's
+    score. Samples that label nothing are candidates only if all do; ties go to the earlier sample."""
+    theirs = [reading(t, label, side) for t in teachers]
+    ours = [reading(t, label, side) for t in samples]
+    scores = [sum(agreement(r, t) for t in theirs) / len(theirs) if theirs else 0.0 for r in ours]
+    candidates = [i for i, r in enumerate(ours) if not mentions_nothing({o: v[0] for o, v in r.items()})]
+    best = max(candidates or range(len(samples)), key=lambda i: (scores[i], -i))
+    return best, scores
+
+
+def self_vote_records(model, processor, cases, num_samples, temperature, seed, max_new_tokens, batch_size):
+    """One record per case: K samples of pi_st on the case's question, the one closest to the teachers as t+. Sample
+    k of a case uses its own generator seeded from (seed, case id, k): independent of batching and resumes."""
+    answers = generation.generate(
+        model,
+        processor,
+        [(c.images, c.prompt) for c in cases for _ in range(num_samples)],
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        progress=False,
+        greedy=False,
+        temperature=temperature,
+        seeds=[generation.sample_seed(seed, c.case_id, k) for c in cases for k in range(num_samples)],
+    )
+    out = []
+    for i, c in enumerate(cases):
+        samples = answers[i * num_samples : (i + 1) * num_samples]
+        best, scores = self_vote(samples, [t.text for t in c.trajectories])
+        out.append(
+            {
+                "case_id": c.case_id,
+                "strategy": "self-vote",
+                "text": samples[best],
+                "teachers": c.teachers,
+                "truncated": {},
+                "chosen_sample": best,
+                "agreement": [round(x, 6) for x in scores],
+                "seed": seed,
+                "temperature": temperature,
+            }
+        )
+    return out
 
 
 # ---------------------------------------------------------------- model
@@ -279,10 +336,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--out", required=True, help="consensus JSONL (resumable: a rerun skips finished cases)")
     parser.add_argument(
         "--strategy",
-        choices=("model", "vote"),
+        choices=("model", "self-vote", "vote"),
         default="model",
-        help="model: the SFT model writes t+ in context (the paper's); vote: medoid teacher by labels",
+        help="model: the SFT model writes t+ in context (the paper's); self-vote: the SFT model's own sample that\n"
+        "agrees best with the teachers; vote: medoid teacher by labels",
     )
+    g = parser.add_argument_group("self-vote")
+    g.add_argument("--num-samples", type=int, default=8, help="samples of pi_st per case (self-vote)")
+    g.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (self-vote)")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (self-vote): the same seed, the same t+")
     parser.add_argument(
         "--max-length",
         type=int,
@@ -340,12 +402,19 @@ def run_identity(args) -> dict:
     }
     if args.strategy == "model":
         ident.update(model_identity(args), max_length=args.max_length, prompt=CONSENSUS_PROMPT + CUT_MARK)
+    if args.strategy == "self-vote":
+        ident.update(model_identity(args), num_samples=args.num_samples, temperature=args.temperature, seed=args.seed)
     return ident
 
 
 def run(args) -> int:
-    if args.strategy == "model" and not args.model:
-        raise ApoError("--strategy model needs --model (the SFT model); --strategy vote needs none")
+    if args.strategy in ("model", "self-vote") and not args.model:
+        raise ApoError(f"--strategy {args.strategy} needs --model (the SFT model); --strategy vote needs none")
+    if args.strategy == "self-vote" and (args.num_samples < 1 or not args.temperature > 0):
+        raise ApoError(
+            f"--strategy self-vote needs --num-samples >= 1 and --temperature > 0 "
+            f"(got {args.num_samples}, {args.temperature})"
+        )
     check_outputs({"--out": args.out}, {"--dataset": args.dataset})
     claim(args.out, run_identity(args), args.overwrite)  # before the model loads: one writer, no foreign results
     cases = cases_from_args(args, rejects_default=f"{args.out}.rejects.jsonl")
@@ -363,6 +432,22 @@ def run(args) -> int:
             return [vote_record(c, labeler.label) for c in chunk]
 
         chunk_size = 256
+    elif args.strategy == "self-vote":
+        model, processor = model_from_args(args)
+
+        def process(chunk):
+            return self_vote_records(
+                model,
+                processor,
+                chunk,
+                args.num_samples,
+                args.temperature,
+                args.seed,
+                args.max_new_tokens,
+                args.batch_size,
+            )
+
+        chunk_size = args.batch_size * 4
     else:
         model, processor = model_from_args(args)
 

@@ -21,7 +21,14 @@ GROUPS_FILE="${GROUPS_FILE:-$WORK_DIR/groups.jsonl}"
 PAIRS="${PAIRS:-$WORK_DIR/dpo_pairs.jsonl}"
 OUTPUT_DIR="${OUTPUT_DIR:-$WORK_DIR/model}"
 CONFIG="${CONFIG:-$ROOT/configs/apo/paper.yaml}"
-STRATEGY="${STRATEGY:-model}"          # model (the paper's) or vote (medoid teacher; tiny models, baseline)
+STRATEGY="${STRATEGY:-model}"          # model (the paper's), self-vote (pi_st's own sample closest to the
+                                       # teachers; SELF_VOTE_SAMPLES, SELF_VOTE_SEED) or vote (medoid teacher)
+SELF_VOTE_SAMPLES="${SELF_VOTE_SAMPLES:-8}"
+SELF_VOTE_SEED="${SELF_VOTE_SEED:-0}"
+case "$STRATEGY" in
+  model|self-vote|vote) ;;
+  *) echo "APO: STRATEGY=$STRATEGY: expected model, self-vote or vote" >&2; exit 2 ;;
+esac
 NEGATIVES="${NEGATIVES:-all}"          # all or conflicting
 CONSENSUS_BATCH="${CONSENSUS_BATCH:-8}"
 CONSENSUS_MAX_NEW_TOKENS="${CONSENSUS_MAX_NEW_TOKENS:-512}"
@@ -59,11 +66,15 @@ if [ "$AUDIT" != 0 ] && [ -d "$MODEL" ]; then
 fi
 
 # Stage 2. Resumable: a rerun skips the cases already written.
+adapter_args=()
+[ -e "$SFT_ADAPTER" ] && adapter_args=(--adapter "$SFT_ADAPTER")
 if [ "$STRATEGY" = vote ]; then
   apo consensus --strategy vote "${data_args[@]}" --out "$CONSENSUS"
+elif [ "$STRATEGY" = self-vote ]; then
+  "${launch[@]}" -m apo.cli consensus --strategy self-vote --model "$MODEL" "${adapter_args[@]}" "${data_args[@]}" \
+    --out "$CONSENSUS" --batch-size "$CONSENSUS_BATCH" --max-new-tokens "$CONSENSUS_MAX_NEW_TOKENS" \
+    --num-samples "$SELF_VOTE_SAMPLES" --seed "$SELF_VOTE_SEED" "${pixel_args[@]}"
 else
-  adapter_args=()
-  [ -e "$SFT_ADAPTER" ] && adapter_args=(--adapter "$SFT_ADAPTER")
   "${launch[@]}" -m apo.cli consensus --strategy model --model "$MODEL" "${adapter_args[@]}" "${data_args[@]}" \
     --out "$CONSENSUS" --batch-size "$CONSENSUS_BATCH" --max-new-tokens "$CONSENSUS_MAX_NEW_TOKENS" \
     --max-length "$CONSENSUS_MAX_LENGTH" "${pixel_args[@]}"

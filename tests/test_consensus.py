@@ -234,3 +234,45 @@ def test_model_strategy_generates_longest_cases_first_and_writes_in_dataset_orde
     )  # chunks of 4: c4..c1, then c0
     assert seen == sorted(seen, reverse=True) and len(seen) == 5
     assert [json.loads(l)["case_id"] for l in out.read_text().splitlines()] == ["c0", "c1", "c2", "c3", "c4"]
+
+
+def test_self_vote_picks_the_sample_closest_to_the_teachers():
+    """The sample that agrees with the teachers, side included, wins; a refusal never does while another sample
+    labels something; ties go to the earlier sample."""
+    teachers = list(TEXTS.values())
+    samples = [
+        "I cannot provide a diagnosis. Please consult a radiologist.",
+        "Right pleural effusion with a right pneumothorax.",  # Grok's drift
+        "Small left pleural effusion. No pneumothorax.",  # what the majority says
+        "Small left pleural effusion. No pneumothorax.",
+    ]
+    best, scores = C.self_vote(samples, teachers)
+    assert best == 2 and scores[2] == scores[3] > scores[1]
+    assert C.self_vote(samples[:1], teachers)[0] == 0  # only refusals: the refusal it is
+
+
+def test_self_vote_cli_is_seeded_and_resumable(tmp_path, tiny_model_dir, monkeypatch):
+    """Same seed, same t+ (byte-identical file); another seed is another run, refused in the same output;
+    the record says which sample won and how every sample agreed."""
+    import apo.model.generation as G
+
+    data = write_dataset(tmp_path, n_cases=3, repeat=1)
+    args = ["consensus", "--strategy", "self-vote", "--model", str(tiny_model_dir), "--dataset", str(data)]
+    args += ["--num-samples", "3", "--max-new-tokens", "6", "--batch-size", "2"]
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main([*args, "--out", str(a), "--seed", "5"]) == 0
+    seen = []
+    real = G.generate
+    monkeypatch.setattr(G, "generate", lambda *x, **kw: seen.append(kw) or real(*x, **kw))
+    assert main([*args, "--out", str(b), "--seed", "5"]) == 0
+    assert a.read_bytes() == b.read_bytes()
+    assert seen and not seen[0]["greedy"] and len(seen[0]["seeds"]) == 3 * 3
+    recs = [json.loads(l) for l in a.read_text().splitlines()]
+    assert [r["case_id"] for r in recs] == ["c0", "c1", "c2"]
+    for r in recs:
+        assert r["strategy"] == "self-vote" and "source_teacher" not in r
+        assert len(r["agreement"]) == 3 and 0 <= r["chosen_sample"] < 3
+        assert r["agreement"][r["chosen_sample"]] == max(r["agreement"])
+    assert main([*args, "--out", str(a), "--seed", "6"]) == 2  # another seed into the same output: refused
+    assert main(["consensus", "--strategy", "self-vote", "--dataset", str(data), "--out", str(tmp_path / "c")]) == 2
+    assert main([*args, "--out", str(tmp_path / "d.jsonl"), "--temperature", "0"]) == 2
