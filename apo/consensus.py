@@ -82,10 +82,8 @@ def mentions_nothing(labels: dict) -> bool:
 
 def vote(texts: list[str], label=None, side=None) -> tuple[int, list[float]]:
     """Index of the medoid trajectory and every trajectory's agreement score (labels and sides)."""
-    label = label or labeler.label
-    side = side or labeler.laterality
-    labels = [label(t) for t in texts]
-    readings = [{o: (lab.get(o), sides.get(o)) for o in OBSERVATIONS} for lab, sides in zip(labels, map(side, texts))]
+    readings = [reading(t, label, side) for t in texts]
+    labels = [{o: v[0] for o, v in r.items()} for r in readings]
     n = len(texts)
     scores = [
         sum(agreement(readings[i], readings[j]) for j in range(n) if j != i) / (n - 1) if n > 1 else 1.0

@@ -322,7 +322,7 @@ class Seed:
         )
         pi_st = sft / "merged"
         # Shared preference settings: same LoRA, LR schedule, beta, NLL weight, epochs, seed for APO and DPO.
-        lr_dpo = a.dpo_lr if a.dpo_lr is not None else a.pref_lr
+        lr_dpo = arm_lrs(a)[1]
         common = [
             "--num_train_epochs",
             a.epochs,
@@ -839,10 +839,18 @@ def invocations(out: Path) -> str:
     )
 
 
-def lr_note(args) -> str:
+def arm_lrs(args) -> tuple[float, float, float]:
+    """(APO, DPO, pairwise) learning rates: --dpo-lr and --pairwise-lr default to --pref-lr."""
     apo = args.pref_lr
-    dpo = args.dpo_lr if args.dpo_lr is not None else apo
-    pairwise = args.pairwise_lr if args.pairwise_lr is not None else apo
+    return (
+        apo,
+        args.dpo_lr if args.dpo_lr is not None else apo,
+        args.pairwise_lr if args.pairwise_lr is not None else apo,
+    )
+
+
+def lr_note(args) -> str:
+    apo, dpo, pairwise = arm_lrs(args)
     if apo == dpo == pairwise:
         return f"the same, {apo:g}"
     return f"each arm its own, chosen on the development seed (APO {apo:g}, DPO {dpo:g}, pairwise {pairwise:g})"
