@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 TARGETS = {"finding_f1": 0.85, "side_accuracy": 0.90, "mscxrt_average": 0.60}
-SCORING_VERSION = 2  # 2: descriptions also scored for the size words (grade_accuracy)
+SCORING_VERSION = 3  # 2: descriptions also scored for the size words (grade_accuracy); 3: merge scores
 
 
 def main() -> int:
@@ -23,6 +23,9 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=1000, help="held-out images drawn from this seed")
     ap.add_argument("--images", type=int, default=200)
     ap.add_argument("--pairs", type=int, default=150)
+    ap.add_argument(
+        "--merges", type=int, default=100, help="held-out merge cases (one image + 7 noisy descriptions); 0: none"
+    )
     ap.add_argument("--targets", action="store_true", help="exit 1 unless the seeing targets hold")
     ap.add_argument("--out", default=None, help="also write the scores to this JSON file")
     ap.add_argument(
@@ -38,6 +41,7 @@ def main() -> int:
         "seed": args.seed,
         "images": args.images,
         "pairs": args.pairs,
+        "merges": args.merges,
     }
     previous = _read(args.out) if args.reuse and args.out else None
     if previous and previous.get("scored") == key:
@@ -49,7 +53,15 @@ def main() -> int:
 
     model, processor = load_model(args.model, adapter=args.adapter, device="cpu", dtype="float32")
     with tempfile.TemporaryDirectory() as tmp:
-        scores = evaluate(model, processor, tmp, seed=args.seed, n_images=args.images, n_pairs=args.pairs)
+        scores = evaluate(
+            model,
+            processor,
+            tmp,
+            seed=args.seed,
+            n_images=args.images,
+            n_pairs=args.pairs,
+            n_merges=min(args.merges, args.images),
+        )
     scores["scored"] = key
     text = json.dumps(scores, indent=2)
     print(text)

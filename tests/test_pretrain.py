@@ -9,7 +9,18 @@ import pytest
 from apo.errors import ApoError
 from apo.world import pretrain
 
-TOY = dict(vision_steps=2, vision_batch=4, steps=2, batch_size=4, n_describe=6, n_compare=3)
+TOY = dict(
+    vision_steps=2,
+    vision_batch=4,
+    steps=2,
+    batch_size=4,
+    n_describe=6,
+    n_compare=3,
+    vision_pairs=2,
+    n_merge=2,
+    merge_batch=2,
+)
+OFF = dict(pair_weight=0.0, n_merge=0)  # the recipe before the pair probe and the merge task
 
 
 def _run(out, seed=0, **kw):
@@ -41,6 +52,25 @@ def test_foreign_folder_and_unknown_settings_are_refused(tmp_path):
         _run(tmp_path / "y", step=3)
     with pytest.raises(ApoError, match="must be positive"):
         _run(tmp_path / "z", steps=0)
+    with pytest.raises(ApoError, match="weights not negative"):
+        _run(tmp_path / "w", pair_weight=-1.0)
+
+
+def test_pair_probe_trains_on_the_compare_pairs_deterministically(tmp_path):
+    on = dict(OFF, pair_weight=1.0)
+    a, b, off = _run(tmp_path / "a", **on), _run(tmp_path / "b", **on), _run(tmp_path / "off", **OFF)
+    assert a["weights_sha256"] == b["weights_sha256"] != off["weights_sha256"]
+    # off, the recipe draws nothing extra from the seed's random stream: the same weights as before the pair probe
+    assert _run(tmp_path / "off2", **OFF, vision_pairs=5)["weights_sha256"] == off["weights_sha256"]
+
+
+def test_batch_pairs_point_at_each_compare_examples_two_images():
+    one = {"task": "describe", "image_truths": [{}]}
+    pair = {"task": "compare", "image_truths": [{}, {}], "finding": "pneumothorax", "cls": "worsening"}
+    assert pretrain._batch_pairs([one, pair, one, pair]) == [
+        (1, 2, "pneumothorax", "worsening"),
+        (4, 5, "pneumothorax", "worsening"),
+    ]
 
 
 def test_examples_are_deterministic_in_the_base_style_and_off_the_benchmark_streams():
@@ -118,3 +148,47 @@ def test_grade_accuracy_reads_the_base_style_size_words_against_the_truth():
     assert seeing.stated_grade("Mild cardiomegaly. No pleural effusion.", "Pleural Effusion") is None
     unreported = seeing.score_descriptions(truths[:1], ["No acute cardiopulmonary abnormality."])
     assert unreported["grade_accuracy"] is None and unreported["graded_reported"] == 0
+
+
+def test_merge_examples_hide_the_truth_behind_generic_noise():
+    ex = pretrain.make_examples(0, 0, 0, workers=1, progress=False, n_merge=3)
+    for e in ex:
+        assert e["task"] == "merge" and e["answer"] == pretrain.describe(e["truth"])
+        blocks = e["prompt"].split("Trajectory ")[1:]
+        assert 3 <= len(blocks) <= 7 and e["prompt"].startswith(pretrain.DESCRIBE_PROMPTS)
+    # the noise's rates, read back from many draws for one case
+    truth = {"Pleural Effusion": {"side": "right", "severity": 0.65, "seed": 1}}
+    rng = np.random.default_rng(7)
+    texts = [pretrain.noisy_description(truth, rng) for _ in range(4000)]
+    refused = np.mean([t == pretrain.MERGE_REFUSAL for t in texts])
+    said = [t for t in texts if t != pretrain.MERGE_REFUSAL]
+    omitted = np.mean(["pleural effusion." not in t for t in said])
+    flipped = np.mean(["left pleural effusion" in t for t in said])
+    assert refused == pytest.approx(0.05, abs=0.015) and omitted == pytest.approx(0.20, abs=0.03)
+    assert flipped == pytest.approx(0.8 * 0.15, abs=0.025)
+    # the supported description is the commonest one
+    assert max(set(said), key=said.count) == pretrain.describe(truth)
+
+
+def test_merge_task_trains_in_its_own_batches_deterministically(tmp_path):
+    on = dict(n_merge=3, merge_batch=2, merge_every=1)
+    a, b, off = _run(tmp_path / "a", **on), _run(tmp_path / "b", **on), _run(tmp_path / "off", n_merge=0)
+    assert a["weights_sha256"] == b["weights_sha256"] != off["weights_sha256"]
+    assert len(a["curves_every_10"]["merge"]) == 1 and not off["curves_every_10"]["merge"]
+
+
+def test_merge_scores_count_findings_and_sides():
+    from apo.world import seeing
+
+    truth = {"Pleural Effusion": {"side": "right", "severity": 0.65, "seed": 1}}
+    flipped = {"Pleural Effusion": {**truth["Pleural Effusion"], "side": "left"}}
+    right, wrong = pretrain.describe(truth), pretrain.describe(flipped)
+    cases = [("x.jpg", truth, [wrong, right, right])]
+    assert seeing.score_merges(cases, [right]) == {
+        "merge_exact": 1.0,
+        "merge_single_exact": pytest.approx(2 / 3),
+        "merge_vote_exact": 1.0,
+        "n_merges": 1,
+    }
+    assert seeing.score_merges(cases, [wrong])["merge_exact"] == 0.0
+    assert seeing.score_merges(cases, [pretrain.MERGE_REFUSAL])["merge_exact"] == 0.0

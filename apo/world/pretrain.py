@@ -4,25 +4,29 @@ The paper's student, Qwen2.5-VL-7B-Instruct, reads chest X-rays and follows inst
 teacher. A random tiny model does neither, so every later stage would only measure a model reading the question's
 wording. This module gives the embedded world's student the same starting point: the real model classes, a little
 wider and deeper than the unit tests' random model (`apo.world.tiny.BASE_*`), trained from scratch, vision tower
-included, on two instruction tasks in a neutral style that is none of the seven teachers':
+included, on instruction tasks in a neutral style that is none of the seven teachers':
 
   describe  one image -> its findings with side and severity, then pertinent negatives
             ("Moderate right pleural effusion. Mild cardiomegaly. No pneumothorax, consolidation or pulmonary edema.")
   compare   a previous and a current image of one subject -> the named finding's size on each, then improving /
             stable / worsening ("Small to large: worsening."; MS-CXR-T's five findings)
+  merge     (when n_merge > 0) one image and 3-7 noisy descriptions of it, in the prompt `apo consensus --strategy
+            model` writes -> the description they jointly support (the noise: MERGE_NOISE, generic, not a teacher's)
 
 It never sees a teacher's text, a CXR-MAX-style question or a benchmark image: images are drawn by the benchmark's
-renderer (`apo.world.synth.images`) from random streams keyed by 5-integer lists that `apo synth` (keys of at most 4
-integers) never uses, so no pretraining image, finding placement or noise pattern is a benchmark one. Lung outlines
+renderer (`apo.world.synth.images`) from random streams keyed by lists of 5 or 6 integers, which `apo synth` (at most
+4) never uses, so no pretraining image, finding placement or noise pattern is a benchmark one. Lung outlines
 come from the same 516 masks torchxrayvision ships, as real pretraining corpora share anatomy with test sets.
 Consolidation and pneumonia are drawn alike, so the base calls both "airspace opacity" (what the pixels show).
 
 How it learns to see in minutes on a CPU: a linear probe on the vision tower's output (the 16 merged image tokens of
-each image, flattened) predicts each drawn finding's presence, side and extent. Phase 1 trains the tower through the
-probe alone (no language model: cheap steps, a dense signal); phase 2 trains everything on the answers, probe still
-on. With the LM loss only, 200 steps learned the answers' wording and next to nothing of the image. The probe is
-discarded: the saved model is a plain `Qwen2_5_VLForConditionalGeneration`. What it scores on held-out images, and
-what it does not do yet (compare two studies): docs/seeing_base.md.
+each image, flattened) predicts each drawn finding's presence, side and extent, and a second one (the pair probe)
+reads a compare pair's token difference and classifies the named finding's change. Phase 1 trains the tower through
+the probes alone (no language model: cheap steps, a dense signal); phase 2 trains everything on the answers, probes
+still on. With the LM loss only, 200 steps learned the answers' wording and next to nothing of the image; without
+the pair probe and a strong extent term the tower hardly encoded size, and the base answered the same change for
+every pair. The probes are discarded: the saved model is a plain `Qwen2_5_VLForConditionalGeneration`. What it
+scores on held-out images: docs/seeing_base.md.
 
 Everything is a function of the seed (data, initialisation, batch order); torch runs single-process with a fixed
 thread count, so the same seed on the same machine writes the same weights. The result is cached: a folder holding
@@ -52,9 +56,9 @@ from apo.world.synth.reports import sentence_bank, severity_word
 
 log = logging.getLogger(__name__)
 
-RECIPE_VERSION = 4  # bump when the data or the training recipe changes: a cached base is then rebuilt
-NS = 0x5EE1  # first key of every pretraining random stream (5 integers long; synth's keys have at most 4)
-T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER = range(4)
+RECIPE_VERSION = 7  # bump when the data or the training recipe changes: a cached base is then rebuilt
+NS = 0x5EE1  # first key of every pretraining random stream (5-6 integers long; synth's keys have at most 4)
+T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER, T_MERGE = range(5)
 
 DESCRIBE_PROMPTS = (
     "Describe this chest X-ray.",
@@ -136,6 +140,41 @@ def describe(truth: dict) -> str:
     return " ".join(out)
 
 
+# The merge task's noise: a generic corruption of the base's own description, none of the seven teachers' drifts or
+# sentences. Each of K descriptions is drawn independently: the whole text a refusal (5 %); else each true finding
+# left out (20 %), a lateral finding put on the other side (15 %), its size moved by up to +-0.3 (30 %); one finding
+# the image does not show added (15 %); the first finding hedged with "Possible" (10 %). Every corruption is rarer
+# than its absence, so the description the K texts jointly support - the merge answer - is the truth.
+MERGE_NOISE = dict(refuse=0.05, omit=0.20, flip=0.15, resize=0.30, add=0.15, hedge=0.10)
+MERGE_REFUSAL = "The image cannot be assessed."
+
+
+def noisy_description(truth: dict, r: np.random.Generator) -> str:
+    """One noisy reader's description of a case with findings `truth` (MERGE_NOISE)."""
+    p = MERGE_NOISE
+    if r.random() < p["refuse"]:
+        return MERGE_REFUSAL
+    seen = {}
+    for obs, f in truth.items():
+        if r.random() < p["omit"]:
+            continue
+        f = dict(f)
+        if f.get("side") in ("right", "left") and r.random() < p["flip"]:
+            f["side"] = "left" if f["side"] == "right" else "right"
+        if "severity" in f and r.random() < p["resize"]:
+            f["severity"] = float(np.clip(f["severity"] + r.uniform(-0.3, 0.3), 0.3, 1.0))
+        seen[obs] = f
+    if r.random() < p["add"]:
+        extra = [(o, f) for o, f in _sample_truth(r).items() if o not in truth and o != "Support Devices"]
+        if extra:
+            seen[extra[0][0]] = extra[0][1]
+    seen = {o: seen[o] for o in (*truth, *seen) if o in seen}  # the description's fixed order
+    text = describe(seen)
+    if r.random() < p["hedge"] and any(o != "Support Devices" for o in seen):
+        text = "Possible " + text[0].lower() + text[1:]
+    return text
+
+
 # ---------------------------------------------------------------------------------------------------- the data
 
 
@@ -196,19 +235,47 @@ def _compare_example(seed: int, i: int, masks: list) -> dict:
     }
 
 
+def _merge_example(seed: int, i: int, masks: list) -> dict:
+    """One image, K (3-7) noisy descriptions of it in the consensus prompt `apo consensus --strategy model` uses, and
+    the description they jointly support: the in-context merging an instruct model brings to stage 2."""
+    from apo.consensus import consensus_prompt
+
+    truth = _sample_truth(_rng(seed, T_MERGE, i, 0))
+    anatomy = draw.make_anatomy(masks[(i + 3571) % len(masks)], _rng(seed, T_MERGE, i, 1))
+    image = draw.jpeg_roundtrip(draw.render(anatomy, truth, _rng(seed, T_MERGE, i, 2)))
+    r = _rng(seed, T_MERGE, i, 3)
+    question = DESCRIBE_PROMPTS[int(r.integers(len(DESCRIBE_PROMPTS)))]
+    texts = [noisy_description(truth, _rng(seed, T_MERGE, i, 4, j)) for j in range(int(r.integers(3, 8)))]
+    return {
+        "task": "merge",
+        "images": [image],
+        "prompt": consensus_prompt(question, texts),
+        "answer": describe(truth),
+        "truth": truth,
+        "image_truths": [truth],
+    }
+
+
+MAKERS = {"describe": _describe_example, "compare": _compare_example, "merge": _merge_example}
+
+
 def _make(job):
     task, seed, i, masks = job
-    return (_describe_example if task == "describe" else _compare_example)(seed, i, masks)
+    return MAKERS[task](seed, i, masks)
 
 
-def make_examples(seed: int, n_describe: int, n_compare: int, workers: int = 2, progress: bool = True) -> list:
+def make_examples(
+    seed: int, n_describe: int, n_compare: int, workers: int = 2, progress: bool = True, n_merge: int = 0
+) -> list:
     """Draw the pretraining set (in `workers` processes; the result does not depend on how many)."""
     from tqdm import tqdm
 
     masks = draw.usable_masks(draw_masks(), _rng(seed, T_INIT, 0, 0))
     sentence_bank()  # filled once here, so forked workers share it instead of each re-mining the IU reports
-    jobs = [("describe", seed, i, masks) for i in range(n_describe)] + [
-        ("compare", seed, i, masks) for i in range(n_compare)
+    jobs = [
+        (task, seed, i, masks)
+        for task, n in (("describe", n_describe), ("compare", n_compare), ("merge", n_merge))
+        for i in range(n)
     ]
     bar = tqdm(
         total=len(jobs), desc="drawing pretraining images", file=sys.stderr, disable=not progress, dynamic_ncols=True
@@ -306,7 +373,7 @@ def probe_targets(image_truths: list[dict]):
     extent, has_extent = torch.zeros(n, c), torch.zeros(n, c)
     for i, truth in enumerate(image_truths):
         for obs, f in truth.items():
-            k = PROBE_CLASSES.index("Airspace" if obs in ("Consolidation", "Pneumonia") else obs)
+            k = PROBE_CLASSES.index(_probe_class(obs))
             present[i, k] = 1
             if f.get("side") in SIDES:
                 side[i, k] = SIDES.index(f["side"])
@@ -317,47 +384,94 @@ def probe_targets(image_truths: list[dict]):
 
 class VisionProbe:
     """A linear read-out of each image's merged vision tokens (flattened, so position - hence side - is kept),
-    trained beside the LM loss and then thrown away. It captures the vision tower's output with a forward hook."""
+    trained beside the LM loss and then thrown away. It captures the vision tower's output with a forward hook.
 
-    def __init__(self, model, tokens_per_image: int):
+    A second head reads a compare pair's difference (current minus previous image's tokens) and classifies the named
+    finding's change (improving / stable / worsening): the signal that the pair is what the compare task is about."""
+
+    def __init__(self, model, tokens_per_image: int, extent_weight: float = 4.0, pair_weight: float = 0.0):
         import torch
 
         hidden = model.config.text_config.hidden_size
         c = len(PROBE_CLASSES)
         self.tokens = tokens_per_image
+        self.extent_weight, self.pair_weight = extent_weight, pair_weight
         self.head = torch.nn.Linear(tokens_per_image * hidden, c * (2 + len(SIDES)))
+        # made only when used: an unused head would still draw from the seed's random stream
+        self.pair_head = torch.nn.Linear(tokens_per_image * hidden, c * len(MSCXRT_CLASSES)) if pair_weight else None
         self.features = None
         model.model.visual.register_forward_hook(self._keep)
+
+    def parameters(self) -> list:
+        return list(self.head.parameters()) + (list(self.pair_head.parameters()) if self.pair_head is not None else [])
+
+    def named_matrices(self) -> list:
+        return [("head.weight", self.head.weight)] + (
+            [("pair_head.weight", self.pair_head.weight)] if self.pair_head is not None else []
+        )
+
+    def biases(self) -> list:
+        return [self.head.bias] + ([self.pair_head.bias] if self.pair_head is not None else [])
 
     def _keep(self, module, args, output):
         self.features = output.pooler_output
 
-    def loss(self, image_truths: list[dict]):
+    def loss(self, image_truths: list[dict], pairs: list[tuple] = ()):
+        """`pairs`: (previous image index, current image index, finding, class) of each compare pair in the batch."""
+        import torch
         import torch.nn.functional as F
 
         present, side, extent, has_extent = probe_targets(image_truths)
         n, c = present.shape
-        out = self.head(self.features.reshape(n, -1))
+        flat = self.features.reshape(n, -1)
+        out = self.head(flat)
         logit, ext, side_logits = out[:, :c], out[:, c : 2 * c], out[:, 2 * c :].reshape(n, c, len(SIDES))
         loss = F.binary_cross_entropy_with_logits(logit, present)
         if (side >= 0).any():
             loss = loss + F.cross_entropy(side_logits.reshape(-1, len(SIDES)), side.reshape(-1), ignore_index=-100)
         if has_extent.any():
-            loss = loss + 4 * (((ext - extent) ** 2) * has_extent).sum() / has_extent.sum()
+            loss = loss + self.extent_weight * (((ext - extent) ** 2) * has_extent).sum() / has_extent.sum()
+        if self.pair_head is not None and pairs:
+            prev, cur = [p[0] for p in pairs], [p[1] for p in pairs]
+            k = torch.tensor([PROBE_CLASSES.index(_probe_class(MSCXRT_OBS[p[2]])) for p in pairs])
+            target = torch.tensor([MSCXRT_CLASSES.index(p[3]) for p in pairs])
+            logits = self.pair_head(flat[cur] - flat[prev]).reshape(len(pairs), c, len(MSCXRT_CLASSES))
+            loss = loss + self.pair_weight * F.cross_entropy(logits[torch.arange(len(pairs)), k], target)
         return loss
+
+
+def _probe_class(obs: str) -> str:
+    return "Airspace" if obs in ("Consolidation", "Pneumonia") else obs
 
 
 DEFAULTS = dict(
     vision_steps=500,  # phase 1: the vision tower and the probe only (cheap: no language model)
     vision_batch=64,
     vision_lr=4e-3,
-    steps=800,  # phase 2: everything, LM + probe loss (400 steps: held-out F1 0.674, side 0.835; 800: 0.828, 0.919)
+    steps=1200,  # phase 2: everything, LM + probes (docs/seeing_base.md: 400, 800, 1200 steps measured)
     batch_size=32,
     lr=2e-3,
     n_describe=6000,  # distinct images drawn for the describe task
     n_compare=1500,  # distinct previous/current pairs
     compare_repeats=2,  # phase 2 draws each pair this many times per epoch (a one-word answer is a small signal)
+    extent_weight=40.0,  # weight of the probe's extent regression (extents span 0.3-1.0: a small squared error; 4
+    # before recipe 7, when the tower hardly encoded size)
+    pair_weight=1.0,  # weight of the pair probe (a compare pair's change from its token difference); 0: off
+    vision_pairs=16,  # compare pairs added to each phase-1 step when the pair probe is on
+    n_merge=1500,  # distinct merge examples (an image + 3-7 noisy descriptions -> the supported one); 0: no merge
+    merge_every=4,  # phase 2 adds a batch of merge examples to every this-many-th step (their prompts are long)
+    merge_batch=8,
 )
+
+
+def _batch_pairs(examples) -> list[tuple]:
+    """(previous, current, finding, class) of each compare example, as indices into the batch's images."""
+    pairs, first = [], 0
+    for ex in examples:
+        if ex["task"] == "compare":
+            pairs.append((first, first + 1, ex["finding"], ex["cls"]))
+        first += len(ex["image_truths"])
+    return pairs
 
 
 def answer_loss(model, batch):
@@ -444,10 +558,17 @@ def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **
         raise ApoError(f"pretraining recipe: unknown settings {unknown} (known: {', '.join(DEFAULTS)})")
     r = {**DEFAULTS, **recipe}
     if (
-        min(r[k] for k in ("steps", "batch_size", "vision_batch", "n_describe", "n_compare", "compare_repeats")) < 1
-        or r["vision_steps"] < 0
+        min(
+            r[k]
+            for k in ("steps", "batch_size", "vision_batch", "n_describe", "n_compare", "compare_repeats")
+            + ("merge_every", "merge_batch")
+        )
+        < 1
+        or min(r[k] for k in ("vision_steps", "extent_weight", "pair_weight", "vision_pairs", "n_merge")) < 0
     ):
-        raise ApoError(f"pretraining recipe: steps, batch sizes and example counts must be positive ({r})")
+        raise ApoError(
+            f"pretraining recipe: steps, batch sizes and example counts must be positive, weights not negative ({r})"
+        )
     out = Path(out_dir)
     ident = identity(seed, **r)
     if cached(out, ident):
@@ -456,40 +577,53 @@ def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **
     if out.exists() and any(out.iterdir()) and not (out / "pretraining.json").exists():
         raise ApoError(f"{out} is not empty and holds no pretrained base (pretraining.json); choose a new folder")
     t0 = time.time()
-    examples = make_examples(seed, r["n_describe"], r["n_compare"], workers=workers, progress=progress)
+    examples = make_examples(
+        seed, r["n_describe"], r["n_compare"], workers=workers, progress=progress, n_merge=r["n_merge"]
+    )
     tokenizer = tiny.build_tokenizer()
     processor = tiny.build_processor(tokenizer, pixels=tiny.BASE_IMAGE_PIXELS)
     answer_offset = 1 + len(tokenizer.encode("assistant\n", add_special_tokens=False))
     _encode(processor, examples, answer_offset)
     images = []  # (patch rows, grid, truth) of every image, for phase 1
+    compare_pairs = []  # (previous image, current image, finding, class): indices into `images`, for phase 1
     for ex in examples:
         offset = 0
         for k, truth in enumerate(ex["image_truths"]):
             n = int(ex["grid"][k].prod())
             images.append((ex["pixel_values"][offset : offset + n], ex["grid"][k : k + 1], truth))
             offset += n
+        if ex["task"] == "compare":
+            compare_pairs.append((len(images) - 2, len(images) - 1, ex["finding"], ex["cls"]))
     t_data = time.time() - t0
 
     config = tiny.build_config(tokenizer, text=tiny.BASE_TEXT, vision=tiny.BASE_VISION)
     tokens_per_image = tiny.BASE_IMAGE_PIXELS // (28 * 28)  # 14-px patches, 2x2 merged
-    curves = {"vision_probe": [], "lm": [], "probe": []}
+    curves = {"vision_probe": [], "lm": [], "probe": [], "merge": []}
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32)
         model.train()
-        probe = VisionProbe(model, tokens_per_image)
+        probe = VisionProbe(model, tokens_per_image, r["extent_weight"], r["pair_weight"])
         visual = model.model.visual
 
-        # phase 1: the vision tower learns to see
-        decay, rest = _split(list(visual.named_parameters()) + [("head.weight", probe.head.weight)])
-        opt, sched = _optimizer(decay, rest + [probe.head.bias], r["vision_lr"], r["vision_steps"])
+        # phase 1: the vision tower learns to see (and, with the pair probe, to show a pair's change)
+        decay, rest = _split(list(visual.named_parameters()) + probe.named_matrices())
+        opt, sched = _optimizer(decay, rest + probe.biases(), r["vision_lr"], r["vision_steps"])
         order = _order(seed, 1, len(images), r["vision_steps"] * r["vision_batch"])
-        params = list(visual.parameters()) + list(probe.head.parameters())
+        n_pairs = r["vision_pairs"] if r["pair_weight"] else 0
+        pair_order = _order(seed, 3, len(compare_pairs), r["vision_steps"] * n_pairs) if n_pairs else []
+        params = list(visual.parameters()) + probe.parameters()
         bar = tqdm(range(r["vision_steps"]), desc="pretraining 1/2: vision", file=sys.stderr, disable=not progress)
         for step in bar:
-            chosen = [images[i] for i in order[step * r["vision_batch"] : (step + 1) * r["vision_batch"]]]
+            picked = list(order[step * r["vision_batch"] : (step + 1) * r["vision_batch"]])
+            pairs = []
+            for j in pair_order[step * n_pairs : (step + 1) * n_pairs]:
+                prev, cur, finding, cls = compare_pairs[j]
+                pairs.append((len(picked), len(picked) + 1, finding, cls))
+                picked += [prev, cur]
+            chosen = [images[i] for i in picked]
             visual(torch.cat([c[0] for c in chosen]), grid_thw=torch.cat([c[1] for c in chosen]))
-            loss = probe.loss([c[2] for c in chosen])
+            loss = probe.loss([c[2] for c in chosen], pairs)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
@@ -500,19 +634,36 @@ def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **
         bar.close()
 
         # phase 2: the language model learns to read the image and answer
-        decay, rest = _split(list(model.named_parameters()) + [("head.weight", probe.head.weight)])
-        opt, sched = _optimizer(decay, rest + [probe.head.bias], r["lr"], r["steps"])
+        decay, rest = _split(list(model.named_parameters()) + probe.named_matrices())
+        opt, sched = _optimizer(decay, rest + probe.biases(), r["lr"], r["steps"])
         pool = [
-            i for i, ex in enumerate(examples) for _ in range(r["compare_repeats"] if ex["task"] == "compare" else 1)
+            i
+            for i, ex in enumerate(examples)
+            if ex["task"] != "merge"
+            for _ in range(r["compare_repeats"] if ex["task"] == "compare" else 1)
         ]
         order = [pool[i] for i in _order(seed, 2, len(pool), r["steps"] * r["batch_size"])]
-        params = list(model.parameters()) + list(probe.head.parameters())
+        # merge examples come in batches of their own (a 300-token prompt would pad a whole batch of short ones)
+        merges = [i for i, ex in enumerate(examples) if ex["task"] == "merge"]
+        merge_steps = math.ceil(r["steps"] / r["merge_every"]) if merges else 0
+        merge_order = (
+            [merges[i] for i in _order(seed, 4, len(merges), merge_steps * r["merge_batch"])] if merges else []
+        )
+        params = list(model.parameters()) + probe.parameters()
         bar = tqdm(range(r["steps"]), desc="pretraining 2/2: answers", file=sys.stderr, disable=not progress)
         for step in bar:
             chosen = [examples[i] for i in order[step * r["batch_size"] : (step + 1) * r["batch_size"]]]
             lm_loss = answer_loss(model, _batch(chosen, tokenizer.pad_token_id))
-            probe_loss = probe.loss([t for ex in chosen for t in ex["image_truths"]])
-            (lm_loss + probe_loss).backward()
+            probe_loss = probe.loss([t for ex in chosen for t in ex["image_truths"]], _batch_pairs(chosen))
+            loss = lm_loss + probe_loss
+            if merges and step % r["merge_every"] == 0:
+                k = step // r["merge_every"] * r["merge_batch"]
+                merge_loss = answer_loss(
+                    model, _batch([examples[i] for i in merge_order[k : k + r["merge_batch"]]], tokenizer.pad_token_id)
+                )
+                loss = loss + merge_loss
+                curves["merge"].append(round(merge_loss.item(), 4))
+            loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()

@@ -2,6 +2,9 @@
 
     describe  finding F1 and side accuracy of its descriptions (the labeler reads them, `apo.evaluation.labeler`)
     compare   Top-1 on MS-CXR-T-format pairs asked with `apo eval-mscxrt`'s prompt, per finding and averaged
+    merge     exact match (every finding and its side) of what it writes from one image and 7 noisy descriptions of it
+              (apo.world.pretrain.noisy_description) in `apo consensus --strategy model`'s prompt, beside one noisy
+              description's exact match and the labeler vote's (apo.consensus.vote): can it read N answers?
 
 Image classes, not report labels: consolidation and pneumonia are drawn alike, so a mention of either, or of an
 airspace opacity, counts as the one "airspace" class; Lung Opacity's other children are their own classes.
@@ -29,7 +32,8 @@ from apo.world.synth import _sample_truth
 from apo.world.synth import images as draw
 from apo.world.synth.reports import MENTIONS, severity_word, split_sentences
 
-HELD_OUT = 0x7E57  # second key of every held-out stream; pretraining streams use (seed, task < 4, ...)
+HELD_OUT = 0x7E57  # second key of every held-out stream; pretraining streams use (seed, task < 5, ...)
+MERGE_K = 7  # descriptions per held-out merge case: as many as CXR-MAX's teachers
 CLASSES = ("Pleural Effusion", "Cardiomegaly", "Pneumothorax", "Atelectasis", "Airspace", "Edema", "Support Devices")
 AIRSPACE = ("Consolidation", "Pneumonia", "Lung Opacity")
 LATERAL = ("Pleural Effusion", "Pneumothorax", "Atelectasis", "Airspace")
@@ -108,6 +112,35 @@ def score_descriptions(truths: list[dict], texts: list[str]) -> dict:
     }
 
 
+def exact_match(truth: dict, text: str) -> bool:
+    """Every finding of `truth` and nothing else, each lateral one on its true side."""
+    return _classes({"labels": label(text), "sides": laterality(text)}) == truth_classes(truth)
+
+
+def merge_cases(singles: list, seed: int, n: int) -> list[tuple]:
+    """(image path, truth, MERGE_K noisy descriptions) for the first `n` held-out images."""
+    from apo.world.pretrain import noisy_description
+
+    return [
+        (path, truth, [noisy_description(truth, _rng(seed, 5, i, k)) for k in range(MERGE_K)])
+        for i, (path, truth) in enumerate(singles[:n])
+    ]
+
+
+def score_merges(cases: list[tuple], answers: list[str]) -> dict:
+    from apo.consensus import vote
+
+    exact = [exact_match(t, a) for (_, t, _), a in zip(cases, answers)]
+    single = [np.mean([exact_match(t, d) for d in texts]) for _, t, texts in cases]
+    voted = [exact_match(t, texts[vote(texts, label, laterality)[0]]) for _, t, texts in cases]
+    return {
+        "merge_exact": float(np.mean(exact)) if cases else None,
+        "merge_single_exact": float(np.mean(single)) if cases else None,
+        "merge_vote_exact": float(np.mean(voted)) if cases else None,
+        "n_merges": len(cases),
+    }
+
+
 def held_out_set(folder, seed: int, n_images: int, n_pairs: int) -> tuple[list, list]:
     """Write held-out images under `folder`: ([(path, truth)], [(prev_path, cur_path, finding, class)])."""
     folder = Path(folder)
@@ -132,9 +165,18 @@ def held_out_set(folder, seed: int, n_images: int, n_pairs: int) -> tuple[list, 
 
 
 def evaluate(
-    model, processor, folder, seed: int = 1000, n_images: int = 200, n_pairs: int = 150, batch_size: int = 16
+    model,
+    processor,
+    folder,
+    seed: int = 1000,
+    n_images: int = 200,
+    n_pairs: int = 150,
+    batch_size: int = 16,
+    n_merges: int = 0,
 ) -> dict:
-    """Describe and compare scores of a loaded model on a fresh held-out set drawn under `folder`."""
+    """Describe, compare (and, with n_merges <= n_images, merge) scores of a loaded model on a fresh held-out set
+    drawn under `folder`."""
+    from apo.consensus import consensus_prompt
     from apo.model.generation import generate
 
     singles, pairs = held_out_set(folder, seed, n_images, n_pairs)
@@ -163,5 +205,16 @@ def evaluate(
     out["mscxrt_per_finding"] = top1
     out["mscxrt_average"] = float(np.mean(list(top1.values()))) if top1 else None
     out["n_pairs"] = len(pairs)
+    if n_merges:
+        merges = merge_cases(singles, seed, n_merges)
+        answers = generate(
+            model,
+            processor,
+            [([p], consensus_prompt(DESCRIBE_PROMPTS[0], texts)) for p, _, texts in merges],
+            max_new_tokens=64,
+            batch_size=batch_size,
+            desc="merge",
+        )
+        out.update(score_merges(merges, answers))
     out["examples"] = [{"truth": truth_classes(t), "description": d} for (_, t), d in zip(singles[:5], texts[:5])]
     return out
