@@ -19,12 +19,13 @@ SFT_STEPS="${SFT_STEPS:-600}"
 APO_STEPS="${APO_STEPS:-80}"
 EVAL_LIMIT="${EVAL_LIMIT:-32}"
 EVAL_SAMPLES="${EVAL_SAMPLES:-4}"  # sampled answers per case (temperature 1) besides the greedy one; 0 = greedy only
+SELF_VOTE_SAMPLES="${SELF_VOTE_SAMPLES:-4}"  # pi_st's samples per training case for the self-vote t+
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 t0=$SECONDS
 step() { printf '\n== [%4ss] %s\n' "$((SECONDS - t0))" "$*"; }
 # only what the demo writes: results/ also holds the seeded experiment (results/experiment, tracked)
 rm -rf "$RUN" "$RESULTS"/{base,sft,dpo,apo,drift} "$RESULTS"/tables.{md,tex} "$RESULTS"/curves_*.png \
-  "$RESULTS"/{summary,base_seeing}.json
+  "$RESULTS"/{summary,base_seeing,consensus}.json
 mkdir -p "$RUN" "$RESULTS"
 
 step "synthetic CXR-MAX benchmark ($CASES cases, 7 drifting teachers)"
@@ -53,9 +54,17 @@ MODEL="$BASE" DATASET="$RUN/sft.jsonl" OUTPUT_DIR="$RUN/sft" TORCH_DTYPE=float32
   | grep -E "^SFT|'loss'" | sed -E "s/.*('loss': '[0-9.]+').*('token_acc': '[0-9.]+').*('global_step\/max_steps': '[0-9\/]+').*/  \3 \1 \2/"
 SFT_MODEL="$RUN/sft/merged"
 
-step "stages 2-3, compare + critique: consensus (vote: the tiny model cannot read 7 answers) -> groups -> APO"
+step "stages 2-3, compare + critique: consensus (vote; all three strategies are scored next) -> groups -> APO"
 MODEL="$SFT_MODEL" SFT_ADAPTER="" DATASET="$TRAIN" WORK_DIR="$RUN/apo" STRATEGY=vote DEEPSPEED="" \
   CONFIG="$ROOT/configs/apo/demo.yaml" bash scripts/APO-Qwen2.5.sh --max_steps "$APO_STEPS" --seed "$SEED"
+
+step "the compare stage three ways, scored against the truth: vote (APO's t+ above), self-vote, pi_st in context"
+apo consensus --strategy self-vote --model "$SFT_MODEL" --dataset "$TRAIN" --out "$RUN/consensus/self-vote.jsonl" \
+  --num-samples "$SELF_VOTE_SAMPLES" --temperature 1.0 --seed "$SEED" --max-new-tokens 96 --batch-size 8
+apo consensus --strategy model --model "$SFT_MODEL" --dataset "$TRAIN" --out "$RUN/consensus/model.jsonl" \
+  --max-length 2048 --max-new-tokens 96 --batch-size 8
+python scripts/consensus_quality.py --dataset "$TRAIN" --out "$RESULTS/consensus.json" --consensus \
+  vote="$RUN/apo/consensus.jsonl" self-vote="$RUN/consensus/self-vote.jsonl" model="$RUN/consensus/model.jsonl"
 
 step "baseline: the published recipe, ms-swift pairwise DPO on the same preferences"
 MODEL="$SFT_MODEL" DATASET="$RUN/apo/dpo_pairs.jsonl" OUTPUT_DIR="$RUN/dpo" NPROC_PER_NODE=1 DEEPSPEED="" \
@@ -85,7 +94,8 @@ apo drift --dataset "$TRAIN" --consensus "$RUN/apo/consensus.jsonl" --out "$RESU
 step "tables"
 apo tables --results "$RESULTS" --out "$RESULTS" --print ablation
 
-python scripts/demo_summary.py --results "$RESULTS" --seconds "$((SECONDS - t0))" > /dev/null
+python scripts/demo_summary.py --results "$RESULTS" --consensus "$RESULTS/consensus.json" \
+  --seconds "$((SECONDS - t0))" > /dev/null
 echo "  results/summary.json written"
 
 step "done in $((SECONDS - t0)) s: data, models and logs in $RUN; tables and plots in $RESULTS"

@@ -4,7 +4,8 @@ accuracy, distinct-answer share, MS-CXR-T average, and each drift's rate greedy 
     .venv/bin/python scripts/demo_summary.py --results results --seconds 512 [--consensus scores.json]
 
 Rates are fractions. finding_f1 and side_accuracy come from `apo eval-report`'s metrics.json (labeler against the
-case's labels and sides); distinct_answer_share = distinct greedy answers / cases answered.
+case's labels and sides); distinct_answer_share = distinct greedy answers / cases answered. With --consensus, the
+compare stage's strategies scored against the truth beside the best teacher (scripts/consensus_quality.py).
 """
 
 import argparse
@@ -50,7 +51,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--results", required=True)
     ap.add_argument("--seconds", type=float, required=True)
-    ap.add_argument("--consensus", default=None, help="consensus scores JSON to include (strategies vs truth)")
+    ap.add_argument(
+        "--consensus", default=None, help="consensus scores to include (scripts/consensus_quality.py's JSON)"
+    )
     args = ap.parse_args()
     results = Path(args.results)
     seeing = _read(results / "base_seeing.json") or {}
@@ -62,7 +65,10 @@ def main() -> int:
         "seconds": round(args.seconds),
     }
     if args.consensus:
-        summary["consensus"] = _read(Path(args.consensus))
+        scores = _read(Path(args.consensus))
+        if scores is None:
+            ap.error(f"--consensus {args.consensus}: not a readable JSON file (scripts/consensus_quality.py writes it)")
+        summary["consensus"] = scores
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
     return 0

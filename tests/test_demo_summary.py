@@ -46,3 +46,22 @@ def test_summary_has_every_key(tmp_path):
     assert s["students"]["base"]["distinct_answer_share"] == 0.25
     assert s["students"]["sft"]["distinct_answer_share"] == 1.0  # 3 distinct of 3 answered
     assert s["students"]["dpo"]["sampled"] == {k: None for k in DRIFTS}  # greedy-only run: no sampled rates
+
+
+def test_summary_carries_the_consensus_scores(tmp_path):
+    _student(tmp_path / "sft", ["a", "b"], 0.7, sampled=True)
+    scores = {
+        name: {"exact": 0.5, "hallucination": 0.1, "omission": 0.2, "wrong_side": 0.0}
+        for name in ("model", "vote", "self-vote")
+    }
+    scores.update(best_teacher="Qwen-VL-Max", best_teacher_exact=0.74, n_cases=128)
+    (tmp_path / "consensus.json").write_text(json.dumps(scores))
+    script = [sys.executable, str(ROOT / "scripts" / "demo_summary.py"), "--results", str(tmp_path), "--seconds", "1"]
+    subprocess.run([*script, "--consensus", str(tmp_path / "consensus.json")], check=True, capture_output=True)
+    s = json.loads((tmp_path / "summary.json").read_text())
+    assert s["consensus"] == scores
+    for name in ("model", "vote", "self-vote"):
+        assert {"exact", "hallucination", "omission", "wrong_side"} <= set(s["consensus"][name])
+    # a missing scores file is an error, not a summary silently without its consensus
+    bad = subprocess.run([*script, "--consensus", str(tmp_path / "none.json")], capture_output=True, text=True)
+    assert bad.returncode == 2 and "none.json" in bad.stderr and "Traceback" not in bad.stderr

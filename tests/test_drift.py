@@ -169,3 +169,51 @@ def test_cli_on_synthetic_benchmark(synth_dir, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"case_id": "nope", "text": "x"}\n')
     assert main(["drift", "--dataset", str(data), "--consensus", str(bad), "--out", str(tmp_path / "d2")]) == 2
+
+
+def test_exact_with_side_needs_every_true_side(cases):
+    per = drift_stats(cases)["per_teacher"]
+    assert per["A"]["exact"] == 1 and per["A"]["exact_with_side"] == 1
+    # B names the right findings on the wrong side twice: exact by findings, not with sides
+    assert per["B"]["exact"] == 1 and per["B"]["exact_with_side"] == 0.5
+    assert per["B"]["counts"]["exact"] == 4 and per["B"]["counts"]["exact_with_side"] == 2
+
+
+def test_consensus_quality_scores_strategies_beside_the_best_teacher(cases):
+    from apo.evaluation.drift import consensus_quality
+
+    strategies = {
+        "truthful": {c.case_id: ANSWERS["A"][i] for i, c in enumerate(cases)},
+        "mirrored": {c.case_id: ANSWERS["B"][i] for i, c in enumerate(cases)},
+        "refuses": {c.case_id: "I cannot provide a diagnosis." for c in cases},
+    }
+    q = consensus_quality(cases, strategies)
+    assert q["n_cases"] == 4 and q["best_teacher"] == "A" and q["best_teacher_exact"] == 1
+    assert q["truthful"]["exact"] == 1 and q["truthful"]["wrong_side"] == 0
+    assert q["mirrored"]["exact"] == 0.5 and q["mirrored"]["exact_findings"] == 1 and q["mirrored"]["wrong_side"] == 1
+    assert q["refuses"]["exact"] == 0 and q["refuses"]["refusal"] == 1  # a refusal is not an exact answer
+    # only cases every strategy answered are scored, teachers included
+    strategies["partial"] = {cases[1].case_id: "Cardiomegaly."}
+    q = consensus_quality(cases, strategies)
+    assert q["n_cases"] == 1 and q["partial"]["exact"] == 1 and q["mirrored"]["exact"] == 1
+
+
+def test_consensus_quality_script_one_line_errors(tmp_path, synth_dir):
+    import subprocess
+    import sys
+
+    script = [sys.executable, "scripts/consensus_quality.py"]
+    bad = subprocess.run(
+        [*script, "--dataset", "x.jsonl", "--consensus", "vote", "--out", str(tmp_path / "q.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2 and "expected NAME=PATH" in bad.stderr
+    missing = subprocess.run(
+        [*script, "--dataset", str(synth_dir / "cxrmax_train.jsonl"), "--consensus", f"vote={tmp_path}/none.jsonl"]
+        + ["--out", str(tmp_path / "q.json")],
+        capture_output=True,
+        text=True,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "none.jsonl" in missing.stderr
+    assert not (tmp_path / "q.json").exists()

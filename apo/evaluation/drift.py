@@ -12,6 +12,7 @@ pseudo-teacher when given (JSONL of {"case_id", "text", ...}, what `apo consensu
   recall, f1              over the 14 observations (No Finding derived from the others by CheXpert's rule where the
                           truth leaves it blank); micro-averaged; per observation under `per_observation`
   exact                   share of answers whose positive findings are exactly the truth's (No Finding aside)
+  exact_with_side         the same, and every true lateral finding named on its true side
   hallucination_rate      share of answers asserting (1) a finding the truth has as 0 or blank (No Finding aside)
   omission_rate           share of truly positive findings the answer does not assert as positive (1)
   hedge_rate              share of truly positive findings the answer calls uncertain (-1)
@@ -75,7 +76,7 @@ def _prf(tp, fp, fn):
 def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
     """Drift statistics of one source: `texts[i]` answers `cases[i]` (None = no answer, skipped).
     `consensus`: {case_id: text} to compare with. See the module docstring for the definitions."""
-    n = refused = words = answered = labelled = exact = halluc = 0
+    n = refused = words = answered = labelled = exact = exact_side = halluc = 0
     pos_truth = omitted = hedged = side_n = side_err = 0
     per = {o: [0, 0, 0, 0] for o in OBSERVATIONS}  # tp, fp, fn, tn
     cons = [0, 0, 0, 0]  # tp, fp, fn, exact
@@ -119,12 +120,12 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
         omitted += len(true_pos - said)
         hedged += sum(lab[o] == -1 for o in true_pos)
         sides = (case.meta or {}).get("sides") or {}
-        if sides:
-            lat = laterality(text)
-            for o, side in sides.items():
-                if o in lat and lab.get(o) in (1, -1):
-                    side_n += 1
-                    side_err += lat[o] != side
+        lat = laterality(text) if sides else {}
+        for o, side in sides.items():
+            if o in lat and lab.get(o) in (1, -1):
+                side_n += 1
+                side_err += lat[o] != side
+        exact_side += said == true_pos and all(lat.get(o) == side for o, side in sides.items() if o in true_pos)
     tp, fp, fn, tn = (sum(c[i] for o, c in per.items()) for i in range(4))
     p, r, f = _prf(tp, fp, fn)
     per_obs = {}
@@ -151,6 +152,7 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
         "recall": r,
         "f1": f,
         "exact": _ratio(exact, labelled),
+        "exact_with_side": _ratio(exact_side, labelled),
         "hallucination_rate": _ratio(halluc, labelled),
         "omission_rate": _ratio(omitted, pos_truth),
         "hedge_rate": _ratio(hedged, pos_truth),
@@ -175,8 +177,48 @@ def answer_stats(cases, texts, consensus: dict | None = None) -> dict:
             "hedged": hedged,
             "side_n": side_n,
             "side_errors": side_err,
+            "exact": exact,
+            "exact_with_side": exact_side,
         },
     }
+    return out
+
+
+def brief(stats: dict, cases: int) -> dict:
+    """The rates a consensus is judged by, under the names summary.json uses (fractions). `exact` and
+    `exact_findings` are over all `cases` with ground truth: a refusal is not an exact answer."""
+    c = stats["counts"]
+    return {
+        "exact": _ratio(c["exact_with_side"], cases),
+        "exact_findings": _ratio(c["exact"], cases),
+        "f1": stats["f1"],
+        "hallucination": stats["hallucination_rate"],
+        "omission": stats["omission_rate"],
+        "wrong_side": stats["side_error_rate"],
+        "hedge": stats["hedge_rate"],
+        "refusal": stats["refusal_rate"],
+        "answers": stats["answers"],
+    }
+
+
+def consensus_quality(cases, strategies: dict[str, dict]) -> dict:
+    """How close each strategy's t+ ({name: {case_id: text}}) is to the truth, beside the best single teacher (by
+    exact match of the positive findings and their sides): is the compare stage's positive better than one teacher?
+    Every source is scored on the same cases: those with ground truth that every strategy answered."""
+    common = [c for c in cases if c.labels and all(c.case_id in texts for texts in strategies.values())]
+    teachers = sorted({t.teacher for c in common for t in c.trajectories})
+    per_teacher = {
+        name: answer_stats(common, [next((t.text for t in c.trajectories if t.teacher == name), None) for c in common])
+        for name in teachers
+    }
+    best = max(teachers, key=lambda n: per_teacher[n]["counts"]["exact_with_side"]) if teachers else None
+    n = len(common)
+    out = {
+        name: brief(answer_stats(common, [texts[c.case_id] for c in common]), n) for name, texts in strategies.items()
+    }
+    out["best_teacher"] = best
+    out["best_teacher_exact"] = _ratio(per_teacher[best]["counts"]["exact_with_side"], n) if best else None
+    out["n_cases"] = len(common)
     return out
 
 
