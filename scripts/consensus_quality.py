@@ -4,8 +4,9 @@
         --consensus vote=runs/demo/apo/consensus.jsonl self-vote=runs/demo/self-vote.jsonl --out results/consensus.json
 
 Each --consensus is NAME=PATH, PATH what `apo consensus` wrote. Per strategy: exact (share of cases whose positive
-findings are exactly the truth's), f1, hallucination, omission, wrong_side, hedge, refusal (fractions, the
-definitions of `apo drift`), over the cases every strategy answered; plus the best teacher's exact on those cases.
+findings and their sides are exactly the truth's; a refusal is not exact), exact_findings (sides aside), f1,
+hallucination, omission, wrong_side, hedge, refusal (fractions, the definitions of `apo drift`), over the cases every
+strategy answered; plus the best teacher's exact on those cases.
 The demo passes the result to scripts/demo_summary.py (summary.json's "consensus").
 """
 

@@ -218,7 +218,7 @@ def consensus_quality(cases, strategies: dict[str, dict]) -> dict:
     }
     out["best_teacher"] = best
     out["best_teacher_exact"] = _ratio(per_teacher[best]["counts"]["exact_with_side"], n) if best else None
-    out["n_cases"] = len(common)
+    out["n_cases"] = n
     return out
 
 

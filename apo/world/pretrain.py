@@ -402,16 +402,17 @@ class VisionProbe:
         self.features = None
         model.model.visual.register_forward_hook(self._keep)
 
+    def _heads(self) -> dict:
+        return {"head": self.head, **({"pair_head": self.pair_head} if self.pair_head is not None else {})}
+
     def parameters(self) -> list:
-        return list(self.head.parameters()) + (list(self.pair_head.parameters()) if self.pair_head is not None else [])
+        return [p for h in self._heads().values() for p in h.parameters()]
 
     def named_matrices(self) -> list:
-        return [("head.weight", self.head.weight)] + (
-            [("pair_head.weight", self.pair_head.weight)] if self.pair_head is not None else []
-        )
+        return [(f"{name}.weight", h.weight) for name, h in self._heads().items()]
 
     def biases(self) -> list:
-        return [self.head.bias] + ([self.pair_head.bias] if self.pair_head is not None else [])
+        return [h.bias for h in self._heads().values()]
 
     def _keep(self, module, args, output):
         self.features = output.pooler_output
