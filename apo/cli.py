@@ -70,12 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
         rc = module.run(args)
+        sys.stdout.flush()  # inside the try: a closed pipe raises here, not at exit past every handler
     except ApoError as e:  # the user's problem: one clear line, no traceback
         print(f"apo {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"apo {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `apo ... | head`: the reader left; what was written is all it wanted, no traceback
+        # Python's recipe: point stdout at devnull so the interpreter's final flush does not raise again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command killed by a closed pipe
     finally:
         from apo.io.jobs import release_all
 

@@ -228,3 +228,28 @@ def test_eval_report_max_length(world, tiny_model_dir, tmp_path, capsys, monkeyp
     assert preds == [c for c in world["cases"] if c != "c2"]
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["too_long"] == 1
     assert json.loads((tmp_path / "b" / "too_long.jsonl").read_text())["case_id"] == "c2"
+
+
+# ------------------------------------------------------------------------------------------------ the shell side
+
+
+def test_a_closed_pipe_ends_the_command_quietly(world, tmp_path):
+    """`apo prepare-sft ... | head -1`: the reader leaves before the summary is printed. The command ends with 141
+    (a shell's code for a closed pipe) and no traceback, and the file it was asked for is written in full."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sft.jsonl"
+    cmd = [sys.executable, "-m", "apo.cli", "prepare-sft", "--dataset", str(world["data"])]
+    proc = subprocess.Popen(
+        [*cmd, "--image-root", str(world["root"]), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    proc.stdout.close()  # before the child has imported anything: its first write meets a closed pipe
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 141, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+    trajectories = world["data"].read_text(encoding="utf-8").splitlines()
+    assert len(out.read_text(encoding="utf-8").splitlines()) == len(trajectories)  # one row per trajectory
