@@ -22,6 +22,10 @@ COMMANDS = {
     ),
     "tiny-model": ("apo.world.tiny", "build a tiny randomly initialised Qwen2.5-VL (model + processor) for CPU runs"),
     "prepare-sft": ("apo.sft", "stage 1 data: one ms-swift SFT row per teacher trajectory"),
+    "replay": (
+        "apo.world.replay",
+        "stage 1 rehearsal rows (embedded world): the pretrained base's own tasks on new images, mixed into SFT",
+    ),
     "consensus": ("apo.consensus", "stage 2: the SFT model writes the consensus trajectory t+ for each case"),
     "build-pairs": ("apo.pairs", "stage 3 data: groups {t+, teacher negatives} (+ pairwise DPO rows)"),
     "train": ("apo.trainer.cli", "stage 3: APO training (Plackett-Luce over t+ and the teachers)"),

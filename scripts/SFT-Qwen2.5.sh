@@ -4,7 +4,9 @@
 #
 #   DATASET=runs/cxrmax/sft.jsonl NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash scripts/SFT-Qwen2.5.sh
 #
-# DATASET is what `apo prepare-sft` writes. The adapter of the last step is linked at $OUTPUT_DIR/last.
+# DATASET is what `apo prepare-sft` writes; several files, separated by spaces, are mixed (ms-swift's --dataset takes
+# a list: e.g. rehearsal rows from `apo replay`, or a hub dataset with #N rows). The adapter of the last step is linked
+# at $OUTPUT_DIR/last.
 # Anything in EXTRA_ARGS (or after the script name) goes to `swift sft` unchanged.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -45,9 +47,10 @@ MAX_LOSS="${MAX_LOSS:-0}"  # fraction of rows the audit lets ms-swift drop
 if [ "$NPROC_PER_NODE" -gt 1 ]; then export NPROC_PER_NODE; else unset NPROC_PER_NODE; fi
 [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && export CUDA_VISIBLE_DEVICES
 
+read -ra DATASETS <<< "$DATASET"
 args=(
   --model "$MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true --check_model false
-  --dataset "$DATASET" --output_dir "$OUTPUT_DIR" --add_version false
+  --dataset "${DATASETS[@]}" --output_dir "$OUTPUT_DIR" --add_version false
   --tuner_type lora --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --target_modules all-linear --freeze_vit true
   --torch_dtype "$TORCH_DTYPE" --num_train_epochs "$NUM_TRAIN_EPOCHS" --max_steps "$MAX_STEPS"
   --per_device_train_batch_size "$BATCH_SIZE" --gradient_accumulation_steps "$GRAD_ACC"
@@ -62,10 +65,13 @@ args=(
 PLUGIN="$MODEL/swift_plugin.py"
 [ -f "$PLUGIN" ] && args+=(--external_plugins "$PLUGIN")
 # ms-swift rows name their images by absolute path (prepare-sft writes them so), hence --allow-absolute-paths
-if [ "$AUDIT" != 0 ] && [ -d "$MODEL" ] && [ -f "$DATASET" ]; then
-  apo audit --model "$MODEL" --dataset "$DATASET" --stages sft --sft-max-length "$MAX_LENGTH" \
-    --max-loss "$MAX_LOSS" --verify-images header --allow-absolute-paths \
-    || { echo "SFT: the audit says rows would be lost (AUDIT=0 skips it)" >&2; exit 1; }
+if [ "$AUDIT" != 0 ] && [ -d "$MODEL" ]; then
+  for data in "${DATASETS[@]}"; do
+    [ -f "$data" ] || continue  # a hub dataset name: nothing local to audit
+    apo audit --model "$MODEL" --dataset "$data" --stages sft --sft-max-length "$MAX_LENGTH" \
+      --max-loss "$MAX_LOSS" --verify-images header --allow-absolute-paths \
+      || { echo "SFT: the audit says rows of $data would be lost (AUDIT=0 skips it)" >&2; exit 1; }
+  done
 fi
 echo "SFT: $MODEL on $DATASET -> $OUTPUT_DIR (pixels $MIN_PIXELS..$MAX_PIXELS) (NPROC_PER_NODE=${NPROC_PER_NODE:-1}, grad-acc $GRAD_ACC)"
 swift sft "${args[@]}" ${EXTRA_ARGS:-} "$@"

@@ -192,3 +192,34 @@ def test_merge_scores_count_findings_and_sides():
     }
     assert seeing.score_merges(cases, [wrong])["merge_exact"] == 0.0
     assert seeing.score_merges(cases, [pretrain.MERGE_REFUSAL])["merge_exact"] == 0.0
+
+
+def test_ask_answers_the_named_finding_alone():
+    truth = {
+        "Pneumonia": {"side": "right", "zone": "lower", "severity": 0.5, "seed": 1},
+        "Pleural Effusion": {"side": "left", "severity": 0.9, "seed": 2},
+    }
+    assert pretrain.ask_answer(truth, "Pleural Effusion") == "Yes: large left pleural effusion."
+    # the same opacity is named as the question names it: the pixels do not tell the two apart
+    assert (
+        pretrain.ask_answer(truth, "Consolidation")
+        == "Yes: right lower lung airspace opacity, consistent with consolidation."
+    )
+    assert pretrain.ask_answer(truth, "Pneumonia").endswith("consistent with pneumonia.")
+    assert pretrain.ask_answer(truth, "Pneumothorax") == "No pneumothorax."
+    assert pretrain.ask_answer({}, "Edema") == "No pulmonary edema."
+    ex = pretrain.make_examples(0, 0, 0, workers=1, progress=False, n_ask=30)
+    assert all(e["task"] == "ask" and len(e["images"]) == 1 for e in ex)
+    for e in ex:  # the question's finding is the one answered, by the truth of that image
+        obs = next(o for o, name in pretrain.ASK_NAMES.items() if name in e["prompt"])
+        assert e["answer"] == pretrain.ask_answer(e["truth"], obs)
+    assert {e["answer"].split(":")[0].split()[0] for e in ex} == {"Yes", "No"}
+
+
+def test_ask_task_changes_the_base_and_off_draws_nothing(tmp_path):
+    a, b = _run(tmp_path / "a", n_ask=3), _run(tmp_path / "b", n_ask=3)
+    off = _run(tmp_path / "off")
+    assert a["weights_sha256"] == b["weights_sha256"] != off["weights_sha256"]
+    assert a["identity"]["n_ask"] == 3 and off["identity"]["n_ask"] == 0
+    with pytest.raises(ApoError, match="weights not negative"):
+        _run(tmp_path / "n", n_ask=-1)

@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 
 RECIPE_VERSION = 6  # bump when the default data or training recipe changes: a cached base is then rebuilt
 NS = 0x5EE1  # first key of every pretraining random stream (5-6 integers long; synth's keys have at most 4)
-T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER, T_MERGE = range(5)
+T_DESCRIBE, T_COMPARE, T_INIT, T_ORDER, T_MERGE, T_ASK = range(6)
 
 DESCRIBE_PROMPTS = (
     "Describe this chest X-ray.",
@@ -256,7 +256,66 @@ def _merge_example(seed: int, i: int, masks: list) -> dict:
     }
 
 
-MAKERS = {"describe": _describe_example, "compare": _compare_example, "merge": _merge_example}
+# The ask task: a question naming one finding, answered about that finding alone. What an instruct model does with a
+# question's words (and a CXR-MAX question names its diagnosis): half the time the named finding is on the image
+# ("Yes: small left pleural effusion."), else it is not ("No pneumothorax."). Airspace opacity is answered with the
+# name the question uses ("..., consistent with pneumonia"): the pixels show the same opacity for both.
+ASK_NAMES = {
+    "Cardiomegaly": "cardiomegaly",
+    "Edema": "pulmonary edema",
+    "Consolidation": "consolidation",
+    "Pneumonia": "pneumonia",
+    "Atelectasis": "atelectasis",
+    "Pneumothorax": "pneumothorax",
+    "Pleural Effusion": "pleural effusion",
+}
+ASK_PROMPTS = (
+    "Is there {name} on this chest X-ray?",
+    "Does this radiograph show {name}?",
+    "Check this chest X-ray for {name}.",
+)
+
+
+def ask_answer(truth: dict, obs: str) -> str:
+    """The answer to "is there `obs`?" on an image with findings `truth`."""
+    name = ASK_NAMES[obs]
+    airspace = [o for o in truth if o in ("Consolidation", "Pneumonia")]
+    found = airspace[0] if obs in ("Consolidation", "Pneumonia") and airspace else obs if obs in truth else None
+    if found is None:
+        return f"No {name}."
+    phrase = describe({found: truth[found]}).split(". ")[0].rstrip(".")
+    phrase = phrase[0].lower() + phrase[1:]
+    if found in ("Consolidation", "Pneumonia"):
+        phrase += f", consistent with {name}"
+    return f"Yes: {phrase}."
+
+
+def _ask_example(seed: int, i: int, masks: list) -> dict:
+    truth = _sample_truth(_rng(seed, T_ASK, i, 0))
+    anatomy = draw.make_anatomy(masks[(i + 5077) % len(masks)], _rng(seed, T_ASK, i, 1))
+    image = draw.jpeg_roundtrip(draw.render(anatomy, truth, _rng(seed, T_ASK, i, 2)))
+    r = _rng(seed, T_ASK, i, 3)
+    present = [o for o in ASK_NAMES if o in truth]
+    if present and r.random() < 0.5:
+        obs = present[int(r.integers(len(present)))]
+        if obs in ("Consolidation", "Pneumonia"):
+            obs = ("Consolidation", "Pneumonia")[int(r.integers(2))]
+    else:
+        airspace = any(o in truth for o in ("Consolidation", "Pneumonia"))
+        absent = [o for o in ASK_NAMES if o not in truth and not (airspace and o in ("Consolidation", "Pneumonia"))]
+        obs = absent[int(r.integers(len(absent)))]
+    prompt = ASK_PROMPTS[int(r.integers(len(ASK_PROMPTS)))].format(name=ASK_NAMES[obs])
+    return {
+        "task": "ask",
+        "images": [image],
+        "prompt": prompt,
+        "answer": ask_answer(truth, obs),
+        "truth": truth,
+        "image_truths": [truth],
+    }
+
+
+MAKERS = {"describe": _describe_example, "compare": _compare_example, "merge": _merge_example, "ask": _ask_example}
 
 
 def _make(job):
@@ -265,7 +324,13 @@ def _make(job):
 
 
 def make_examples(
-    seed: int, n_describe: int, n_compare: int, workers: int = 2, progress: bool = True, n_merge: int = 0
+    seed: int,
+    n_describe: int,
+    n_compare: int,
+    workers: int = 2,
+    progress: bool = True,
+    n_merge: int = 0,
+    n_ask: int = 0,
 ) -> list:
     """Draw the pretraining set (in `workers` processes; the result does not depend on how many)."""
     from tqdm import tqdm
@@ -274,7 +339,7 @@ def make_examples(
     sentence_bank()  # filled once here, so forked workers share it instead of each re-mining the IU reports
     jobs = [
         (task, seed, i, masks)
-        for task, n in (("describe", n_describe), ("compare", n_compare), ("merge", n_merge))
+        for task, n in (("describe", n_describe), ("compare", n_compare), ("merge", n_merge), ("ask", n_ask))
         for i in range(n)
     ]
     bar = tqdm(
@@ -465,6 +530,7 @@ DEFAULTS = dict(
     # default: on recipe 7, 1,500 merged better than one noisy description (0.63 exact vs 0.56) but below the
     # labeler vote (0.84), SFT erased it (0.28), and describe fell (F1 0.802 -> 0.757, side 0.924 -> 0.845)
     n_merge=0,
+    n_ask=0,  # distinct ask examples (a question naming one finding -> the answer about it); 0: no ask task
     merge_every=4,  # phase 2 adds a batch of merge examples to every this-many-th step (their prompts are long)
     merge_batch=8,
 )
@@ -570,7 +636,7 @@ def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **
             + ("merge_every", "merge_batch")
         )
         < 1
-        or min(r[k] for k in ("vision_steps", "extent_weight", "pair_weight", "vision_pairs", "n_merge")) < 0
+        or min(r[k] for k in ("vision_steps", "extent_weight", "pair_weight", "vision_pairs", "n_merge", "n_ask")) < 0
     ):
         raise ApoError(
             f"pretraining recipe: steps, batch sizes and example counts must be positive, weights not negative ({r})"
@@ -584,7 +650,13 @@ def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **
         raise ApoError(f"{out} is not empty and holds no pretrained base (pretraining.json); choose a new folder")
     t0 = time.time()
     examples = make_examples(
-        seed, r["n_describe"], r["n_compare"], workers=workers, progress=progress, n_merge=r["n_merge"]
+        seed,
+        r["n_describe"],
+        r["n_compare"],
+        workers=workers,
+        progress=progress,
+        n_merge=r["n_merge"],
+        n_ask=r["n_ask"],
     )
     tokenizer = tiny.build_tokenizer()
     processor = tiny.build_processor(tokenizer, pixels=tiny.BASE_IMAGE_PIXELS)

@@ -1,0 +1,144 @@
+"""`apo replay`: rehearsal rows for stage 1 on the embedded world (the base's own tasks, on images it never saw).
+
+    apo replay --base runs/cache/base-seed0 --out runs/demo/replay --describe 600 --compare 300
+    DATASET="runs/demo/sft.jsonl runs/demo/replay/replay.jsonl" bash scripts/SFT-Qwen2.5.sh
+
+SFT on a narrow domain makes a model forget what it could do before; ms-swift users mix general data into
+`--dataset` for that (`--dataset domain.jsonl AI-ModelScope/alpaca-gpt4-data-en#500`). A 7B instruct model keeps
+most of its skills through a LoRA on 24k images; the embedded tiny base does not: 600 SFT steps on the teachers'
+answers took its MS-CXR-T Top-1 to 0 (it answers in the teachers' words, which never name a change) and its merge
+skill back to an untaught base's (docs/seeing_base.md). Its "general data" are its own pretraining tasks, so these
+rows are those tasks in ms-swift's format: describe, compare, and merge when asked. The rows are made by
+`apo.world.pretrain`'s own makers on indices from REPLAY_OFFSET up, which pretraining (indices below its example
+counts) never draws: same style, new images. Images are written losslessly (PNG) as the base saw them (its
+JPEG-roundtripped pixels), so a row is exactly a pretraining example it did not see.
+
+Every arm of an experiment starts from the same pi_st, so replay changes the common starting point, not one arm.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from apo.errors import ApoError
+
+REPLAY_OFFSET = 1_000_000  # example indices from here on: far above any pretraining example count
+IDENTITY = "replay.identity.json"
+
+
+def identity(base_identity: dict, n_describe: int, n_compare: int, n_merge: int) -> dict:
+    from apo.world import pretrain
+
+    return {
+        "kind": "apo-replay-rows",
+        "recipe_version": pretrain.RECIPE_VERSION,
+        "seed": base_identity["seed"],
+        "offset": REPLAY_OFFSET,
+        "describe": n_describe,
+        "compare": n_compare,
+        "merge": n_merge,
+    }
+
+
+def base_identity(base_dir: Path) -> dict:
+    """The pretrained base's identity (its seed draws the rows' images); one line if the folder is not a base."""
+    path = base_dir / "pretraining.json"
+    try:
+        ident = json.loads(path.read_text(encoding="utf-8"))["identity"]
+        if ident.get("kind") != "apo-pretrained-base":
+            raise KeyError("kind")
+        return ident
+    except FileNotFoundError:
+        raise ApoError(
+            f"--base {base_dir}: no pretraining.json (not a base from `apo tiny-model --pretrain`)"
+        ) from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ApoError(f"--base {base_dir}: pretraining.json is unreadable or not a pretrained base's ({e})") from None
+
+
+def write_replay(out_dir, base_dir, n_describe: int, n_compare: int, n_merge: int = 0, workers: int = 2) -> dict:
+    """Write `out_dir`/replay.jsonl (ms-swift rows) and its images; returns {"rows": n, "path": ..., "reused": bool}.
+    A folder already holding rows with the same identity is reused; any other non-empty folder is refused."""
+    import multiprocessing as mp
+
+    from PIL import Image
+
+    from apo.model.chat import swift_user_content
+    from apo.world import pretrain
+    from apo.world.synth import images as draw
+
+    if min(n_describe, n_compare, n_merge) < 0 or n_describe + n_compare + n_merge == 0:
+        raise ApoError("--describe/--compare/--merge: counts must not be negative, and one must be positive")
+    out, base_dir = Path(out_dir), Path(base_dir)
+    ident = identity(base_identity(base_dir), n_describe, n_compare, n_merge)
+    rows_path, ident_path = out / "replay.jsonl", out / IDENTITY
+    if ident_path.exists() and rows_path.exists():
+        try:
+            same = json.loads(ident_path.read_text(encoding="utf-8")) == ident
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return {"rows": sum(1 for _ in rows_path.open(encoding="utf-8")), "path": str(rows_path), "reused": True}
+    if out.exists() and any(out.iterdir()):
+        raise ApoError(
+            f"--out {out}: not empty and holds no replay rows of this base and these counts; choose a new folder"
+        )
+    (out / "images").mkdir(parents=True, exist_ok=True)
+
+    seed = ident["seed"]
+    masks = draw.usable_masks(pretrain.draw_masks(), pretrain._rng(seed, pretrain.T_INIT, 0, 0))
+    jobs = [
+        (task, seed, i, masks)
+        for task, n in (("describe", n_describe), ("compare", n_compare), ("merge", n_merge))
+        for i in range(REPLAY_OFFSET, REPLAY_OFFSET + n)
+    ]
+    pretrain.sentence_bank()  # filled before forking, as pretraining does
+    if workers > 1:
+        with mp.get_context("fork").Pool(workers) as pool:
+            examples = list(pool.imap(pretrain._make, jobs, chunksize=16))
+    else:
+        examples = [pretrain._make(job) for job in jobs]
+
+    tmp = rows_path.with_name(rows_path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for (task, _, i, _), ex in zip(jobs, examples):
+            paths = []
+            for k, pixels in enumerate(ex["images"]):
+                p = (out / "images" / f"{task}-{i}-{k}.png").resolve()
+                Image.fromarray(pixels).save(p)
+                paths.append(str(p))
+            row = {
+                "messages": [
+                    {"role": "user", "content": swift_user_content(len(paths), ex["prompt"])},
+                    {"role": "assistant", "content": ex["answer"]},
+                ],
+                "images": paths,
+                "case_id": f"replay-{task}-{i}",
+                "teacher": f"replay-{task}",
+            }
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, rows_path)
+    ident_path.write_text(json.dumps(ident, indent=1) + "\n", encoding="utf-8")  # written last: marks finished rows
+    return {"rows": len(jobs), "path": str(rows_path), "reused": False}
+
+
+def add_arguments(p) -> None:
+    p.add_argument(
+        "--base", required=True, help="the pretrained base (`apo tiny-model --pretrain`): its seed draws the images"
+    )
+    p.add_argument("--out", required=True, help="output folder: replay.jsonl (ms-swift rows) and images/")
+    p.add_argument("--describe", type=int, default=600, help="describe rows (one image -> its findings)")
+    p.add_argument("--compare", type=int, default=300, help="compare rows (previous, current -> the change)")
+    p.add_argument(
+        "--merge", type=int, default=0, help="merge rows (an image + noisy descriptions -> the supported one)"
+    )
+    p.add_argument("--workers", type=int, default=2, help="processes drawing the images")
+
+
+def run(args) -> int:
+    rec = write_replay(args.out, args.base, args.describe, args.compare, args.merge, workers=args.workers)
+    verb = "reused" if rec["reused"] else "wrote"
+    print(f"replay: {verb} {rec['rows']} rows of the base's own tasks in {rec['path']}")
+    return 0
