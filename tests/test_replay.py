@@ -25,10 +25,10 @@ def _rows(path):
 
 def test_rows_are_the_base_tasks_on_unseen_images_and_deterministic(tmp_path):
     base = _base(tmp_path / "base")
-    rec = replay.write_replay(tmp_path / "a", base, 2, 1, 1, workers=1)
-    assert rec == {"rows": 4, "path": str(tmp_path / "a" / "replay.jsonl"), "reused": False}
+    rec = replay.write_replay(tmp_path / "a", base, 2, 1, 1, 1, workers=1)
+    assert rec == {"rows": 5, "path": str(tmp_path / "a" / "replay.jsonl"), "reused": False}
     rows = _rows(tmp_path / "a" / "replay.jsonl")
-    assert [r["teacher"] for r in rows] == ["replay-describe"] * 2 + ["replay-compare", "replay-merge"]
+    assert [r["teacher"] for r in rows] == ["replay-describe"] * 2 + ["replay-compare", "replay-merge", "replay-ask"]
     for r in rows:  # ms-swift's row: one <image> tag per listed image, each an existing absolute path
         user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
         assert user.count("<image>") == len(r["images"]) and all(Image.open(p).size for p in r["images"])
@@ -41,7 +41,7 @@ def test_rows_are_the_base_tasks_on_unseen_images_and_deterministic(tmp_path):
     # ...which is not one pretraining draws (index 0 of the same stream)
     assert not np.array_equal(ex["images"][0], pretrain._describe_example(3, 0, masks)["images"][0])
     # the same base and counts elsewhere: the same rows
-    replay.write_replay(tmp_path / "b", base, 2, 1, 1, workers=2)
+    replay.write_replay(tmp_path / "b", base, 2, 1, 1, 1, workers=2)
     strip = lambda rs: [{**r, "images": [p.split("/")[-1] for p in r["images"]]} for r in rs]  # noqa: E731
     assert strip(_rows(tmp_path / "b" / "replay.jsonl")) == strip(rows)
 

@@ -8,9 +8,9 @@ SFT on a narrow domain makes a model forget what it could do before; ms-swift us
 most of its skills through a LoRA on 24k images; the embedded tiny base does not: 600 SFT steps on the teachers'
 answers took its MS-CXR-T Top-1 to 0 (it answers in the teachers' words, which never name a change) and its merge
 skill back to an untaught base's (docs/seeing_base.md). Its "general data" are its own pretraining tasks, so these
-rows are those tasks in ms-swift's format: describe, compare, and merge when asked. The rows are made by
-`apo.world.pretrain`'s own makers on indices from REPLAY_OFFSET up, which pretraining (indices below its example
-counts) never draws: same style, new images. Images are written losslessly (PNG) as the base saw them (its
+rows are those tasks in ms-swift's format: describe and compare, merge and ask when the base learned them. They are
+made by `apo.world.pretrain`'s own makers on indices from REPLAY_OFFSET up, which pretraining (indices below its
+example counts) never draws: same style, new images. Images are written losslessly (PNG) as the base saw them (its
 JPEG-roundtripped pixels), so a row is exactly a pretraining example it did not see.
 
 Every arm of an experiment starts from the same pi_st, so replay changes the common starting point, not one arm.
@@ -28,7 +28,7 @@ REPLAY_OFFSET = 1_000_000  # example indices from here on: far above any pretrai
 IDENTITY = "replay.identity.json"
 
 
-def identity(base_identity: dict, n_describe: int, n_compare: int, n_merge: int) -> dict:
+def identity(base_identity: dict, n_describe: int, n_compare: int, n_merge: int, n_ask: int) -> dict:
     from apo.world import pretrain
 
     return {
@@ -39,6 +39,7 @@ def identity(base_identity: dict, n_describe: int, n_compare: int, n_merge: int)
         "describe": n_describe,
         "compare": n_compare,
         "merge": n_merge,
+        "ask": n_ask,
     }
 
 
@@ -58,7 +59,9 @@ def base_identity(base_dir: Path) -> dict:
         raise ApoError(f"--base {base_dir}: pretraining.json is unreadable or not a pretrained base's ({e})") from None
 
 
-def write_replay(out_dir, base_dir, n_describe: int, n_compare: int, n_merge: int = 0, workers: int = 2) -> dict:
+def write_replay(
+    out_dir, base_dir, n_describe: int, n_compare: int, n_merge: int = 0, n_ask: int = 0, workers: int = 2
+) -> dict:
     """Write `out_dir`/replay.jsonl (ms-swift rows) and its images; returns {"rows": n, "path": ..., "reused": bool}.
     A folder already holding rows with the same identity is reused; any other non-empty folder is refused."""
     import multiprocessing as mp
@@ -69,10 +72,11 @@ def write_replay(out_dir, base_dir, n_describe: int, n_compare: int, n_merge: in
     from apo.world import pretrain
     from apo.world.synth import images as draw
 
-    if min(n_describe, n_compare, n_merge) < 0 or n_describe + n_compare + n_merge == 0:
-        raise ApoError("--describe/--compare/--merge: counts must not be negative, and one must be positive")
+    counts = {"describe": n_describe, "compare": n_compare, "merge": n_merge, "ask": n_ask}
+    if min(counts.values()) < 0 or sum(counts.values()) == 0:
+        raise ApoError("--describe/--compare/--merge/--ask: counts must not be negative, and one must be positive")
     out, base_dir = Path(out_dir), Path(base_dir)
-    ident = identity(base_identity(base_dir), n_describe, n_compare, n_merge)
+    ident = identity(base_identity(base_dir), n_describe, n_compare, n_merge, n_ask)
     rows_path, ident_path = out / "replay.jsonl", out / IDENTITY
     if ident_path.exists() and rows_path.exists():
         try:
@@ -89,11 +93,7 @@ def write_replay(out_dir, base_dir, n_describe: int, n_compare: int, n_merge: in
 
     seed = ident["seed"]
     masks = draw.usable_masks(pretrain.draw_masks(), pretrain._rng(seed, pretrain.T_INIT, 0, 0))
-    jobs = [
-        (task, seed, i, masks)
-        for task, n in (("describe", n_describe), ("compare", n_compare), ("merge", n_merge))
-        for i in range(REPLAY_OFFSET, REPLAY_OFFSET + n)
-    ]
+    jobs = [(task, seed, i, masks) for task, n in counts.items() for i in range(REPLAY_OFFSET, REPLAY_OFFSET + n)]
     pretrain.sentence_bank()  # filled before forking, as pretraining does
     if workers > 1:
         with mp.get_context("fork").Pool(workers) as pool:
@@ -134,11 +134,12 @@ def add_arguments(p) -> None:
     p.add_argument(
         "--merge", type=int, default=0, help="merge rows (an image + noisy descriptions -> the supported one)"
     )
+    p.add_argument("--ask", type=int, default=0, help="ask rows (a question naming one finding -> the answer about it)")
     p.add_argument("--workers", type=int, default=2, help="processes drawing the images")
 
 
 def run(args) -> int:
-    rec = write_replay(args.out, args.base, args.describe, args.compare, args.merge, workers=args.workers)
+    rec = write_replay(args.out, args.base, args.describe, args.compare, args.merge, args.ask, workers=args.workers)
     verb = "reused" if rec["reused"] else "wrote"
     print(f"replay: {verb} {rec['rows']} rows of the base's own tasks in {rec['path']}")
     return 0
