@@ -101,6 +101,15 @@ def parse_args(argv=None):
     g.add_argument("--sft-lr", type=float, default=5e-3)
     g.add_argument("--sft-batch", type=int, default=8)
     g.add_argument("--sft-lora", type=int, nargs=2, default=[32, 64], metavar=("R", "ALPHA"))
+    g.add_argument(
+        "--sft-replay",
+        type=int,
+        nargs=3,
+        default=[0, 0, 0],
+        metavar=("DESCRIBE", "COMPARE", "ASK"),
+        help="rehearsal rows of the shared base's own tasks mixed into every seed's SFT (`apo replay`, written once\n"
+        "next to the base; --base pretrained only); 0 0 0: none",
+    )
     g = p.add_argument_group("stage 3: the preference stage, shared by APO and DPO")
     g.add_argument("--negatives", choices=["all", "conflicting"], default="all")
     g.add_argument("--pref-lr", type=float, default=2e-3, help="APO and DPO learning rate (cosine, 5%% warmup)")
@@ -136,7 +145,12 @@ def parse_args(argv=None):
     first, _ = p.parse_known_args(argv)
     if first.config:
         p.set_defaults(**load_config(p, first.config))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if min(args.sft_replay) < 0:
+        p.error(f"--sft-replay: counts must not be negative ({args.sft_replay})")
+    if any(args.sft_replay) and args.base != "pretrained":
+        p.error("--sft-replay: needs --base pretrained (the rows are the pretrained base's own tasks)")
+    return args
 
 
 def load_config(parser, path) -> dict:
@@ -291,6 +305,9 @@ class Seed:
             ["apo", "prepare-sft", "--dataset", train, "--out", d / "sft.jsonl"],
             after=["synth"],
         )
+        sft_data = str(d / "sft.jsonl")
+        if any(a.sft_replay):  # the shared rows (built once by main()); the path carries their counts
+            sft_data += f" {replay_rows(a)}"
         # The tiny model is random: LoRA alone cannot give it a vocabulary, so embeddings and head train in full.
         self.stage(
             "sft",
@@ -299,7 +316,7 @@ class Seed:
             after=["tiny", "prepare_sft"],
             env=dict(
                 MODEL=base,
-                DATASET=d / "sft.jsonl",
+                DATASET=sft_data,
                 OUTPUT_DIR=sft,
                 TORCH_DTYPE="float32",
                 BATCH_SIZE=a.sft_batch,
@@ -578,6 +595,22 @@ def build_shared_base(args) -> None:
     env.update({k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ})
     if subprocess.run(cmd, cwd=ROOT, env=env).returncode != 0:
         raise SystemExit(f"shared base: `{' '.join(cmd)}` failed")
+
+
+def replay_rows(args) -> Path:
+    """The shared rehearsal rows' file: one folder per count triple, next to the shared base."""
+    return shared_base(args).parent / ("replay-" + "-".join(map(str, args.sft_replay))) / "replay.jsonl"
+
+
+def build_replay(args) -> None:
+    """Write (or reuse: `apo replay` keeps rows of the same base and counts) the rows every seed's SFT mixes in."""
+    folder = replay_rows(args).parent
+    n_describe, n_compare, n_ask = args.sft_replay
+    cmd = ["apo", "replay", "--base", str(shared_base(args)), "--out", str(folder)]
+    cmd += ["--describe", str(n_describe), "--compare", str(n_compare), "--ask", str(n_ask)]
+    say(f"replay rows: {' '.join(cmd)}")
+    if subprocess.run(cmd, cwd=ROOT, env=run_env()).returncode != 0:
+        raise SystemExit(f"replay rows: `{' '.join(cmd)}` failed")
 
 
 def first_sentence(text: str) -> str:
@@ -1001,6 +1034,8 @@ def main(argv=None) -> int:
     seeds = [Seed(args, s) for s in args.seeds]
     if args.base == "pretrained" and not args.report_only:
         build_shared_base(args)
+        if any(args.sft_replay):
+            build_replay(args)
     if args.report_only:
         missing = [
             f"seed{s.seed}/eval/{arm}"
