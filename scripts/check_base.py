@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 TARGETS = {"finding_f1": 0.85, "side_accuracy": 0.90, "mscxrt_average": 0.60}
-SCORING_VERSION = 3  # 2: descriptions also scored for the size words (grade_accuracy); 3: merge scores
+SCORING_VERSION = 4  # 2: descriptions also scored for the size words (grade_accuracy); 3: merge scores; 4: ask
 
 
 def main() -> int:
@@ -26,6 +26,7 @@ def main() -> int:
     ap.add_argument(
         "--merges", type=int, default=100, help="held-out merge cases (one image + 7 noisy descriptions); 0: none"
     )
+    ap.add_argument("--asks", type=int, default=200, help="held-out ask cases (a question naming one finding); 0: none")
     ap.add_argument("--targets", action="store_true", help="exit 1 unless the seeing targets hold")
     ap.add_argument("--out", default=None, help="also write the scores to this JSON file")
     ap.add_argument(
@@ -42,6 +43,7 @@ def main() -> int:
         "images": args.images,
         "pairs": args.pairs,
         "merges": args.merges,
+        "asks": args.asks,
     }
     previous = _read(args.out) if args.reuse and args.out else None
     if previous and previous.get("scored") == key:
@@ -61,6 +63,7 @@ def main() -> int:
             n_images=args.images,
             n_pairs=args.pairs,
             n_merges=min(args.merges, args.images),
+            n_asks=min(args.asks, args.images),
         )
     scores["scored"] = key
     text = json.dumps(scores, indent=2)

@@ -223,3 +223,26 @@ def test_ask_task_changes_the_base_and_off_draws_nothing(tmp_path):
     assert a["identity"]["n_ask"] == 3 and off["identity"]["n_ask"] == 0
     with pytest.raises(ApoError, match="weights not negative"):
         _run(tmp_path / "n", n_ask=-1)
+
+
+def test_ask_scores_read_yes_no_and_side():
+    from apo.world import seeing
+
+    effusion = {"Pleural Effusion": {"side": "left", "severity": 0.9, "seed": 2}}
+    pneumonia = {"Pneumonia": {"side": "right", "zone": "lower", "severity": 0.5, "seed": 1}}
+    cases = [
+        ("a.jpg", effusion, "Pleural Effusion", "q"),
+        ("b.jpg", effusion, "Pneumothorax", "q"),
+        ("c.jpg", pneumonia, "Consolidation", "q"),
+        ("d.jpg", {}, "Edema", "q"),
+    ]
+    right = [pretrain.ask_answer(t, o) for _, t, o, _ in cases]
+    assert seeing.score_asks(cases, right) == {"ask_accuracy": 1.0, "ask_side_accuracy": 1.0, "n_asks": 4}
+    wrong = [
+        "Yes: small right pleural effusion.",
+        "Yes: pneumothorax.",
+        "No consolidation.",
+        "There is pulmonary edema.",
+    ]
+    assert seeing.score_asks(cases, wrong) == {"ask_accuracy": 0.25, "ask_side_accuracy": 0.0, "n_asks": 4}
+    assert len(seeing.ask_cases([("x.jpg", effusion)] * 3, 1000, 2)) == 2

@@ -290,20 +290,25 @@ def ask_answer(truth: dict, obs: str) -> str:
     return f"Yes: {phrase}."
 
 
-def _ask_example(seed: int, i: int, masks: list) -> dict:
-    truth = _sample_truth(_rng(seed, T_ASK, i, 0))
-    anatomy = draw.make_anatomy(masks[(i + 5077) % len(masks)], _rng(seed, T_ASK, i, 1))
-    image = draw.jpeg_roundtrip(draw.render(anatomy, truth, _rng(seed, T_ASK, i, 2)))
-    r = _rng(seed, T_ASK, i, 3)
+def ask_pick(truth: dict, r: np.random.Generator) -> str:
+    """The finding to ask about: one on the image half the time (when there is one), else one that is not."""
     present = [o for o in ASK_NAMES if o in truth]
     if present and r.random() < 0.5:
         obs = present[int(r.integers(len(present)))]
         if obs in ("Consolidation", "Pneumonia"):
             obs = ("Consolidation", "Pneumonia")[int(r.integers(2))]
-    else:
-        airspace = any(o in truth for o in ("Consolidation", "Pneumonia"))
-        absent = [o for o in ASK_NAMES if o not in truth and not (airspace and o in ("Consolidation", "Pneumonia"))]
-        obs = absent[int(r.integers(len(absent)))]
+        return obs
+    airspace = any(o in truth for o in ("Consolidation", "Pneumonia"))
+    absent = [o for o in ASK_NAMES if o not in truth and not (airspace and o in ("Consolidation", "Pneumonia"))]
+    return absent[int(r.integers(len(absent)))]
+
+
+def _ask_example(seed: int, i: int, masks: list) -> dict:
+    truth = _sample_truth(_rng(seed, T_ASK, i, 0))
+    anatomy = draw.make_anatomy(masks[(i + 5077) % len(masks)], _rng(seed, T_ASK, i, 1))
+    image = draw.jpeg_roundtrip(draw.render(anatomy, truth, _rng(seed, T_ASK, i, 2)))
+    r = _rng(seed, T_ASK, i, 3)
+    obs = ask_pick(truth, r)
     prompt = ASK_PROMPTS[int(r.integers(len(ASK_PROMPTS)))].format(name=ASK_NAMES[obs])
     return {
         "task": "ask",

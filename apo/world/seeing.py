@@ -2,6 +2,8 @@
 
     describe  finding F1 and side accuracy of its descriptions (the labeler reads them, `apo.evaluation.labeler`)
     compare   Top-1 on MS-CXR-T-format pairs asked with `apo eval-mscxrt`'s prompt, per finding and averaged
+    ask       a question naming one finding (apo.world.pretrain's ask task): is the yes/no right, and the side of a
+              lateral finding that is there? Does the model read the question's words?
     merge     exact match (every finding and its side) of what it writes from one image and 7 noisy descriptions of it
               (apo.world.pretrain.noisy_description) in `apo consensus --strategy model`'s prompt, beside one noisy
               description's exact match and the labeler vote's (apo.consensus.vote): can it read N answers?
@@ -141,6 +143,41 @@ def score_merges(cases: list[tuple], answers: list[str]) -> dict:
     }
 
 
+def ask_cases(singles: list, seed: int, n: int) -> list[tuple]:
+    """(image path, truth, asked finding, question) for the first `n` held-out images."""
+    from apo.world.pretrain import ASK_NAMES, ASK_PROMPTS, ask_pick
+
+    out = []
+    for i, (path, truth) in enumerate(singles[:n]):
+        obs = ask_pick(truth, _rng(seed, 6, i))
+        out.append((path, truth, obs, ASK_PROMPTS[i % len(ASK_PROMPTS)].format(name=ASK_NAMES[obs])))
+    return out
+
+
+def score_asks(cases: list[tuple], answers: list[str]) -> dict:
+    """ask_accuracy: the answer's yes/no is the truth's; ask_side_accuracy: over asked lateral findings that are on
+    the image and answered yes, the share with the true side. "Yes"/"No" is the answer's first word; a mention of
+    the finding without a leading "No" counts as yes (an answer in another style is still read)."""
+    from apo.world.pretrain import ASK_NAMES
+
+    right = sides = side_ok = 0
+    for (_, truth, obs, _), answer in zip(cases, answers):
+        airspace = obs in ("Consolidation", "Pneumonia")
+        there = any(o in truth for o in ("Consolidation", "Pneumonia")) if airspace else obs in truth
+        words = answer.strip().lower()
+        said_yes = words.startswith("yes") or (not words.startswith("no") and ASK_NAMES[obs] in words)
+        right += said_yes == there
+        found = next((o for o in truth if o in ("Consolidation", "Pneumonia")), obs) if airspace else obs
+        if there and said_yes and truth[found].get("side") in ("right", "left", "bilateral"):
+            sides += 1
+            side_ok += set(laterality(answer).values()) == {truth[found]["side"]}
+    return {
+        "ask_accuracy": right / len(cases) if cases else None,
+        "ask_side_accuracy": side_ok / sides if sides else None,
+        "n_asks": len(cases),
+    }
+
+
 def held_out_set(folder, seed: int, n_images: int, n_pairs: int) -> tuple[list, list]:
     """Write held-out images under `folder`: ([(path, truth)], [(prev_path, cur_path, finding, class)])."""
     folder = Path(folder)
@@ -173,6 +210,7 @@ def evaluate(
     n_pairs: int = 150,
     batch_size: int = 16,
     n_merges: int = 0,
+    n_asks: int = 0,
 ) -> dict:
     """Describe, compare (and, with n_merges <= n_images, merge) scores of a loaded model on a fresh held-out set
     drawn under `folder`."""
@@ -216,5 +254,11 @@ def evaluate(
             desc="merge",
         )
         out.update(score_merges(merges, answers))
+    if n_asks:
+        asks = ask_cases(singles, seed, n_asks)
+        answers = generate(
+            model, processor, [([p], q) for p, _, _, q in asks], max_new_tokens=32, batch_size=batch_size, desc="ask"
+        )
+        out.update(score_asks(asks, answers))
     out["examples"] = [{"truth": truth_classes(t), "description": d} for (_, t), d in zip(singles[:5], texts[:5])]
     return out
