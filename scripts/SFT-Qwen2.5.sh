@@ -5,7 +5,7 @@
 #   DATASET=runs/cxrmax/sft.jsonl NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash scripts/SFT-Qwen2.5.sh
 #
 # DATASET is what `apo prepare-sft` writes; several files, separated by spaces, are mixed (ms-swift's --dataset takes
-# a list: e.g. rehearsal rows from `apo replay`, or a hub dataset with #N rows). The adapter of the last step is linked
+# a list: e.g. rehearsal rows from `apo replay`, or a hub dataset with #N rows; in a list, no path may hold a space). The adapter of the last step is linked
 # at $OUTPUT_DIR/last.
 # Anything in EXTRA_ARGS (or after the script name) goes to `swift sft` unchanged.
 set -euo pipefail
@@ -47,7 +47,8 @@ MAX_LOSS="${MAX_LOSS:-0}"  # fraction of rows the audit lets ms-swift drop
 if [ "$NPROC_PER_NODE" -gt 1 ]; then export NPROC_PER_NODE; else unset NPROC_PER_NODE; fi
 [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && export CUDA_VISIBLE_DEVICES
 
-read -ra DATASETS <<< "$DATASET"
+# one existing path (spaces and all) is one dataset; anything else is a space-separated list
+if [ -e "$DATASET" ]; then DATASETS=("$DATASET"); else read -ra DATASETS <<< "$DATASET"; fi
 args=(
   --model "$MODEL" --model_type qwen2_5_vl --template qwen2_5_vl --use_hf true --check_model false
   --dataset "${DATASETS[@]}" --output_dir "$OUTPUT_DIR" --add_version false

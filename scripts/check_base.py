@@ -33,6 +33,8 @@ def main() -> int:
         "--reuse", action="store_true", help="if --out already holds scores of these weights and settings, print them"
     )
     args = ap.parse_args()
+    if min(args.images, args.pairs, args.merges, args.asks) < 0:
+        ap.error("--images, --pairs, --merges and --asks must not be negative")
     from apo.world.pretrain import weights_digest
 
     key = {

@@ -598,8 +598,9 @@ def build_shared_base(args) -> None:
 
 
 def replay_rows(args) -> Path:
-    """The shared rehearsal rows' file: one folder per count triple, next to the shared base."""
-    return shared_base(args).parent / ("replay-" + "-".join(map(str, args.sft_replay))) / "replay.jsonl"
+    """The shared rehearsal rows' file: one folder per base and count triple, next to the shared base."""
+    base = shared_base(args)
+    return base.parent / (f"{base.name}-replay-" + "-".join(map(str, args.sft_replay))) / "replay.jsonl"
 
 
 def build_replay(args) -> None:

@@ -161,7 +161,7 @@ def test_report_only_never_overwrites_with_nothing(tmp_path):
 def test_sft_replay_needs_the_pretrained_base_and_its_rows_are_shared(tmp_path, capsys):
     exp = _experiment()
     args = exp.parse_args(["--base", "pretrained", "--sft-replay", "600", "300", "0", "--out", str(tmp_path)])
-    assert exp.replay_rows(args) == tmp_path.resolve() / "replay-600-300-0" / "replay.jsonl"
+    assert exp.replay_rows(args) == tmp_path.resolve() / "base-pretrained-replay-600-300-0" / "replay.jsonl"
     for argv, message in (
         (["--sft-replay", "1", "0", "0"], "needs --base pretrained"),
         (["--base", "pretrained", "--sft-replay", "1", "-1", "0"], "must not be negative"),

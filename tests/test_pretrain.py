@@ -220,7 +220,9 @@ def test_ask_task_changes_the_base_and_off_draws_nothing(tmp_path):
     a, b = _run(tmp_path / "a", n_ask=3), _run(tmp_path / "b", n_ask=3)
     off = _run(tmp_path / "off")
     assert a["weights_sha256"] == b["weights_sha256"] != off["weights_sha256"]
-    assert a["identity"]["n_ask"] == 3 and off["identity"]["n_ask"] == 0
+    # off, the task is not in the identity (bases cached before it existed are found) and draws no example
+    assert a["identity"]["n_ask"] == 3 and "n_ask" not in off["identity"]
+    assert not [e for e in pretrain.make_examples(0, 2, 1, workers=1, progress=False) if e["task"] == "ask"]
     with pytest.raises(ApoError, match="weights not negative"):
         _run(tmp_path / "n", n_ask=-1)
 
@@ -245,4 +247,7 @@ def test_ask_scores_read_yes_no_and_side():
         "There is pulmonary edema.",
     ]
     assert seeing.score_asks(cases, wrong) == {"ask_accuracy": 0.25, "ask_side_accuracy": 0.0, "n_asks": 4}
+    # an answer in another style is read by the labeler: a description that negates the asked finding says no
+    described = pretrain.describe(effusion)  # "Large left pleural effusion. Normal heart size. No pneumothorax, ..."
+    assert seeing.score_asks(cases[:2], [described, described])["ask_accuracy"] == 1.0
     assert len(seeing.ask_cases([("x.jpg", effusion)] * 3, 1000, 2)) == 2

@@ -2,6 +2,7 @@
 pretraining never drew, deterministic by the base's seed, reused on a rerun and refused in a foreign folder."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +32,8 @@ def test_rows_are_the_base_tasks_on_unseen_images_and_deterministic(tmp_path):
     assert [r["teacher"] for r in rows] == ["replay-describe"] * 2 + ["replay-compare", "replay-merge", "replay-ask"]
     for r in rows:  # ms-swift's row: one <image> tag per listed image, each an existing absolute path
         user, answer = r["messages"][0]["content"], r["messages"][1]["content"]
-        assert user.count("<image>") == len(r["images"]) and all(Image.open(p).size for p in r["images"])
+        assert user.count("<image>") == len(r["images"]) and all(Path(p).is_absolute() for p in r["images"])
+        assert all(Path(p).is_file() for p in r["images"])  # where the row says, after the rename
         assert answer
     # the first describe row is pretrain's own example at REPLAY_OFFSET, pixels and answer
     masks = pretrain.draw.usable_masks(pretrain.draw_masks(), pretrain._rng(3, pretrain.T_INIT, 0, 0))
@@ -54,6 +56,13 @@ def test_rerun_reuses_and_other_folders_and_bases_are_refused(tmp_path, capsys):
         replay.write_replay(tmp_path / "a", base, 2, 0, 0, workers=1)
     with pytest.raises(ApoError, match="one must be positive"):
         replay.write_replay(tmp_path / "z", base, 0, 0, 0)
+    (tmp_path / "b.partial" / "images").mkdir(parents=True)  # what an interrupted run leaves: redone, not refused
+    (tmp_path / "b.partial" / "images" / "junk.png").write_bytes(b"")
+    assert replay.write_replay(tmp_path / "b", base, 1, 0, 0, workers=1)["rows"] == 1
+    assert not (tmp_path / "b.partial").exists() and len(list((tmp_path / "b" / "images").iterdir())) == 1
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(ApoError, match="is a file"):
+        replay.write_replay(tmp_path / "f", base, 1, 0, 0, workers=1)
     (tmp_path / "plain").mkdir()
     assert main(["replay", "--base", str(tmp_path / "plain"), "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
@@ -61,3 +70,6 @@ def test_rerun_reuses_and_other_folders_and_bases_are_refused(tmp_path, capsys):
     (tmp_path / "plain" / "pretraining.json").write_text("{not json")
     assert main(["replay", "--base", str(tmp_path / "plain"), "--out", str(tmp_path / "c")]) == 2
     assert "unreadable" in capsys.readouterr().err
+    (tmp_path / "plain" / "pretraining.json").write_text('{"identity": []}')
+    assert main(["replay", "--base", str(tmp_path / "plain"), "--out", str(tmp_path / "c")]) == 2
+    assert "not a pretrained base" in capsys.readouterr().err

@@ -12,6 +12,8 @@ included, on instruction tasks in a neutral style that is none of the seven teac
             stable / worsening ("Small to large: worsening."; MS-CXR-T's five findings)
   merge     (when n_merge > 0) one image and 3-7 noisy descriptions of it, in the prompt `apo consensus --strategy
             model` writes -> the description they jointly support (the noise: MERGE_NOISE, generic, not a teacher's)
+  ask       (when n_ask > 0) one image and a question naming one finding -> the answer about that finding alone
+            ("No pneumothorax." / "Yes: small left pneumothorax.")
 
 It never sees a teacher's text, a CXR-MAX-style question or a benchmark image: images are drawn by the benchmark's
 renderer (`apo.world.synth.images`) from random streams keyed by lists of 5 or 6 integers, which `apo synth` (at most
@@ -257,8 +259,9 @@ def _merge_example(seed: int, i: int, masks: list) -> dict:
 
 
 # The ask task: a question naming one finding, answered about that finding alone. What an instruct model does with a
-# question's words (and a CXR-MAX question names its diagnosis): half the time the named finding is on the image
-# ("Yes: small left pleural effusion."), else it is not ("No pneumothorax."). Airspace opacity is answered with the
+# question's words (and a CXR-MAX question names its diagnosis): on an image with findings, half the time one of them
+# is asked ("Yes: small left pleural effusion."), else one it does not show ("No pneumothorax."); normal images are
+# always asked about an absent one, so about a third of the answers are yes. Airspace opacity is answered with the
 # name the question uses ("..., consistent with pneumonia"): the pixels show the same opacity for both.
 ASK_NAMES = {
     "Cardiomegaly": "cardiomegaly",
@@ -541,6 +544,9 @@ DEFAULTS = dict(
 )
 
 
+OPT_IN = ("n_ask",)  # settings added after bases were cached: when 0, left out of the identity
+
+
 def _batch_pairs(examples) -> list[tuple]:
     """(previous, current, finding, class) of each compare example, as indices into the batch's images."""
     pairs, first = [], 0
@@ -571,7 +577,8 @@ def identity(seed: int, **recipe) -> dict:
         "kind": "apo-pretrained-base",
         "recipe_version": RECIPE_VERSION,
         "seed": seed,
-        **{k: recipe.get(k, v) for k, v in DEFAULTS.items()},
+        # an opt-in task left off is not part of the identity: bases cached before it existed are still found
+        **{k: recipe.get(k, v) for k, v in DEFAULTS.items() if not (k in OPT_IN and not recipe.get(k, v))},
         "text": tiny.BASE_TEXT,
         "vision": tiny.BASE_VISION,
         "image_pixels": tiny.BASE_IMAGE_PIXELS,

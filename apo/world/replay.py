@@ -8,7 +8,8 @@ SFT on a narrow domain makes a model forget what it could do before; ms-swift us
 most of its skills through a LoRA on 24k images; the embedded tiny base does not: 600 SFT steps on the teachers'
 answers took its MS-CXR-T Top-1 to 0 (it answers in the teachers' words, which never name a change) and its merge
 skill back to an untaught base's (docs/seeing_base.md). Its "general data" are its own pretraining tasks, so these
-rows are those tasks in ms-swift's format: describe and compare, merge and ask when the base learned them. They are
+rows are those tasks in ms-swift's format: describe and compare (merge and ask rehearse only a base built with
+them; for another base they teach a new task). They are
 made by `apo.world.pretrain`'s own makers on indices from REPLAY_OFFSET up, which pretraining (indices below its
 example counts) never draws: same style, new images. Images are written losslessly (PNG) as the base saw them (its
 JPEG-roundtripped pixels), so a row is exactly a pretraining example it did not see.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from apo.errors import ApoError
@@ -50,12 +52,13 @@ def base_identity(base_dir: Path) -> dict:
         ident = json.loads(path.read_text(encoding="utf-8"))["identity"]
         if ident.get("kind") != "apo-pretrained-base":
             raise KeyError("kind")
+        int(ident["seed"])
         return ident
     except FileNotFoundError:
         raise ApoError(
             f"--base {base_dir}: no pretraining.json (not a base from `apo tiny-model --pretrain`)"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ApoError(f"--base {base_dir}: pretraining.json is unreadable or not a pretrained base's ({e})") from None
 
 
@@ -78,18 +81,24 @@ def write_replay(
     out, base_dir = Path(out_dir), Path(base_dir)
     ident = identity(base_identity(base_dir), n_describe, n_compare, n_merge, n_ask)
     rows_path, ident_path = out / "replay.jsonl", out / IDENTITY
+    if out.exists() and not out.is_dir():
+        raise ApoError(f"--out {out}: is a file, not a folder")
     if ident_path.exists() and rows_path.exists():
         try:
             same = json.loads(ident_path.read_text(encoding="utf-8")) == ident
         except (OSError, ValueError):
             same = False
         if same:
-            return {"rows": sum(1 for _ in rows_path.open(encoding="utf-8")), "path": str(rows_path), "reused": True}
+            with rows_path.open(encoding="utf-8") as f:
+                return {"rows": sum(1 for _ in f), "path": str(rows_path), "reused": True}
     if out.exists() and any(out.iterdir()):
         raise ApoError(
             f"--out {out}: not empty and holds no replay rows of this base and these counts; choose a new folder"
         )
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    # drawn into a sibling and renamed when whole: an interrupted run leaves no half folder under the real name
+    work = out.with_name(out.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "images").mkdir(parents=True)
 
     seed = ident["seed"]
     masks = draw.usable_masks(pretrain.draw_masks(), pretrain._rng(seed, pretrain.T_INIT, 0, 0))
@@ -101,14 +110,13 @@ def write_replay(
     else:
         examples = [pretrain._make(job) for job in jobs]
 
-    tmp = rows_path.with_name(rows_path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+    with open(work / rows_path.name, "w", encoding="utf-8") as f:
         for (task, _, i, _), ex in zip(jobs, examples):
             paths = []
             for k, pixels in enumerate(ex["images"]):
-                p = (out / "images" / f"{task}-{i}-{k}.png").resolve()
-                Image.fromarray(pixels).save(p)
-                paths.append(str(p))
+                name = f"{task}-{i}-{k}.png"
+                Image.fromarray(pixels).save(work / "images" / name)
+                paths.append(str((out / "images" / name).resolve()))  # where it lies once renamed
             row = {
                 "messages": [
                     {"role": "user", "content": swift_user_content(len(paths), ex["prompt"])},
@@ -119,8 +127,10 @@ def write_replay(
                 "teacher": f"replay-{task}",
             }
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, rows_path)
-    ident_path.write_text(json.dumps(ident, indent=1) + "\n", encoding="utf-8")  # written last: marks finished rows
+    (work / IDENTITY).write_text(json.dumps(ident, indent=1) + "\n", encoding="utf-8")
+    if out.exists():
+        out.rmdir()  # empty (checked above)
+    os.replace(work, out)
     return {"rows": len(jobs), "path": str(rows_path), "reused": False}
 
 

@@ -156,21 +156,23 @@ def ask_cases(singles: list, seed: int, n: int) -> list[tuple]:
 
 def score_asks(cases: list[tuple], answers: list[str]) -> dict:
     """ask_accuracy: the answer's yes/no is the truth's; ask_side_accuracy: over asked lateral findings that are on
-    the image and answered yes, the share with the true side. "Yes"/"No" is the answer's first word; a mention of
-    the finding without a leading "No" counts as yes (an answer in another style is still read)."""
-    from apo.world.pretrain import ASK_NAMES
-
+    the image and answered yes, the share whose side for that finding is the true one. An answer starting with the
+    word "yes" or "no" is read by it; any other answer (another style, a whole description) by the labeler: yes when
+    it reports the asked finding (for airspace opacity, consolidation, pneumonia or lung opacity) as present."""
     right = sides = side_ok = 0
     for (_, truth, obs, _), answer in zip(cases, answers):
         airspace = obs in ("Consolidation", "Pneumonia")
-        there = any(o in truth for o in ("Consolidation", "Pneumonia")) if airspace else obs in truth
-        words = answer.strip().lower()
-        said_yes = words.startswith("yes") or (not words.startswith("no") and ASK_NAMES[obs] in words)
+        asked = AIRSPACE if airspace else (obs,)
+        there = any(o in truth for o in asked)
+        first = re.match(r"\s*(yes|no)\b", answer, flags=re.IGNORECASE)
+        labels = label(answer)
+        said_yes = first.group(1).lower() == "yes" if first else any(labels.get(o) == 1 for o in asked)
         right += said_yes == there
-        found = next((o for o in truth if o in ("Consolidation", "Pneumonia")), obs) if airspace else obs
+        found = next((o for o in truth if o in asked), None)
         if there and said_yes and truth[found].get("side") in ("right", "left", "bilateral"):
             sides += 1
-            side_ok += set(laterality(answer).values()) == {truth[found]["side"]}
+            stated = {v for o, v in laterality(answer).items() if o in asked}
+            side_ok += stated == {truth[found]["side"]}
     return {
         "ask_accuracy": right / len(cases) if cases else None,
         "ask_side_accuracy": side_ok / sides if sides else None,
@@ -212,8 +214,8 @@ def evaluate(
     n_merges: int = 0,
     n_asks: int = 0,
 ) -> dict:
-    """Describe, compare (and, with n_merges <= n_images, merge) scores of a loaded model on a fresh held-out set
-    drawn under `folder`."""
+    """Describe, compare (and, with n_merges / n_asks <= n_images, merge and ask) scores of a loaded model on a fresh
+    held-out set drawn under `folder`."""
     from apo.consensus import consensus_prompt
     from apo.model.generation import generate
 
