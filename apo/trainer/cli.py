@@ -111,7 +111,19 @@ def run(args) -> int:
 
         write_budget(config.output_dir, config.pixels)  # eval and later stages check it
         print(summary(trainer.state.log_history, config.output_dir))
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """Every rank leaves the process group together once the output is written. Left to the interpreter's exit, a
+    finished two-process CPU run once aborted one rank in teardown ("terminate called without an active exception",
+    exit -6) after its last step; torch also warns when a group is not destroyed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def resume_point(config, resume_flag=False) -> str | None:
