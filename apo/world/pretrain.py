@@ -263,6 +263,7 @@ def _merge_example(seed: int, i: int, masks: list) -> dict:
 # is asked ("Yes: small left pleural effusion."), else one it does not show ("No pneumothorax."); normal images are
 # always asked about an absent one, so about a third of the answers are yes. Airspace opacity is answered with the
 # name the question uses ("..., consistent with pneumonia"): the pixels show the same opacity for both.
+AIRSPACE_OBS = ("Consolidation", "Pneumonia")  # drawn alike: one opacity, named as the question names it
 ASK_NAMES = {
     "Cardiomegaly": "cardiomegaly",
     "Edema": "pulmonary edema",
@@ -282,13 +283,13 @@ ASK_PROMPTS = (
 def ask_answer(truth: dict, obs: str) -> str:
     """The answer to "is there `obs`?" on an image with findings `truth`."""
     name = ASK_NAMES[obs]
-    airspace = [o for o in truth if o in ("Consolidation", "Pneumonia")]
-    found = airspace[0] if obs in ("Consolidation", "Pneumonia") and airspace else obs if obs in truth else None
+    airspace = [o for o in truth if o in AIRSPACE_OBS]
+    found = airspace[0] if obs in AIRSPACE_OBS and airspace else obs if obs in truth else None
     if found is None:
         return f"No {name}."
     phrase = describe({found: truth[found]}).split(". ")[0].rstrip(".")
     phrase = phrase[0].lower() + phrase[1:]
-    if found in ("Consolidation", "Pneumonia"):
+    if found in AIRSPACE_OBS:
         phrase += f", consistent with {name}"
     return f"Yes: {phrase}."
 
@@ -298,11 +299,11 @@ def ask_pick(truth: dict, r: np.random.Generator) -> str:
     present = [o for o in ASK_NAMES if o in truth]
     if present and r.random() < 0.5:
         obs = present[int(r.integers(len(present)))]
-        if obs in ("Consolidation", "Pneumonia"):
-            obs = ("Consolidation", "Pneumonia")[int(r.integers(2))]
+        if obs in AIRSPACE_OBS:
+            obs = AIRSPACE_OBS[int(r.integers(2))]
         return obs
-    airspace = any(o in truth for o in ("Consolidation", "Pneumonia"))
-    absent = [o for o in ASK_NAMES if o not in truth and not (airspace and o in ("Consolidation", "Pneumonia"))]
+    airspace = any(o in truth for o in AIRSPACE_OBS)
+    absent = [o for o in ASK_NAMES if o not in truth and not (airspace and o in AIRSPACE_OBS)]
     return absent[int(r.integers(len(absent)))]
 
 
@@ -339,8 +340,10 @@ def make_examples(
     progress: bool = True,
     n_merge: int = 0,
     n_ask: int = 0,
+    first: int = 0,
 ) -> list:
-    """Draw the pretraining set (in `workers` processes; the result does not depend on how many)."""
+    """Draw the pretraining set (in `workers` processes; the result does not depend on how many): each task's
+    examples at indices `first`, `first` + 1, ... of its stream (pretraining starts at 0; `apo replay` far above)."""
     from tqdm import tqdm
 
     masks = draw.usable_masks(draw_masks(), _rng(seed, T_INIT, 0, 0))
@@ -348,7 +351,7 @@ def make_examples(
     jobs = [
         (task, seed, i, masks)
         for task, n in (("describe", n_describe), ("compare", n_compare), ("merge", n_merge), ("ask", n_ask))
-        for i in range(n)
+        for i in range(first, first + n)
     ]
     bar = tqdm(
         total=len(jobs), desc="drawing pretraining images", file=sys.stderr, disable=not progress, dynamic_ncols=True

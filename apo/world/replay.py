@@ -67,13 +67,10 @@ def write_replay(
 ) -> dict:
     """Write `out_dir`/replay.jsonl (ms-swift rows) and its images; returns {"rows": n, "path": ..., "reused": bool}.
     A folder already holding rows with the same identity is reused; any other non-empty folder is refused."""
-    import multiprocessing as mp
-
     from PIL import Image
 
     from apo.model.chat import swift_user_content
     from apo.world import pretrain
-    from apo.world.synth import images as draw
 
     counts = {"describe": n_describe, "compare": n_compare, "merge": n_merge, "ask": n_ask}
     if min(counts.values()) < 0 or sum(counts.values()) == 0:
@@ -100,18 +97,14 @@ def write_replay(
     shutil.rmtree(work, ignore_errors=True)
     (work / "images").mkdir(parents=True)
 
-    seed = ident["seed"]
-    masks = draw.usable_masks(pretrain.draw_masks(), pretrain._rng(seed, pretrain.T_INIT, 0, 0))
-    jobs = [(task, seed, i, masks) for task, n in counts.items() for i in range(REPLAY_OFFSET, REPLAY_OFFSET + n)]
-    pretrain.sentence_bank()  # filled before forking, as pretraining does
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            examples = list(pool.imap(pretrain._make, jobs, chunksize=16))
-    else:
-        examples = [pretrain._make(job) for job in jobs]
+    examples = pretrain.make_examples(
+        ident["seed"], n_describe, n_compare, workers, False, n_merge, n_ask, first=REPLAY_OFFSET
+    )
+    indices = [i for n in counts.values() for i in range(REPLAY_OFFSET, REPLAY_OFFSET + n)]  # make_examples' order
 
     with open(work / rows_path.name, "w", encoding="utf-8") as f:
-        for (task, _, i, _), ex in zip(jobs, examples):
+        for i, ex in zip(indices, examples):
+            task = ex["task"]
             paths = []
             for k, pixels in enumerate(ex["images"]):
                 name = f"{task}-{i}-{k}.png"
@@ -131,7 +124,7 @@ def write_replay(
     if out.exists():
         out.rmdir()  # empty (checked above)
     os.replace(work, out)
-    return {"rows": len(jobs), "path": str(rows_path), "reused": False}
+    return {"rows": len(examples), "path": str(rows_path), "reused": False}
 
 
 def add_arguments(p) -> None:

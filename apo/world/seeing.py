@@ -159,14 +159,14 @@ def score_asks(cases: list[tuple], answers: list[str]) -> dict:
     the image and answered yes, the share whose side for that finding is the true one. An answer starting with the
     word "yes" or "no" is read by it; any other answer (another style, a whole description) by the labeler: yes when
     it reports the asked finding (for airspace opacity, consolidation, pneumonia or lung opacity) as present."""
+    from apo.world.pretrain import AIRSPACE_OBS
+
     right = sides = side_ok = 0
     for (_, truth, obs, _), answer in zip(cases, answers):
-        airspace = obs in ("Consolidation", "Pneumonia")
-        asked = AIRSPACE if airspace else (obs,)
+        asked = AIRSPACE if obs in AIRSPACE_OBS else (obs,)
         there = any(o in truth for o in asked)
         first = re.match(r"\s*(yes|no)\b", answer, flags=re.IGNORECASE)
-        labels = label(answer)
-        said_yes = first.group(1).lower() == "yes" if first else any(labels.get(o) == 1 for o in asked)
+        said_yes = first.group(1).lower() == "yes" if first else any(label(answer).get(o) == 1 for o in asked)
         right += said_yes == there
         found = next((o for o in truth if o in asked), None)
         if there and said_yes and truth[found].get("side") in ("right", "left", "bilateral"):
