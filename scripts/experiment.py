@@ -42,8 +42,22 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ARMS = ("base", "sft", "dpo", "apo", "pairwise")
-PAIRS = (("apo", "sft"), ("apo", "dpo"), ("dpo", "sft"), ("apo", "pairwise"), ("sft", "base"))
+# APO trained on other positives than the vote (issue 14: does the paper's "compare" stage matter?): arm -> strategy
+POSITIVE_ARMS = {"apo_self_vote": "self-vote", "apo_model": "model"}
+ARMS = ("base", "sft", "dpo", "apo", "pairwise", *POSITIVE_ARMS)
+PAIRS = (
+    ("apo", "sft"),
+    ("apo", "dpo"),
+    ("dpo", "sft"),
+    ("apo", "pairwise"),
+    ("sft", "base"),
+    ("apo_self_vote", "apo"),
+    ("apo_model", "apo"),
+    ("apo_self_vote", "sft"),
+    ("apo_model", "sft"),
+)
+# how the tables name an arm ("-" separates the two arms of a pair key, so arm names use "_")
+ARM_LABELS = {"apo_self_vote": "APO (self-vote t⁺)", "apo_model": "APO (model t⁺)"}
 # (key in metrics.json, label, better direction) of the table; drift-sensitive first.
 METRICS = (
     ("drift.f1", "labeler F1", +1),
@@ -76,7 +90,8 @@ def parse_args(argv=None):
         default=["sft", "dpo", "apo", "pairwise"],
         choices=ARMS,
         help="students evaluated (sft, dpo, apo always trained; pairwise = apo train --loss dpo, our\n"
-        "trainer with DPO's loss on the same groups: separates the objective from the implementation)",
+        "trainer with DPO's loss on the same groups: separates the objective from the implementation;\n"
+        "apo_self_vote / apo_model = APO on pi_st's self-vote / in-context consensus t+ instead of the vote)",
     )
     p.add_argument(
         "--jobs",
@@ -130,6 +145,18 @@ def parse_args(argv=None):
     g.add_argument("--epochs", type=float, default=1.0, help="epochs over the groups / pairs (same for both)")
     g.add_argument("--groups-per-step", type=int, default=2)
     g.add_argument("--pref-lora", type=int, nargs=2, default=[8, 32], metavar=("R", "ALPHA"))
+    g.add_argument(
+        "--self-vote-samples",
+        type=int,
+        default=4,
+        help="apo_self_vote: pi_st's samples per training case (temperature 1, seeded by the seed)",
+    )
+    g.add_argument(
+        "--consensus-max-length",
+        type=int,
+        default=2048,
+        help="apo_model: token budget of pi_st's consensus prompt (image + question + every trajectory + answer)",
+    )
     g = p.add_argument_group("evaluation")
     g.add_argument("--max-new-tokens", type=int, default=160)
     g.add_argument(
@@ -375,22 +402,23 @@ class Seed:
             "false",
         ]
         apo_dir = d / "apo"
-        self.stage(
-            "apo",
-            [apo_dir],
-            ["bash", ROOT / "scripts" / "APO-Qwen2.5.sh", *common],
-            after=["sft"],
-            env=dict(
+
+        def apo_stage(name: str, strategy: str, **extra):
+            """Consensus (`strategy`) -> groups -> APO training in d/name, with the shared settings above."""
+            env = dict(
                 MODEL=pi_st,
                 SFT_ADAPTER="",
                 DATASET=train,
-                WORK_DIR=apo_dir,
-                STRATEGY="vote",
+                WORK_DIR=d / name,
+                STRATEGY=strategy,
                 NEGATIVES=a.negatives,
                 DEEPSPEED="",
                 CONFIG=ROOT / "configs" / "apo" / "demo.yaml",
-            ),
-        )
+                **extra,
+            )
+            self.stage(name, [d / name], ["bash", ROOT / "scripts" / "APO-Qwen2.5.sh", *common], after=["sft"], env=env)
+
+        apo_stage("apo", "vote")
         stats = json.loads((apo_dir / "groups.jsonl.stats.json").read_text())
         groups, negs = stats["groups"], stats["negatives"]
         pairs_per_step = max(1, round(a.groups_per_step * negs / groups))
@@ -448,12 +476,44 @@ class Seed:
                 ],
                 after=["apo"],
             )
+        positives = {"vote": apo_dir / "consensus.jsonl"}
+        for arm, strategy in POSITIVE_ARMS.items():
+            if arm not in a.arms:
+                continue
+            # the same preference stage as "apo" (settings, budget, seed); only t+ differs
+            apo_stage(
+                arm,
+                strategy,
+                SELF_VOTE_SAMPLES=a.self_vote_samples,
+                SELF_VOTE_SEED=s,
+                CONSENSUS_MAX_NEW_TOKENS=a.max_new_tokens,
+                CONSENSUS_MAX_LENGTH=a.consensus_max_length,
+                CONSENSUS_BATCH=16,
+            )
+            positives[strategy] = d / arm / "consensus.jsonl"
+        if len(positives) > 1:  # each t+ scored against the truth on the training cases
+            self.stage(
+                "positives",
+                [d / "positives.json"],
+                [
+                    sys.executable,
+                    ROOT / "scripts" / "consensus_quality.py",
+                    "--dataset",
+                    train,
+                    "--out",
+                    d / "positives.json",
+                    "--consensus",
+                    *[f"{k}={v}" for k, v in positives.items()],
+                ],
+                after=["apo", *[arm for arm in POSITIVE_ARMS if arm in a.arms]],
+            )
         models = {
             "base": (base, None),
             "sft": (pi_st, None),
             "dpo": (pi_st, d / "dpo" / "last"),
             "apo": (pi_st, apo_dir / "model"),
             "pairwise": (pi_st, d / "pairwise"),
+            **{arm: (pi_st, d / arm / "model") for arm in POSITIVE_ARMS},
         }
         for arm in a.arms:
             model, adapter = models[arm]
@@ -525,6 +585,11 @@ class Seed:
         }
         if (d / "pairwise" / "trainer_state.json").is_file():
             out["curves"]["pairwise"] = curve(d / "pairwise" / "trainer_state.json")
+        for arm in POSITIVE_ARMS:
+            if (d / arm / "model" / "trainer_state.json").is_file():
+                out["curves"][arm] = curve(d / arm / "model" / "trainer_state.json")
+        if (d / "positives.json").is_file():
+            out["positives"] = json.loads((d / "positives.json").read_text())
         st = d / "apo" / "groups.jsonl.stats.json"
         if groups is None and st.is_file():
             s = json.loads(st.read_text())
@@ -742,6 +807,21 @@ def aggregate(per_seed: list[dict], arms, n_boot: int = 2000) -> dict:
             wins = sum((x * better) > 0 for x in diffs) if better else None
             agg["paired"][f"{a}-{b}"][key] = {"mean": m, "std": sd, "diffs": diffs, "wins": wins, "n": len(diffs)}
     agg["bootstrap"] = bootstrap_pairs(per_seed, arms, n_boot)
+    pos = [s["positives"] for s in per_seed if s.get("positives")]
+    if pos:
+        strategies = [k for k in pos[0] if isinstance(pos[0][k], dict)]
+        agg["positives"] = {
+            "strategies": {
+                name: {
+                    k: mean_std([p[name].get(k) for p in pos if name in p])[0]
+                    for k, v in pos[0][name].items()
+                    if isinstance(v, (int, float))
+                }
+                for name in strategies
+            },
+            "best_teacher_exact": mean_std([p.get("best_teacher_exact") for p in pos])[0],
+            "n_seeds": len(pos),
+        }
     names = sorted({t for s in per_seed for t in s["teachers"]})
     for t in names:
         rows = [s["teachers"][t] for s in per_seed if t in s["teachers"]]
@@ -769,11 +849,28 @@ def main_table(agg, arms, base: str = "random") -> str:
         "dpo": "SFT + DPO (ms-swift)",
         "apo": "SFT + APO",
         "pairwise": "SFT + pairwise loss (apo train --loss dpo)",
+        **{arm: f"SFT + {label}" for arm, label in ARM_LABELS.items()},
     }
     for arm in arms:
         a = agg["arms"][arm]
         lines.append(f"| {names[arm]} | " + " | ".join(fmt(a[k]["mean"], a[k]["std"]) for k, _, _ in METRICS) + " |")
     return "\n".join(lines)
+
+
+def pair_label(pair: str) -> str:
+    """A pair key as the tables print it: "apo_model-apo" -> "APO (model t⁺) − APO"."""
+    return " − ".join(ARM_LABELS.get(arm, arm.upper()) for arm in pair.split("-"))
+
+
+def positives_table(agg) -> str:
+    """Each strategy's t+ against the truth on the training cases, mean over seeds."""
+    pos = agg.get("positives") or {}
+    keys = ("exact", "exact_findings", "f1", "hallucination", "omission", "wrong_side", "refusal")
+    lines = ["| t⁺ strategy | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, row in pos.get("strategies", {}).items():
+        lines.append(f"| {name} | " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
+    best = pos.get("best_teacher_exact")
+    return "\n".join(lines) + (f"\n\nBest single teacher's exact on the same cases: {fmt(best)}." if best else "")
 
 
 def paired_table(agg) -> str:
@@ -786,7 +883,7 @@ def paired_table(agg) -> str:
             if better and r["n"] and any(r["diffs"]):
                 cell += f" ({r['wins']}/{r['n']})"
             cells.append(cell)
-        lines.append(f"| {pair.replace('-', ' − ').upper()} | " + " | ".join(cells) + " |")
+        lines.append(f"| {pair_label(pair)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -813,7 +910,7 @@ def bootstrap_table(agg, mode: str) -> str:
                 continue
             star = "**" if x["low"] > 0 or x["high"] < 0 else ""  # the interval excludes 0
             cells.append(f"{star}{x['diff']:+.3f}{star} [{x['low']:+.3f}, {x['high']:+.3f}]")
-        lines.append(f"| {pair.replace('-', ' − ').upper()} | " + " | ".join(cells) + " |")
+        lines.append(f"| {pair_label(pair)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
         "\n\nBold: the 95 % interval excludes 0 (one interval per cell, no correction for the many cells: read a"
         " pattern across rates and modes, not a single bold number). Resampling seeds and then cases is the"
@@ -965,6 +1062,12 @@ resamples the seeds, then the cases of each drawn seed, and scores both students
         + bootstrap_table(agg, "sampled")
         + chr(10)
         if agg.get("bootstrap", {}).get("sampled")
+        else ""
+    }
+{
+        "The positives t⁺ of the APO arms, scored against the truth on each seed's training cases"
+        " (`scripts/consensus_quality.py`), mean over seeds:" + chr(10) * 2 + positives_table(agg) + chr(10)
+        if agg.get("positives")
         else ""
     }
 The teachers (and the vote consensus, APO's t⁺) scored the same way on the same test splits, mean over seeds:

@@ -169,3 +169,31 @@ def test_sft_replay_needs_the_pretrained_base_and_its_rows_are_shared(tmp_path, 
         with pytest.raises(SystemExit) as e:
             exp.parse_args(argv)
         assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_positive_strategy_arms_are_paired_and_their_positives_averaged():
+    """Issue 14: APO on the self-vote / model t+ is compared with APO on the vote (and SFT), and each t+'s quality
+    against the truth is averaged over seeds into the report."""
+    exp = _experiment()
+    args = exp.parse_args(["--arms", "sft", "apo", "apo_model", "apo_self_vote", "--self-vote-samples", "3"])
+    assert args.self_vote_samples == 3 and args.consensus_max_length == 2048
+
+    def seed(f1_apo, f1_model, exact_model):
+        arms = {arm: {"drift.f1": f1} for arm, f1 in (("sft", 0.5), ("apo", f1_apo), ("apo_model", f1_model))}
+        positives = {
+            "best_teacher_exact": 0.6,
+            "vote": {"exact": 0.9, "hallucination": 0.0},
+            "model": {"exact": exact_model, "hallucination": 0.4},
+        }
+        return {"arms": arms, "teachers": {}, "positives": positives}
+
+    agg = exp.aggregate([seed(0.6, 0.4, 0.1), seed(0.7, 0.6, 0.3)], ["sft", "apo", "apo_model"], n_boot=10)
+    diff = agg["paired"]["apo_model-apo"]["drift.f1"]
+    assert diff["diffs"] == pytest.approx([-0.2, -0.1]) and diff["wins"] == 0
+    assert "apo_self_vote-apo" not in agg["paired"]  # an arm not run is not paired
+    assert agg["positives"]["strategies"]["model"]["exact"] == pytest.approx(0.2)
+    assert agg["positives"]["best_teacher_exact"] == pytest.approx(0.6)
+    table = exp.positives_table(agg)
+    assert "| model | 0.200 |" in table and "Best single teacher's exact on the same cases: 0.600" in table
+    assert "| APO (model t⁺) − APO |" in exp.paired_table(agg)
+    assert "SFT + APO (model t⁺)" in exp.main_table(agg, ["apo_model"])
