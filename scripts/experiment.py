@@ -603,6 +603,11 @@ class Seed:
             "apo_steps": out["curves"]["apo"].get("steps"),
             "dpo_steps": out["curves"]["dpo"].get("steps"),
         }
+        for arm in POSITIVE_ARMS:  # their own groups, from their own t+ (no negative is the t+ teacher's)
+            st = d / arm / "groups.jsonl.stats.json"
+            if st.is_file():
+                s = json.loads(st.read_text())
+                out["budget"][arm] = {"groups": s["groups"], "comparisons": s["negatives"]}
         return out
 
 
@@ -987,6 +992,16 @@ def lr_note(args) -> str:
     return f"each arm its own, chosen on the development seed (APO {apo:g}, DPO {dpo:g}, pairwise {pairwise:g})"
 
 
+def positives_note(args) -> str:
+    """How the positive-strategy arms' t+ were written (empty when none ran)."""
+    parts = []
+    if "apo_self_vote" in args.arms:
+        parts.append(f"apo_self_vote: `--strategy self-vote`, {args.self_vote_samples} samples of π_st per case at T 1")
+    if "apo_model" in args.arms:
+        parts.append(f"apo_model: `--strategy model`, π_st reads the answers in {args.consensus_max_length} tokens")
+    return f" ({'; '.join(parts)}; same settings and budget)" if parts else ""
+
+
 def shown(path) -> str:
     """A path as the report prints it: relative to the repository when inside it."""
     p = Path(path).resolve()
@@ -1086,7 +1101,14 @@ vote consensus, the groups {{t⁺, teacher negatives}} (APO) and one pairwise ro
     }. Why this budget: it is the
 paper's (1 epoch of the preference data) and it isolates the objective: Plackett-Luce over the group vs independent
 pairs on identical comparisons. It does not equalise compute: DPO re-encodes t⁺ once per pair (2 sequences per
-comparison), APO once per group (1 + ~1/N); wall times are below.
+comparison), APO once per group (1 + ~1/N); wall times are below.{
+        "".join(
+            f" {ARM_LABELS[arm]} builds its own groups from its t⁺ with the same settings and steps per group: "
+            f"{b0[arm]['groups']} groups, {b0[arm]['comparisons']} comparisons on seed {per_seed[0]['seed']}."
+            for arm in POSITIVE_ARMS
+            if arm in b0
+        )
+    }
 
 ## Settings ({
         f"frozen in `{shown(args.config)}` before the evaluation seeds ran; chosen on the "
@@ -1104,7 +1126,9 @@ Fixed: synthetic benchmark `apo synth` (7 teachers, default drift profiles); tin
 SFT through `scripts/SFT-Qwen2.5.sh` (ms-swift, LoRA r/α {args.sft_lora[0]}/{
         args.sft_lora[1]
     } + embed_tokens and lm_head
-trained in full, max length 1024, warmup 5 %, cosine); consensus `--strategy vote`; APO through `scripts/APO-Qwen2.5.sh`
+trained in full, max length 1024, warmup 5 %, cosine); consensus `--strategy vote`{
+        positives_note(args)
+    }; APO through `scripts/APO-Qwen2.5.sh`
 with `configs/apo/demo.yaml` and the overrides above (cosine, 5 % warmup, LoRA dropout 0.05); DPO through
 `scripts/DPO-Qwen2.5.sh` (ms-swift `rlhf_type dpo`, sigmoid loss{
         ", rpo_alpha = sft-weight" if args.sft_weight else ""
