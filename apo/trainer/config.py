@@ -115,7 +115,11 @@ class APOConfig(TrainingArguments):
     )
     beta: float = field(default=0.1, metadata={"help": "Reward scale: r = beta * (log pi - log pi_ref)."})
     sft_weight: float = field(
-        default=0.0, metadata={"help": "Weight of an extra NLL term on the positive (token mean); 0 = pure APO."}
+        default=0.0,
+        metadata={
+            "help": "Weight of an extra NLL term on the positive (token mean over the positives of each process's "
+            "batch, as TRL's rpo_alpha: with several processes, each process's mean counts equally); 0 = pure APO."
+        },
     )
     # --- LoRA ---
     use_lora: bool = field(default=True, metadata={"help": "Train a LoRA adapter (PEFT); false = full fine-tuning."})
