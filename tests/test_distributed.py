@@ -16,6 +16,7 @@ from trainer_helpers import make_groups
 from apo.trainer import cli
 
 ROOT = Path(__file__).resolve().parents[1]
+TEACHERS = ("GPT-5-nano", "Grok-4")
 
 
 def _overrides(tiny_model_dir, groups_file, out, per_device):
@@ -46,39 +47,30 @@ def _history(out):
     return [h for h in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in h]
 
 
-@pytest.fixture(scope="module")
-def single(tiny_model_dir, tmp_path_factory):
-    """The reference: one process, 4 groups per step."""
-    tmp = tmp_path_factory.mktemp("dist")
+def _single(tiny_model_dir, tmp, extra=(), longer_positives=False):
     groups_file = make_groups(tmp / "g", n_groups=8, n_negatives=(3, 1, 2, 3))
+    if longer_positives:  # group i's positive gains i sentences: the two processes see different token counts
+        groups = [json.loads(line) for line in groups_file.read_text().splitlines()]
+        for i, g in enumerate(groups):
+            g["positive"] += " The heart size is normal." * i
+        groups_file.write_text("".join(json.dumps(g) + "\n" for g in groups))
     out = tmp / "single"
     args = argparse.Namespace(
         config="configs/apo/demo.yaml",
         help_config=False,
-        rest=_overrides(tiny_model_dir, groups_file, out, per_device=4),
+        rest=_overrides(tiny_model_dir, groups_file, out, per_device=4) + list(extra),
     )
     assert cli.run(args) == 0
     return groups_file, out
 
 
-@pytest.mark.parametrize(
-    "launcher",
-    [
-        "ddp",
-        pytest.param("zero2", marks=pytest.mark.slow),
-        pytest.param("zero3", marks=pytest.mark.slow),
-        # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's
-        # rule)
-        pytest.param("ddp+ckpt", marks=pytest.mark.slow),
-        pytest.param("zero3+ckpt", marks=pytest.mark.slow),
-    ],
-)
-def test_two_processes_match_one(tiny_model_dir, single, tmp_path, launcher):
-    groups_file, single_out = single
-    out = tmp_path / launcher
-    launcher, _, ckpt = launcher.partition("+")
-    extra = [] if launcher == "ddp" else ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{launcher}.json")]
-    extra += ["--gradient_checkpointing", "true"] if ckpt else []  # no LoRA dropout: the same numbers
+@pytest.fixture(scope="module")
+def single(tiny_model_dir, tmp_path_factory):
+    """The reference: one process, 4 groups per step."""
+    return _single(tiny_model_dir, tmp_path_factory.mktemp("dist"))
+
+
+def _two_processes(tiny_model_dir, groups_file, out, extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", HF_HUB_OFFLINE="1")
     cmd = [
         sys.executable,
@@ -99,15 +91,48 @@ def test_two_processes_match_one(tiny_model_dir, single, tmp_path, launcher):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert proc.stdout.count("apo train: loss") == 1  # the summary comes from process 0 only
 
+
+def _same_run(single_out, out, keys=()):
+    """Same losses, gradient norms, metrics (reduced as (sum, count), not a mean of means) and trained adapter."""
     one, two = _history(single_out), _history(out)
     assert [h["step"] for h in two] == [1, 2]
     for a, b in zip(one, two):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # the averaged gradient
-    # metrics are (sum, count) reduced over both processes, not a mean of means
-    for k in ("rewards/margins", "rewards/negatives", "rewards/teacher/GPT-5-nano", "rewards/teacher/Grok-4"):
+    for k in keys:
         assert two[1][k] == pytest.approx(one[1][k], rel=1e-4, abs=1e-6), k
     w1, w2 = load_file(single_out / "adapter_model.safetensors"), load_file(out / "adapter_model.safetensors")
     assert w1.keys() == w2.keys()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5), k
+
+
+@pytest.mark.parametrize(
+    "launcher",
+    [
+        "ddp",
+        pytest.param("zero2", marks=pytest.mark.slow),
+        pytest.param("zero3", marks=pytest.mark.slow),
+        # gradient checkpointing: non-reentrant under DDP, reentrant under DeepSpeed (APOConfig's default, ms-swift's
+        # rule)
+        pytest.param("ddp+ckpt", marks=pytest.mark.slow),
+        pytest.param("zero3+ckpt", marks=pytest.mark.slow),
+    ],
+)
+def test_two_processes_match_one(tiny_model_dir, single, tmp_path, launcher):
+    groups_file, single_out = single
+    out = tmp_path / launcher
+    launcher, _, ckpt = launcher.partition("+")
+    extra = [] if launcher == "ddp" else ["--deepspeed", str(ROOT / "configs" / "deepspeed" / f"{launcher}.json")]
+    extra += ["--gradient_checkpointing", "true"] if ckpt else []  # no LoRA dropout: the same numbers
+    _two_processes(tiny_model_dir, groups_file, out, extra)
+    _same_run(single_out, out, ("rewards/margins", "rewards/negatives", *(f"rewards/teacher/{t}" for t in TEACHERS)))
+
+
+def test_two_processes_match_one_with_the_nll_term(tiny_model_dir, tmp_path):
+    """--sft_weight: the NLL is a token mean over every process's positives (the groups' positives differ in length,
+    so a mean of per-process means would not be one process's update)."""
+    groups_file, single_out = _single(tiny_model_dir, tmp_path / "one", ["--sft_weight", "1.0"], longer_positives=True)
+    out = tmp_path / "two"
+    _two_processes(tiny_model_dir, groups_file, out, ["--sft_weight", "1.0"])
+    _same_run(single_out, out, ("nll/positive", "rewards/margins"))

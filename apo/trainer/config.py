@@ -117,8 +117,8 @@ class APOConfig(TrainingArguments):
     sft_weight: float = field(
         default=0.0,
         metadata={
-            "help": "Weight of an extra NLL term on the positive (token mean over the positives of each process's "
-            "batch, as TRL's rpo_alpha: with several processes, each process's mean counts equally); 0 = pure APO."
+            "help": "Weight of an extra NLL term on the positive (token mean over the positives of the step's "
+            "micro-batch on every process together); 0 = pure APO."
         },
     )
     # --- LoRA ---

@@ -335,7 +335,18 @@ class APOTrainer(Trainer):
         """Every group of this batch was dropped for length: a zero loss that still runs a forward, so
         DDP/DeepSpeed see the same collective calls on every process."""
         ids = torch.full((1, 1), self.data_collator.pad_id, dtype=torch.long, device=self.args.device)
+        if self.args.sft_weight:  # the other processes count their positive tokens: join with none
+            self._positive_tokens_everywhere(torch.zeros((), device=self.args.device))
         return model(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.sum() * 0.0
+
+    def _positive_tokens_everywhere(self, n):
+        """(positive tokens of this micro-batch summed over every process, number of processes). The NLL term divides
+        by it and DDP/DeepSpeed average the gradients over processes, so several processes make one process's update
+        on the same global batch: a token mean over all the positives, not a mean of per-process means."""
+        world = self.accelerator.num_processes
+        if world == 1:
+            return n, 1
+        return self.accelerator.reduce(n.detach().float(), reduction="sum"), world
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.n_rows(inputs) == 0:
@@ -348,7 +359,8 @@ class APOTrainer(Trainer):
         loss, metrics = self.loss_fn(policy_g, ref_g, self.args.beta, valid)
         if self.args.sft_weight:
             pos = ci == 0
-            nll = -policy[pos].sum() / n_tokens[pos].sum().clamp(min=1)
+            total, world = self._positive_tokens_everywhere(n_tokens[pos].sum())
+            nll = -policy[pos].sum() * world / total.clamp(min=1)
             loss = loss + self.args.sft_weight * nll
             metrics["nll/positive"] = nll.detach()
         if model.training:
