@@ -15,6 +15,8 @@ Per seed S (everything is a function of S: data, tiny model, every trainer), und
   apo/       scripts/APO-Qwen2.5.sh             vote consensus -> groups + pairwise rows -> apo train (PL loss)
   dpo/       scripts/DPO-Qwen2.5.sh             ms-swift DPO on the pairwise rows of the same groups
   pairwise/  apo train --loss dpo               (optional arm) our trainer with DPO's pairwise loss
+  apo_self_vote/, apo_model/                    (optional arms) APO on pi_st's self-vote / in-context t+ instead
+                                                of the vote; positives.json scores each t+ against the truth
   eval/ARM/  apo eval-report                    greedy generation on the test split, labeler metrics vs truth
   teachers/  apo consensus + apo drift          the teachers (and the vote) on the same test split, for reference
 Budget: one epoch over the same preference data and the same number of optimizer steps. APO sees 2 groups
@@ -480,23 +482,21 @@ class Seed:
         for arm, strategy in POSITIVE_ARMS.items():
             if arm not in a.arms:
                 continue
-            # the same preference stage as "apo" (settings, budget, seed); only t+ differs
-            apo_stage(
-                arm,
-                strategy,
-                SELF_VOTE_SAMPLES=a.self_vote_samples,
-                SELF_VOTE_SEED=s,
-                CONSENSUS_MAX_NEW_TOKENS=a.max_new_tokens,
-                CONSENSUS_MAX_LENGTH=a.consensus_max_length,
-                CONSENSUS_BATCH=16,
+            # the same preference stage as "apo" (settings, groups per step, epochs, seed); only t+ differs. Each
+            # strategy gets only the settings it reads, so changing one does not redo the other.
+            own = (
+                dict(SELF_VOTE_SAMPLES=a.self_vote_samples, SELF_VOTE_SEED=s)
+                if strategy == "self-vote"
+                else dict(CONSENSUS_MAX_LENGTH=a.consensus_max_length)
             )
+            apo_stage(arm, strategy, CONSENSUS_MAX_NEW_TOKENS=a.max_new_tokens, CONSENSUS_BATCH=16, **own)
             positives[strategy] = d / arm / "consensus.jsonl"
         if len(positives) > 1:  # each t+ scored against the truth on the training cases
             self.stage(
                 "positives",
                 [d / "positives.json"],
                 [
-                    sys.executable,
+                    "python",  # the project's venv (run_env puts it first on PATH), like every other stage
                     ROOT / "scripts" / "consensus_quality.py",
                     "--dataset",
                     train,
@@ -585,10 +585,11 @@ class Seed:
         }
         if (d / "pairwise" / "trainer_state.json").is_file():
             out["curves"]["pairwise"] = curve(d / "pairwise" / "trainer_state.json")
-        for arm in POSITIVE_ARMS:
+        positive_arms = [arm for arm in POSITIVE_ARMS if arm in self.args.arms]  # never an earlier run's leftovers
+        for arm in positive_arms:
             if (d / arm / "model" / "trainer_state.json").is_file():
                 out["curves"][arm] = curve(d / arm / "model" / "trainer_state.json")
-        if (d / "positives.json").is_file():
+        if positive_arms and (d / "positives.json").is_file():
             out["positives"] = json.loads((d / "positives.json").read_text())
         st = d / "apo" / "groups.jsonl.stats.json"
         if groups is None and st.is_file():
@@ -603,7 +604,7 @@ class Seed:
             "apo_steps": out["curves"]["apo"].get("steps"),
             "dpo_steps": out["curves"]["dpo"].get("steps"),
         }
-        for arm in POSITIVE_ARMS:  # their own groups, from their own t+ (no negative is the t+ teacher's)
+        for arm in positive_arms:  # their own groups, from their own t+ (no negative is the t+ teacher's)
             st = d / arm / "groups.jsonl.stats.json"
             if st.is_file():
                 s = json.loads(st.read_text())
@@ -814,13 +815,14 @@ def aggregate(per_seed: list[dict], arms, n_boot: int = 2000) -> dict:
     agg["bootstrap"] = bootstrap_pairs(per_seed, arms, n_boot)
     pos = [s["positives"] for s in per_seed if s.get("positives")]
     if pos:
-        strategies = [k for k in pos[0] if isinstance(pos[0][k], dict)]
+        strategies = sorted({k for p in pos for k, v in p.items() if isinstance(v, dict)})
         agg["positives"] = {
             "strategies": {
                 name: {
                     k: mean_std([p[name].get(k) for p in pos if name in p])[0]
-                    for k, v in pos[0][name].items()
-                    if isinstance(v, (int, float))
+                    for k in sorted(
+                        {k for p in pos if name in p for k, v in p[name].items() if isinstance(v, (int, float))}
+                    )
                 }
                 for name in strategies
             },
@@ -875,7 +877,9 @@ def positives_table(agg) -> str:
     for name, row in pos.get("strategies", {}).items():
         lines.append(f"| {name} | " + " | ".join(fmt(row.get(k)) for k in keys) + " |")
     best = pos.get("best_teacher_exact")
-    return "\n".join(lines) + (f"\n\nBest single teacher's exact on the same cases: {fmt(best)}." if best else "")
+    return "\n".join(lines) + (
+        f"\n\nMean over {pos.get('n_seeds')} seeds. Best single teacher's exact on the same cases: {fmt(best)}."
+    )
 
 
 def paired_table(agg) -> str:
@@ -999,7 +1003,7 @@ def positives_note(args) -> str:
         parts.append(f"apo_self_vote: `--strategy self-vote`, {args.self_vote_samples} samples of π_st per case at T 1")
     if "apo_model" in args.arms:
         parts.append(f"apo_model: `--strategy model`, π_st reads the answers in {args.consensus_max_length} tokens")
-    return f" ({'; '.join(parts)}; same settings and budget)" if parts else ""
+    return f" ({'; '.join(parts)}; same settings, groups per step and epochs)" if parts else ""
 
 
 def shown(path) -> str:
@@ -1103,8 +1107,9 @@ paper's (1 epoch of the preference data) and it isolates the objective: Plackett
 pairs on identical comparisons. It does not equalise compute: DPO re-encodes t⁺ once per pair (2 sequences per
 comparison), APO once per group (1 + ~1/N); wall times are below.{
         "".join(
-            f" {ARM_LABELS[arm]} builds its own groups from its t⁺ with the same settings and steps per group: "
-            f"{b0[arm]['groups']} groups, {b0[arm]['comparisons']} comparisons on seed {per_seed[0]['seed']}."
+            f" {ARM_LABELS[arm]} builds its own groups from its t⁺ with the same settings, groups per step and epochs"
+            f" (its t⁺ is no teacher's, so every teacher is a negative): {b0[arm]['groups']} groups,"
+            f" {b0[arm]['comparisons']} comparisons on seed {per_seed[0]['seed']}."
             for arm in POSITIVE_ARMS
             if arm in b0
         )

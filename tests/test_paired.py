@@ -197,3 +197,15 @@ def test_positive_strategy_arms_are_paired_and_their_positives_averaged():
     assert "| model | 0.200 |" in table and "Best single teacher's exact on the same cases: 0.600" in table
     assert "| APO (model t⁺) − APO |" in exp.paired_table(agg)
     assert "SFT + APO (model t⁺)" in exp.main_table(agg, ["apo_model"])
+
+
+def test_a_run_without_the_positive_arms_ignores_their_old_outputs(tmp_path):
+    """An earlier run's positives.json (or arm folders) in the seed folder never leak into a run without those arms."""
+    exp = _experiment()
+    seed_dir = tmp_path / "seed1"
+    seed_dir.mkdir()
+    (seed_dir / "positives.json").write_text(json.dumps({"best_teacher_exact": 0.6, "vote": {"exact": 0.9}}))
+    without = exp.Seed(exp.parse_args(["--out", str(tmp_path), "--arms", "sft", "apo"]), 1).collect()
+    assert "positives" not in without
+    with_arm = exp.Seed(exp.parse_args(["--out", str(tmp_path), "--arms", "apo", "apo_model"]), 1).collect()
+    assert with_arm["positives"]["vote"]["exact"] == 0.9
