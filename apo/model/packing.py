@@ -161,6 +161,15 @@ def _token_logps(h, ids, lm_head):
     return torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
 
 
+def _logps_through(hidden, ids, weight, chunk_size):
+    """log p(ids | hidden) through a head weight W [V, H], no gradient, `chunk_size` rows of logits at a time."""
+    parts = [
+        torch.log_softmax((h.to(weight.dtype) @ weight.t()).float(), -1).gather(1, t[:, None]).squeeze(1)
+        for h, t in zip(hidden.split(chunk_size), ids.split(chunk_size))
+    ]
+    return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
+
+
 class _FrozenHeadLogps(torch.autograd.Function):
     """log p(ids | hidden) through a frozen lm_head weight W [V, H], with its gradient computed in the forward.
 
@@ -200,11 +209,21 @@ def chunked_token_logps(
     the forward, [T, H] kept. Otherwise (a trainable or ZeRO-3-partitioned lm_head, which must run as a module):
     each chunk is checkpointed and recomputed in the backward; up to `small` logits in all (16 MB in float32, a tiny
     vocabulary) they are simply kept (no checkpoint): recomputing would cost more than it saves."""
-    vocab = getattr(lm_head, "out_features", None) or lm_head.weight.shape[0]  # ZeRO-3: weight is a 0-size stub
+    weight = lm_head.weight
+    if weight.numel() == 0 and hasattr(weight, "ds_id") and not weight.requires_grad:
+        # ZeRO-3 partitions the frozen head. Run as a module, it would be gathered once per chunk, and processes with
+        # different token counts would make different numbers of collective calls: a deadlock. Gather it once here
+        # (every process calls this once per forward); the frozen-head gradient needs no weight in the backward.
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([weight]):
+            if torch.is_grad_enabled() and hidden.requires_grad:
+                return _FrozenHeadLogps.apply(hidden, ids, weight, chunk_size)
+            return _logps_through(hidden, ids, weight, chunk_size)
+    vocab = getattr(lm_head, "out_features", None) or weight.shape[0]
     cpu = hidden.device.type == "cpu"  # on CPU cache-sized pieces (~1 MB of logits): a fresh multi-MB buffer costs
     # page faults (its log-softmax ran 3-4x slower than in a loop on the same data, on a VM)
     piece = max(16, 2**18 // vocab)
-    weight = lm_head.weight
     if (
         torch.is_grad_enabled()
         and hidden.requires_grad
