@@ -5,8 +5,8 @@
 #   DATASET=runs/cxrmax/sft.jsonl NPROC_PER_NODE=4 CUDA_VISIBLE_DEVICES=0,1,2,3 bash scripts/SFT-Qwen2.5.sh
 #
 # DATASET is what `apo prepare-sft` writes; several files, separated by spaces, are mixed (ms-swift's --dataset takes
-# a list: e.g. rehearsal rows from `apo replay`, or a hub dataset with #N rows; in a list, no path may hold a space). The adapter of the last step is linked
-# at $OUTPUT_DIR/last.
+# a list: e.g. rehearsal rows from `apo replay`, or a hub dataset with #N rows; in a list, no path may hold a space).
+# The adapter of the last step is linked at $OUTPUT_DIR/last.
 # Anything in EXTRA_ARGS (or after the script name) goes to `swift sft` unchanged.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -156,15 +156,18 @@ def block_mask(seq: torch.Tensor, seg: torch.Tensor, attn_implementation: str, d
     return allowed  # sdpa (and anything taking a boolean "may attend" mask)
 
 
+def _picked_logps(logits, ids):
+    return torch.log_softmax(logits.float(), -1).gather(1, ids[:, None]).squeeze(1)
+
+
 def _token_logps(h, ids, lm_head):
-    logits = lm_head(h.to(lm_head.weight.dtype)).float()
-    return torch.log_softmax(logits, -1).gather(1, ids[:, None]).squeeze(1)
+    return _picked_logps(lm_head(h.to(lm_head.weight.dtype)), ids)
 
 
 def _logps_through(hidden, ids, weight, chunk_size):
     """log p(ids | hidden) through a head weight W [V, H], no gradient, `chunk_size` rows of logits at a time."""
     parts = [
-        torch.log_softmax((h.to(weight.dtype) @ weight.t()).float(), -1).gather(1, t[:, None]).squeeze(1)
+        _picked_logps(h.to(weight.dtype) @ weight.t(), t)
         for h, t in zip(hidden.split(chunk_size), ids.split(chunk_size))
     ]
     return torch.cat(parts) if parts else hidden.new_zeros(0, dtype=torch.float32)
