@@ -34,13 +34,15 @@ def test_same_seed_same_weights_other_seed_other_weights(tmp_path):
     assert len(a["curves_every_10"]["vision_probe"]) == 1 and a["loss_last_20"] > 0
 
 
-def test_a_finished_base_is_reused_and_a_changed_recipe_is_not(tmp_path):
+def test_a_finished_base_is_reused_and_a_changed_recipe_is_not(tmp_path, caplog):
     first = _run(tmp_path / "a")
     (tmp_path / "a" / "marker").write_text("kept")
     assert _run(tmp_path / "a") == first  # reused: same record, folder untouched
     assert (tmp_path / "a" / "marker").exists()
-    again = _run(tmp_path / "a", steps=3)
+    with caplog.at_level("WARNING", logger="apo.world.pretrain"):
+        again = _run(tmp_path / "a", steps=3)
     assert again["identity"]["steps"] == 3 and json.loads((tmp_path / "a" / "pretraining.json").read_text()) == again
+    assert "other settings (steps: 2 -> 3)" in caplog.text  # the user is told why the cached base was replaced
 
 
 def test_foreign_folder_and_unknown_settings_are_refused(tmp_path):
