@@ -2,6 +2,7 @@
 accuracy, distinct-answer share, MS-CXR-T average, and each drift's rate greedy and sampled.
 
     .venv/bin/python scripts/demo_summary.py --results results --seconds 512 [--consensus scores.json]
+        [--apo-positive vote]
 
 Rates are fractions. finding_f1 and side_accuracy come from `apo eval-report`'s metrics.json (labeler against the
 case's labels and sides); distinct_answer_share = distinct greedy answers / cases answered. With --consensus, the
@@ -54,6 +55,12 @@ def main() -> int:
     ap.add_argument(
         "--consensus", default=None, help="consensus scores to include (scripts/consensus_quality.py's JSON)"
     )
+    ap.add_argument(
+        "--apo-positive",
+        default=None,
+        choices=["vote", "self-vote", "model"],
+        help="the consensus strategy whose t+ APO and DPO learned from (recorded as apo_positive)",
+    )
     args = ap.parse_args()
     results = Path(args.results)
     seeing = _read(results / "base_seeing.json") or {}
@@ -69,6 +76,8 @@ def main() -> int:
         if scores is None:
             ap.error(f"--consensus {args.consensus}: not a readable JSON file (scripts/consensus_quality.py writes it)")
         summary["consensus"] = scores
+    if args.apo_positive:
+        summary["apo_positive"] = args.apo_positive
     (results / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     print(json.dumps(summary, indent=2))
     return 0

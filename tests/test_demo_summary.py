@@ -57,9 +57,13 @@ def test_summary_carries_the_consensus_scores(tmp_path):
     scores.update(best_teacher="Qwen-VL-Max", best_teacher_exact=0.74, n_cases=128)
     (tmp_path / "consensus.json").write_text(json.dumps(scores))
     script = [sys.executable, str(ROOT / "scripts" / "demo_summary.py"), "--results", str(tmp_path), "--seconds", "1"]
-    subprocess.run([*script, "--consensus", str(tmp_path / "consensus.json")], check=True, capture_output=True)
+    subprocess.run(
+        [*script, "--consensus", str(tmp_path / "consensus.json"), "--apo-positive", "model"],
+        check=True,
+        capture_output=True,
+    )
     s = json.loads((tmp_path / "summary.json").read_text())
-    assert s["consensus"] == scores
+    assert s["consensus"] == scores and s["apo_positive"] == "model"  # which t+ the preference stage learned from
     for name in ("model", "vote", "self-vote"):
         assert {"exact", "hallucination", "omission", "wrong_side"} <= set(s["consensus"][name])
     # a missing scores file is an error, not a summary silently without its consensus
