@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole APO pipeline on the embedded default, on CPU, in about 18 minutes on 2 cores (8 of them the base, cached):
+# The whole APO pipeline on the embedded default, on CPU, in 18-22 minutes on 2 cores (8-10 of them the base, cached):
 #   synthetic CXR-MAX -> a tiny Qwen2.5-VL base that sees (pretrained here, cached in runs/cache) -> SFT (ms-swift)
 #   -> consensus -> groups -> APO, and the ms-swift DPO baseline -> evaluation of base / SFT / DPO / APO (greedy and
 #   sampled) -> teacher drift -> tables, plots and results/summary.json.
