@@ -535,8 +535,8 @@ DEFAULTS = dict(
     # held-out MS-CXR-T 0.333 -> 0.793, but describe F1 0.828 -> 0.802 and, in the demo, the base on CXR-MAX
     # questions 0.643 -> 0.411 and its SFT student 0.478 -> 0.171 (docs/seeing_base.md). So recipe 6 stays default.
     # Recipe 8 (opt-in: --pair-weight 1 --steps 1200) meets all three seeing targets held out (F1 0.882, side 0.918,
-    # MS-CXR-T 0.633) but its demo SFT student (seed 0) scored 0.634 on the development cases against 0.739, and it
-    # pretrains for 800 s against ~450 s: not the default either.
+    # MS-CXR-T 0.633) but its demo SFT students scored lower on the development cases (3 seeds: 0.724 vs 0.768; the
+    # demo's seed 0: 0.634 vs 0.739), and it pretrains for 800 s against ~450 s: not the default either.
     extent_weight=4.0,  # weight of the probe's extent regression (extents span 0.3-1.0: a small squared error)
     pair_weight=0.0,  # weight of the pair probe (a compare pair's change from its token difference); 0: off
     vision_pairs=16,  # compare pairs added to each phase-1 step when the pair probe is on
