@@ -591,22 +591,17 @@ def identity(seed: int, **recipe) -> dict:
     }
 
 
-def cached(out_dir, ident: dict) -> bool:
-    path = Path(out_dir) / "pretraining.json"
+def _cached_record(out_dir: Path) -> dict | None:
+    """The pretraining record (pretraining.json) of the base in `out_dir`; None if there is none readable."""
     try:
-        return json.loads(path.read_text(encoding="utf-8")).get("identity") == ident
+        record = json.loads((out_dir / "pretraining.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
+        return None
+    return record if isinstance(record, dict) and isinstance(record.get("identity"), dict) else None
 
 
-def _changed_settings(out_dir: Path, ident: dict) -> str:
-    """'setting: old -> new, ...' between the base cached in `out_dir` and `ident`; '' if there is none."""
-    try:
-        old = json.loads((out_dir / "pretraining.json").read_text(encoding="utf-8"))["identity"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return ""
-    if not isinstance(old, dict):
-        return ""
+def _changed_settings(old: dict, ident: dict) -> str:
+    """'setting: old -> new, ...' between two identities."""
     keys = sorted(set(old) | set(ident), key=lambda k: (k not in ident, k))
     return ", ".join(f"{k}: {old.get(k)} -> {ident.get(k)}" for k in keys if old.get(k) != ident.get(k))
 
@@ -673,14 +668,18 @@ def pretrain(out_dir, seed: int = 0, workers: int = 2, progress: bool = True, **
         )
     out = Path(out_dir)
     ident = identity(seed, **r)
-    if cached(out, ident):
+    previous = _cached_record(out)  # read once: reuse, or say what made it stale
+    if previous and previous["identity"] == ident:
         log.info("pretrained base with the same identity found in %s: reused", out)
-        return json.loads((out / "pretraining.json").read_text(encoding="utf-8"))
+        return previous
     if out.exists() and any(out.iterdir()) and not (out / "pretraining.json").exists():
         raise ApoError(f"{out} is not empty and holds no pretrained base (pretraining.json); choose a new folder")
-    changed = _changed_settings(out, ident)
-    if changed:  # a cache: the folder is rebuilt, but the user is told which settings made the old base stale
-        log.warning("%s holds a base built with other settings (%s): it is replaced", out, changed)
+    if previous:  # a cache: the folder is rebuilt, but the user is told which settings made the old base stale
+        log.warning(
+            "%s holds a base built with other settings (%s): it is replaced",
+            out,
+            _changed_settings(previous["identity"], ident),
+        )
     t0 = time.time()
     examples = make_examples(
         seed,
